@@ -1,0 +1,155 @@
+"""The ``evadlab`` command line. Heavy imports (torch, Ray, MLflow) happen inside each command so that
+``evadlab --help`` and config errors answer at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from evadlab.config import ConfigError, load_config
+
+
+def _config_command(parser: argparse.ArgumentParser, name: str, help_text: str) -> argparse.ArgumentParser:
+    sub = parser.add_parser(name, help=help_text, description=help_text)
+    sub.add_argument("config", help="experiment YAML (see experiments/)")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+    return sub
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evadlab", description="EVAD on AVA with Ray and MLflow.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = commands.add_parser("synth", help="write a synthetic mini-AVA in the official layout")
+    synth.add_argument("--out", required=True, type=Path)
+    synth.add_argument("--videos", type=int, default=6)
+    synth.add_argument("--seconds", type=int, default=12)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--frames", action="store_true", help="also write 30 fps JPEG frame folders")
+
+    _config_command(commands, "prepare", "Ray Data: AVA videos or frames -> Parquet shards (resumable)")
+    _config_command(commands, "train", "Ray Train: train EVAD, log to MLflow")
+    evaluate = _config_command(commands, "evaluate", "Ray Data batch inference + AVA frame-mAP")
+    evaluate.add_argument("--checkpoint", help="EVAD checkpoint (released or evadlab); default: model.checkpoint")
+    _config_command(commands, "tune", "Ray Tune sweep (the file is a sweep YAML)")
+    _config_command(commands, "run", "the main job: synth if needed, prepare, train, evaluate")
+    flops = _config_command(commands, "flops", "GFLOPs and parameters of the configured model")
+    flops.add_argument("--json", action="store_true", help="print one JSON object")
+
+    ava_map = commands.add_parser("ava-map", help="AVA frame-mAP of a detections CSV")
+    ava_map.add_argument("--labelmap", required=True)
+    ava_map.add_argument("--groundtruth", required=True)
+    ava_map.add_argument("--detections", required=True)
+    ava_map.add_argument("--exclusions")
+    ava_map.add_argument("--iou", default="0.5", choices=["0.5", "0.5:0.95"])
+    ava_map.add_argument("--json", action="store_true", help="print one JSON object")
+
+    demo = commands.add_parser("demo", help="detect actions in any video and write an annotated mp4")
+    demo.add_argument("video")
+    demo.add_argument("--checkpoint", required=True)
+    demo.add_argument("--config", help="experiment YAML of the checkpoint (default: the one stored in it)")
+    demo.add_argument("--out", default="annotated.mp4")
+    demo.add_argument("--fps", type=float, default=1.0, help="keyframes per second")
+
+    compare = commands.add_parser("compare", help="mAP vs GFLOPs table and Pareto plot from MLflow")
+    compare.add_argument("--experiment", help="MLflow experiment name (default: all)")
+    compare.add_argument("--tracking-uri", help="default: sqlite mlflow.db in the working directory")
+    compare.add_argument("--out", type=Path, default=Path("runs/compare"))
+    return parser
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from evadlab.pipelines.synthetic import generate_mini_ava
+
+    summary = generate_mini_ava(args.out, videos=args.videos, seconds=args.seconds, seed=args.seed, frames=args.frames)
+    print(json.dumps(summary, default=str))
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from evadlab.pipelines.preprocess import prepare
+
+    prepare(_load(args))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from evadlab.platform.train import train
+
+    train(_load(args))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from evadlab.platform.inference import evaluate
+
+    result = evaluate(_load(args), checkpoint=args.checkpoint)
+    print(f"frame-mAP@0.5 = {result.mAP:.4f}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from evadlab.platform.tune import run_sweep
+
+    run_sweep(args.config, args.overrides)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from evadlab.platform.job import run_main_job
+
+    run_main_job(_load(args))
+
+
+def _flops(args: argparse.Namespace) -> None:
+    from evadlab.models.flops import flops_report
+
+    cfg = _load(args)
+    input_size = (cfg.model.num_frames, cfg.data.short_side, cfg.data.short_side)
+    report = flops_report(cfg.model.evad_kwargs(), input_size)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        frames, side, _ = input_size
+        print(f"GFLOPs at {frames}x{side}x{side}: {report['gflops']:.1f}")
+        print(f"GFLOPs at 16x288x288: {report['gflops_16x288x288']:.1f}")
+        print(f"parameters: {report['params'] / 1e6:.2f} M")
+
+
+def _ava_map(args: argparse.Namespace) -> None:
+    from evadlab.pipelines.evaluation import ava_map_command
+
+    ava_map_command(args.labelmap, args.groundtruth, args.detections, args.exclusions, args.json, args.iou)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from evadlab.platform.demo import run_demo
+
+    run_demo(args.video, checkpoint=args.checkpoint, config=args.config, out=args.out, fps=args.fps)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from evadlab.platform.tracking import compare_runs
+
+    compare_runs(experiment=args.experiment, tracking_uri=args.tracking_uri, out_dir=args.out)
+
+
+def _load(args: argparse.Namespace):
+    return load_config(args.config, args.overrides)
+
+
+COMMANDS = {
+    "synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "tune": _tune,
+    "run": _run, "flops": _flops, "ava-map": _ava_map, "demo": _demo, "compare": _compare,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"evadlab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
