@@ -45,6 +45,7 @@ class DataConfig(Section):
     fps: int = Field(30, ge=1)
     video_offset_sec: float = Field(900.0, ge=0)
     jpeg_quality: int = Field(90, ge=1, le=100)
+    flip_prob: float = Field(0.5, ge=0, le=1)
     mean: float = 0.45
     std: float = Field(0.225, gt=0)
     train_annotations: str = AVA_ANNOTATIONS["train_annotations"]
@@ -233,6 +234,7 @@ class EvalConfig(Section):
     batch_size: int = Field(4, ge=1)
     concurrency: int = Field(1, ge=1)
     num_gpus: float = Field(0.0, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
     iou: Literal["0.5", "0.5:0.95"] = "0.5"
 
 

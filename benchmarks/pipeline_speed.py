@@ -1,0 +1,139 @@
+"""Input pipeline speed on a synthetic mini-AVA, printed as a markdown table.
+
+Preparation (keyframe clips written per second):
+- ``prepare`` with 1 and with 2 Ray CPUs: one task per video, each frame decoded once;
+- a sequential baseline that seeks and decodes every keyframe's clip on its own with decord.
+
+Training input (model-ready clips per second, one process):
+- rows of the Parquet shards: 16 stored JPEGs decoded, normalised;
+- frame folders: 16 full-size JPEG files read, decoded, resized, normalised per clip.
+
+Run: ``python benchmarks/pipeline_speed.py [--videos 4 --seconds 20 --width 640 --height 360 --short-side 288]``.
+Ray workers import torch and decord once (seconds each); a warm-up in the same Ray session keeps that out of the
+timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from evadlab.config import DataConfig, ExperimentConfig
+from evadlab.pipelines.ava import clip_frame_indices, keyframe_frame_index, read_frame_list
+from evadlab.pipelines.clips import (
+    decode_clip,
+    decode_jpegs,
+    encode_jpegs,
+    iter_shard_rows,
+    resize_short_side,
+    to_model_input,
+)
+from evadlab.pipelines.preprocess import VideoFileFrames, plan_tasks, prepare, shard_path, task_item, write_shard
+from evadlab.pipelines.synthetic import generate_mini_ava
+
+
+def timed_prepare(cfg: ExperimentConfig, cpus: int, warm_up: ExperimentConfig) -> tuple[int, float]:
+    """Clips written and seconds of one prepare on a fresh local Ray with ``cpus`` CPUs, after a warm-up run
+    of one video per worker (so that every worker has imported torch and decord)."""
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    try:
+        prepare(warm_up, stop_after_videos=cpus)
+        start = time.perf_counter()
+        summary = prepare(cfg)
+        return summary.written, time.perf_counter() - start
+    finally:
+        ray.shutdown()
+
+
+def seek_per_keyframe(data: DataConfig, out: Path) -> tuple[int, float]:
+    """The baseline: every clip decoded with its own decord ``get_batch`` (a seek), then the same resize,
+    JPEG encoding and shard writing as ``prepare``."""
+    tasks, _ = plan_tasks(data, ("train", "val"))
+    start, written = time.perf_counter(), 0
+    for task in tasks:
+        item = task_item(task)
+        frames = VideoFileFrames(str(task.source), data)
+        rows = (clip_row(frames, item, keyframe, data) for keyframe in item["keyframes"])
+        written += write_shard(shard_path(out, task.split, task.video_id), rows, data.clip_spec)
+    return written, time.perf_counter() - start
+
+
+def clip_row(frames: VideoFileFrames, item: dict, keyframe: dict, data: DataConfig) -> dict:
+    original = frames.read(frames.clip_indices(keyframe["timestamp"]))
+    resized = resize_short_side(original, data.short_side, data.max_long_side)
+    return {"video_id": item["video_id"], "timestamp": keyframe["timestamp"],
+            "frames": encode_jpegs(resized, data.jpeg_quality), "height": resized.shape[1],
+            "width": resized.shape[2], "orig_height": original.shape[1], "orig_width": original.shape[2],
+            "boxes": keyframe["boxes"], "actions": keyframe["actions"], "person_ids": keyframe["person_ids"]}
+
+
+def shard_input(shards: Path) -> tuple[int, float]:
+    start, clips = time.perf_counter(), 0
+    for split in ("train", "val"):
+        for row in iter_shard_rows(shards, split):
+            frames, _ = decode_clip(row)
+            to_model_input(frames)
+            clips += 1
+    return clips, time.perf_counter() - start
+
+
+def frame_folder_input(data: DataConfig) -> tuple[int, float]:
+    start, clips = time.perf_counter(), 0
+    tasks, _ = plan_tasks(data, ("train", "val"))
+    for task in tasks:
+        frame_list = read_frame_list(data.root_path / "frame_lists" / f"{task.split}.csv")[task.video_id]
+        for keyframe in task.keyframes:
+            center = keyframe_frame_index(keyframe.timestamp, data.fps, data.video_offset_sec)
+            indices = clip_frame_indices(center, data.num_frames, data.sample_rate, len(frame_list))
+            jpegs = [(data.root_path / "frames" / frame_list[i]).read_bytes() for i in indices]
+            to_model_input(resize_short_side(decode_jpegs(jpegs), data.short_side, data.max_long_side))
+            clips += 1
+    return clips, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=4)
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=360)
+    parser.add_argument("--short-side", type=int, default=288)
+    parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards; a temporary folder if unset")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as temporary:
+        work = args.workdir or Path(temporary)
+        root = work / "mini_ava"
+        if not root.exists():
+            generate_mini_ava(root, videos=args.videos, seconds=args.seconds, frames=True, width=args.width,
+                              height=args.height)
+
+        def config(shards: str, **data) -> ExperimentConfig:
+            return ExperimentConfig(data=DataConfig(root=str(root), shards=str(work / shards),
+                                                    short_side=args.short_side, **data))
+
+        results = []
+        for cpus in (1, 2):
+            clips, seconds = timed_prepare(config(f"ray_{cpus}"), cpus, config(f"warm_up_{cpus}"))
+            results.append(("prepare", f"Ray Data, one decode pass per video, {cpus} CPU", clips, seconds))
+        clips, seconds = seek_per_keyframe(config("baseline").data, work / "baseline")
+        results.append(("prepare", "sequential, one decord seek per keyframe clip, 1 CPU", clips, seconds))
+        clips, seconds = shard_input(work / "ray_2")
+        results.append(("training input", "Parquet shard rows (16 stored JPEGs), 1 process", clips, seconds))
+        clips, seconds = frame_folder_input(config("unused", source="frames").data)
+        results.append(("training input", "frame folders (16 JPEG files, resize), 1 process", clips, seconds))
+
+    print(f"\n{args.videos} videos x {args.seconds} s at {args.width}x{args.height}, clips of 16x4 at short side "
+          f"{args.short_side}\n")
+    print("| stage | method | clips | seconds | clips/s |")
+    print("|---|---|---:|---:|---:|")
+    for stage, method, clips, seconds in results:
+        print(f"| {stage} | {method} | {clips} | {seconds:.2f} | {clips / seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

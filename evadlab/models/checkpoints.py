@@ -1,0 +1,232 @@
+"""Reading and writing EVAD checkpoints (always read with ``torch.load(..., weights_only=True)``).
+
+- Complete detectors load strictly (:func:`load_evad_checkpoint`): the released files
+  (``{"epoch", "model_state", "optimizer_state", "cfg", ...}``), files whose weights sit under ``model`` or ``module``
+  (as the released test loader accepts), bare state_dicts and our own training checkpoints. No key map is needed:
+  the module names of :class:`~evadlab.models.evad.EVAD` equal the released keys.
+- VideoMAE / VideoMAEv2 backbones, fine-tuned classifiers or self-supervised pre-training files, are renamed to EVAD
+  names and loaded partially (:func:`load_pretrained_backbone`): the backbone must fit completely, the rest of the
+  detector keeps its initialisation.
+- Our training checkpoints are written atomically in the released layout plus a few fields of our own
+  (:func:`save_training_checkpoint`, :func:`load_training_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# Keys under which a checkpoint file keeps the weights, in the order the original loaders look for them.
+_WEIGHT_KEYS = ("model", "module", "model_state")
+_DDP_PREFIX = "module."
+# Backbone parameters that every usable pre-trained checkpoint provides. The final ``norm`` is not among them: the
+# fine-tuned VideoMAE classifiers have none (they pool into ``fc_norm``), so EVAD's stays at its initialisation.
+_REQUIRED_BACKBONE_PREFIXES = ("patch_embed.", "blocks.")
+_BACKBONE_PREFIXES = (*_REQUIRED_BACKBONE_PREFIXES, "norm.")
+# The self-supervised VideoMAE decoder and its projection map onto the Context Refinement Decoder of the head.
+_PRETRAIN_HEAD_PREFIXES = ("decoder.", "encoder_to_decoder.")
+
+TRAINING_CHECKPOINT_FORMAT = "evadlab-training-1"
+_TRAINING_FIELDS = ("epoch", "model_state", "optimizer_state", "cfg")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded into the model; the message lists the offending keys."""
+
+
+@dataclass
+class LoadReport:
+    """What a load did: model keys written, checkpoint keys skipped (with the reason), model keys left as they were."""
+
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    ignored: dict[str, str] = field(default_factory=dict)
+    not_loaded: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"{self.path}: loaded {len(self.loaded)} tensors"]
+        if self.ignored:
+            lines.append(f"ignored {len(self.ignored)} checkpoint keys:")
+            lines += [f"  {key}: {reason}" for key, reason in self.ignored.items()]
+        if self.not_loaded:
+            # Hundreds of head keys stay at their initialisation after a backbone load; per-module counts read better.
+            per_module = Counter(".".join(key.rsplit(".", 1)[0].split(".")[:2]) for key in self.not_loaded)
+            counts = ", ".join(f"{module} ({count})" for module, count in per_module.items())
+            lines.append(f"{len(self.not_loaded)} model keys keep their initial values: {counts}")
+        return "\n".join(lines)
+
+
+def load_evad_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
+    """Load a complete EVAD checkpoint; any missing, unexpected or wrong-shape key raises :class:`CheckpointError`."""
+    state = _strip_ddp_prefix(_weights_of(_read(path), path))
+    expected = model.state_dict()
+    problems = _problem_lines(
+        missing=[key for key in expected if key not in state],
+        unexpected=[key for key in state if key not in expected],
+        wrong_shape=[
+            f"{key} {tuple(tensor.shape)} vs model {tuple(expected[key].shape)}"
+            for key, tensor in state.items()
+            if key in expected and tensor.shape != expected[key].shape
+        ],
+    )
+    if problems:
+        raise CheckpointError(f"{path} does not fit the model:\n" + "\n".join(problems))
+    model.load_state_dict(state, strict=True)
+    return LoadReport(path=str(path), loaded=list(expected))
+
+
+def load_pretrained_backbone(model: nn.Module, path: str | Path) -> LoadReport:
+    """Initialise the backbone (and, from a pre-training file, the decoder) from a VideoMAE / VideoMAEv2 checkpoint.
+
+    Keys are renamed to EVAD names (:func:`videomae_to_evad_key`) and loaded where the model has a tensor of that
+    name and shape; everything else is reported as ignored. The backbone itself must fit exactly: a missing block, an
+    extra block or a wrong shape (say ViT-L weights for a ViT-B model) raises :class:`CheckpointError`, because a
+    backbone left partly at random initialisation would only show up weeks later as a poor mAP.
+    """
+    source = _weights_of(_read(path), path)
+    expected = model.state_dict()
+    report = LoadReport(path=str(path))
+    loadable: dict[str, torch.Tensor] = {}
+    unexpected_backbone: list[str] = []
+    wrong_shape_backbone: list[str] = []
+    for source_key, tensor in source.items():
+        key = videomae_to_evad_key(source_key)
+        if key not in expected:
+            report.ignored[source_key] = _why_unused(key)
+            if key.startswith(_REQUIRED_BACKBONE_PREFIXES):
+                unexpected_backbone.append(source_key)
+        elif tensor.shape != expected[key].shape:
+            mismatch = f"{source_key} {tuple(tensor.shape)} vs model {key} {tuple(expected[key].shape)}"
+            report.ignored[source_key] = f"wrong shape: {mismatch}"
+            if key.startswith(_BACKBONE_PREFIXES):
+                wrong_shape_backbone.append(mismatch)
+        else:
+            loadable[key] = tensor
+    problems = _problem_lines(
+        missing=[key for key in expected if key.startswith(_REQUIRED_BACKBONE_PREFIXES) and key not in loadable],
+        unexpected=unexpected_backbone,
+        wrong_shape=wrong_shape_backbone,
+    )
+    if problems:
+        raise CheckpointError(f"{path} does not fit the backbone of the model:\n" + "\n".join(problems))
+
+    model.load_state_dict(loadable, strict=False)
+    report.loaded = list(loadable)
+    report.not_loaded = [key for key in expected if key not in loadable]
+    return report
+
+
+def videomae_to_evad_key(key: str) -> str:
+    """The EVAD name of a VideoMAE / VideoMAEv2 checkpoint key.
+
+    ``backbone.`` and DDP ``module.`` wrappers are dropped; the pre-training encoder (``encoder.X``) is the EVAD
+    backbone (``X``); the pre-training decoder and its input projection live in EVAD's detection head. Other names
+    (fine-tuned ``blocks.*``, ``patch_embed.*``) are EVAD names already.
+    """
+    for wrapper in (_DDP_PREFIX, "backbone."):
+        key = key.removeprefix(wrapper)
+    if key.startswith("encoder."):
+        return key.removeprefix("encoder.")
+    if key.startswith(_PRETRAIN_HEAD_PREFIXES):
+        return "det_head." + key
+    return key
+
+
+def save_training_checkpoint(
+    path: str | Path,
+    *,
+    model_state: Mapping[str, torch.Tensor],
+    optimizer_state: Mapping[str, Any],
+    epoch: int,
+    config_yaml: str,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a training checkpoint atomically: readers see the previous file or the complete new one, never a part.
+
+    The layout is that of the released EVAD files (``model_state`` without a DDP prefix, ``optimizer_state``,
+    ``epoch``, ``cfg`` as YAML text), so :func:`load_evad_checkpoint` reads it too. ``extra`` must hold only what
+    ``torch.load(weights_only=True)`` accepts: tensors, numbers, strings, and lists / dicts of them.
+    """
+    path = Path(path)
+    payload = {
+        "epoch": epoch,
+        "model_state": _strip_ddp_prefix(dict(model_state)),
+        "optimizer_state": dict(optimizer_state),
+        "cfg": config_yaml,
+        "format": TRAINING_CHECKPOINT_FORMAT,
+        "extra": dict(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary: Path | None = None
+    try:
+        # In the target folder, so that the final rename stays on one file system and is atomic.
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as file:
+            temporary = Path(file.name)
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_training_checkpoint` (tensors on the CPU)."""
+    payload = _read(path)
+    absent = [name for name in _TRAINING_FIELDS if name not in payload]
+    if absent:
+        raise CheckpointError(f"{path} is not a training checkpoint: it lacks {', '.join(absent)}")
+    return payload
+
+
+def _read(path: str | Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        # VideoMAE's save_model stores its command-line arguments (an argparse.Namespace) under "args"; a Namespace
+        # only holds attributes, so it is safe to allow next to the tensors and plain containers weights_only reads.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path} holds objects that weights_only loading refuses: {error}") from error
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a dict of weights")
+    return payload
+
+
+def _weights_of(payload: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict inside a checkpoint file, or the file itself when it is a bare state_dict."""
+    for key in _WEIGHT_KEYS:
+        if key in payload:
+            return dict(payload[key])
+    if payload and all(isinstance(value, torch.Tensor) for value in payload.values()):
+        return payload
+    raise CheckpointError(f"{path} has no weights: none of {', '.join(_WEIGHT_KEYS)} among {sorted(payload)}")
+
+
+def _strip_ddp_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key.removeprefix(_DDP_PREFIX): value for key, value in state.items()}
+
+
+def _problem_lines(*, missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> list[str]:
+    named = {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes (checkpoint vs model)": wrong_shape}
+    return [f"{len(keys)} {what}: {', '.join(keys)}" for what, keys in named.items() if keys]
+
+
+def _why_unused(evad_key: str) -> str:
+    if "pos_embed" in evad_key:
+        return "position tables are fixed sinusoids, recomputed rather than loaded"
+    return f"EVAD has no {evad_key}"

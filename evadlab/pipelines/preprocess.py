@@ -1,0 +1,425 @@
+"""``evadlab prepare``: AVA videos or frame folders -> Parquet shards of keyframe clips, with Ray Data.
+
+Layout written under ``cfg.data.shards_path``::
+
+    <split>/part-<video_id>.parquet   one shard per video and split, one row per annotated keyframe
+    manifest.json                     clip spec, sources, counts, rejected inputs, ``complete``
+
+Row schema (``SHARD_SCHEMA``):
+
+    video_id     string
+    timestamp    int64                 the keyframe's second in the AVA time line (902..1798)
+    frames       list<binary>          num_frames JPEGs at sample_rate around the keyframe (index num_frames // 2
+                                       is the keyframe), short side resized as spec 5.4 step 3
+    height       int32, width int32    size of the stored frames
+    orig_height  int32, orig_width int32   size of the source frames
+    boxes        list<list<float32>>   one [x1, y1, x2, y2] per person, normalised to 0..1
+    actions      list<list<int32>>     AVA action ids (1..80) of each box
+    person_ids   list<int32>           the CSV's person id of each box
+
+Every shard also carries its clip spec in the Parquet key-value metadata (``evadlab.clip_spec``), which is
+what makes a rerun skip finished videos: a shard is only ever visible complete (written under a hidden
+temporary name, then renamed), so an existing shard with the right spec and row count is done.
+
+Each Ray task handles one video: it works out the frames every keyframe's clip needs, decodes each of them
+once, in order, resizes and JPEG-encodes it, and streams the rows into the shard. Video files are read by
+time (the frames nearest to the 30 fps sampling instants, whatever the file's frame rate); frame folders by
+index, as the released code does. A video that cannot be read is recorded as rejected in the manifest; the
+other videos finish. Ray Data shows the progress; a one-line summary ends the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import decord
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from evadlab.config import DataConfig, ExperimentConfig
+from evadlab.pipelines.ava import (
+    Keyframe,
+    Rejection,
+    clip_frame_indices,
+    clip_sample_times,
+    group_keyframes,
+    keyframe_frame_index,
+    nearest_frame_indices,
+    read_annotations,
+    read_frame_list,
+)
+from evadlab.pipelines.clips import decode_jpegs, encode_jpegs, resize_short_side
+
+SHARD_SCHEMA = pa.schema([
+    ("video_id", pa.string()),
+    ("timestamp", pa.int64()),
+    ("frames", pa.list_(pa.binary())),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("orig_height", pa.int32()),
+    ("orig_width", pa.int32()),
+    ("boxes", pa.list_(pa.list_(pa.float32()))),
+    ("actions", pa.list_(pa.list_(pa.int32()))),
+    ("person_ids", pa.list_(pa.int32())),
+])
+# JPEG bytes do not compress; the small columns do.
+SHARD_COMPRESSION = {name: "NONE" if name == "frames" else "ZSTD" for name in SHARD_SCHEMA.names}
+CLIP_SPEC_KEY = b"evadlab.clip_spec"
+MANIFEST = "manifest.json"
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+# Frames decoded per decord call: large enough to amortise the call, small enough to bound memory at 1080p.
+DECODE_CHUNK = 32
+# Rows per Parquet row group: readers stream a shard a few clips at a time.
+ROWS_PER_GROUP = 8
+
+
+@dataclass
+class PrepareSummary:
+    written: int
+    skipped_videos: int
+    rejected: list[Rejection]
+    seconds: float
+    clips_per_s: float
+    shards_path: Path
+
+
+@dataclass
+class VideoTask:
+    """One video of one split: where its frames are and which keyframes it needs."""
+
+    split: str
+    video_id: str
+    source: Path
+    frame_paths: list[str] | None
+    keyframes: list[Keyframe]
+
+
+def shard_path(out: str | Path, split: str, video_id: str) -> Path:
+    return Path(out) / split / f"part-{video_id}.parquet"
+
+
+# --------------------------------------------------------------------------------------------- driver
+def prepare(cfg: ExperimentConfig, *, splits: tuple[str, ...] = ("train", "val"),
+            stop_after_videos: int | None = None) -> PrepareSummary:
+    """Writes the shards of ``splits`` and the manifest; videos already done by an earlier run are skipped.
+    The manifest describes the splits of this call.
+
+    ``stop_after_videos`` is a test hook that simulates an interrupted job: only the first N pending videos
+    are processed and the manifest is left with ``complete: false``, as a killed run would leave it (a killed
+    run writes no final manifest at all; a rerun treats both the same way)."""
+    start = time.perf_counter()
+    data, out = cfg.data, cfg.data.shards_path
+    check_clip_spec(out, data.clip_spec)
+    tasks, rejected = plan_tasks(data, splits)
+    done, pending = [], []
+    for task in tasks:
+        complete = shard_is_complete(shard_path(out, task.split, task.video_id), data.clip_spec, len(task.keyframes))
+        (done if complete else pending).append(task)
+    interrupted = stop_after_videos is not None and stop_after_videos < len(pending)
+    if interrupted:
+        pending = pending[:stop_after_videos]
+    remove_stale_temporaries(out, splits)
+    rows = {(task.split, task.video_id): len(task.keyframes) for task in done}
+    write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=False)
+
+    results = run_video_tasks(pending, data, out)
+    for task in pending:
+        result = results[(task.split, task.video_id)]
+        if result["error"]:
+            rejected.append(Rejection(str(task.source), None, result["error"]))
+        else:
+            rows[(task.split, task.video_id)] = result["rows"]
+    write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=not interrupted)
+
+    written = sum(result["rows"] for result in results.values() if not result["error"])
+    seconds = time.perf_counter() - start
+    summary = PrepareSummary(written=written, skipped_videos=len(done), rejected=rejected, seconds=seconds,
+                             clips_per_s=written / seconds, shards_path=out)
+    print(f"evadlab prepare: {written} keyframe clips written, {len(done)} videos already done, "
+          f"{len(rejected)} inputs rejected, {summary.clips_per_s:.1f} clips/s -> {out}")
+    return summary
+
+
+def check_clip_spec(out: Path, clip_spec: dict[str, Any]) -> None:
+    """Refuses to mix two clip specs in one shard folder."""
+    manifest = out / MANIFEST
+    if not manifest.exists():
+        return
+    recorded = json.loads(manifest.read_text()).get("clip_spec")
+    if recorded != clip_spec:
+        raise ValueError(f"{out} holds shards of clip spec {recorded}, but this config asks for {clip_spec}; "
+                         f"choose another data.shards (the default path is named after the clip spec)")
+
+
+def plan_tasks(data: DataConfig, splits: tuple[str, ...]) -> tuple[list[VideoTask], list[Rejection]]:
+    """One task per (split, video) with annotated keyframes, in (split, video id) order, plus the rejected
+    annotation rows and the videos whose frames are missing."""
+    tasks, rejected = [], []
+    for split in splits:
+        table, bad_rows = read_annotations(annotation_path(data, split))
+        rejected += bad_rows
+        by_video: dict[str, list[Keyframe]] = {}
+        for keyframe in group_keyframes(table):
+            by_video.setdefault(keyframe.video_id, []).append(keyframe)
+        frame_lists = read_split_frame_list(data, split)
+        for video_id in sorted(by_video):
+            try:
+                source, frame_paths = locate_frames(data, video_id, frame_lists)
+            except FileNotFoundError as error:
+                rejected.append(Rejection(error.filename, None, error.strerror))
+                continue
+            keyframes = sorted(by_video[video_id], key=lambda keyframe: keyframe.timestamp)
+            tasks.append(VideoTask(split, video_id, source, frame_paths, keyframes))
+    return tasks, rejected
+
+
+def annotation_path(data: DataConfig, split: str) -> Path:
+    names = {"train": data.train_annotations, "val": data.val_annotations}
+    if split not in names:
+        raise ValueError(f"unknown split '{split}'; expected one of {sorted(names)}")
+    path = data.annotation_dir / names[split]
+    if not path.is_file():
+        raise FileNotFoundError(f"the {split} annotations {path} do not exist")
+    return path
+
+
+def read_split_frame_list(data: DataConfig, split: str) -> dict[str, list[str]]:
+    """The split's LFB frame list when the source is frame folders and the list exists, else nothing (the
+    folders are then listed)."""
+    if data.source != "frames":
+        return {}
+    path = data.root_path / "frame_lists" / (data.train_frame_list if split == "train" else data.val_frame_list)
+    return read_frame_list(path) if path.is_file() else {}
+
+
+def locate_frames(data: DataConfig, video_id: str, frame_lists: dict[str, list[str]]) -> tuple[Path, list[str] | None]:
+    """The video file, or the frame folder with its frames' paths relative to ``frames/`` in frame order."""
+    if data.source == "videos":
+        videos = data.root_path / "videos"
+        candidates = sorted(p for p in videos.glob(f"{video_id}.*") if p.suffix.lower() in VIDEO_SUFFIXES)
+        if not candidates:
+            raise FileNotFoundError(2, f"no video file for '{video_id}' ({'/'.join(VIDEO_SUFFIXES)})",
+                                    str(videos / video_id))
+        return candidates[0], None
+    folder = data.root_path / "frames" / video_id
+    if video_id in frame_lists:
+        return folder, frame_lists[video_id]
+    frame_paths = sorted(f"{video_id}/{p.name}" for p in folder.glob("*.jpg")) if folder.is_dir() else []
+    if not frame_paths:
+        raise FileNotFoundError(2, f"no frame list entry and no JPEG frames for '{video_id}'", str(folder))
+    return folder, frame_paths
+
+
+def shard_is_complete(path: Path, clip_spec: dict[str, Any], expected_rows: int) -> bool:
+    """A shard written by an earlier run for the same clip spec and the same keyframes."""
+    if not path.exists():
+        return False
+    try:
+        metadata = pq.read_metadata(path)
+    except (OSError, pa.ArrowException):
+        return False
+    recorded = (metadata.metadata or {}).get(CLIP_SPEC_KEY)
+    return recorded is not None and json.loads(recorded) == clip_spec and metadata.num_rows == expected_rows
+
+
+def remove_stale_temporaries(out: Path, splits: tuple[str, ...]) -> None:
+    """Temporary shards left by a killed run are never complete; nothing else removes them."""
+    for split in splits:
+        for temporary in (out / split).glob(".part-*.tmp"):
+            temporary.unlink(missing_ok=True)
+
+
+def run_video_tasks(tasks: list[VideoTask], data: DataConfig, out: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """Runs one Ray task per video (``data.prepare_cpus`` CPUs each; Ray Data limits how many run at once to
+    what the cluster has) and returns each video's result row by (split, video id)."""
+    if not tasks:
+        return {}
+    if not ray.is_initialized():
+        # With RAY_ADDRESS set this joins that cluster; without it, starts a local Ray on this machine.
+        ray.init(include_dashboard=False if "RAY_ADDRESS" not in os.environ else None)
+    items = [task_item(task) for task in tasks]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map(
+        prepare_video, fn_kwargs={"data": data, "out": str(out)}, num_cpus=data.prepare_cpus)
+    # Ray Data reserves part of the CPUs for each operator; this job's only other operator (the item list)
+    # does no work, and with the reservation on, one of 2 CPUs sits idle most of the time.
+    dataset.context.op_resource_reservation_enabled = False
+    return {(row["split"], row["video_id"]): row for row in dataset.take_all()}
+
+
+def task_item(task: VideoTask) -> dict[str, Any]:
+    """A task as plain values, the form Ray Data carries between processes."""
+    return {
+        "split": task.split,
+        "video_id": task.video_id,
+        "source": str(task.source),
+        "frame_paths": task.frame_paths,
+        "keyframes": [{"timestamp": int(k.timestamp), "boxes": np.asarray(k.boxes, np.float32).tolist(),
+                       "actions": [list(map(int, ids)) for ids in k.actions],
+                       "person_ids": list(map(int, k.person_ids))} for k in task.keyframes],
+    }
+
+
+def write_manifest(out: Path, data: DataConfig, splits: tuple[str, ...], tasks: list[VideoTask],
+                   rows: dict[tuple[str, str], int], rejected: list[Rejection], complete: bool) -> None:
+    """The manifest, replaced atomically. ``counts`` and ``videos`` cover the shards on disk."""
+    annotations = [annotation_path(data, split) for split in splits]
+    manifest = {
+        "clip_spec": data.clip_spec,
+        "clip_spec_name": data.clip_spec_name,
+        "complete": complete,
+        "sources": {
+            "annotations": {str(path): path.stat().st_size for path in annotations},
+            "videos": {f"{task.split}/{task.video_id}": source_record(task) for task in tasks},
+        },
+        "counts": {split: sum(n for (s, _), n in rows.items() if s == split) for split in splits},
+        "videos": {split: {video: n for (s, video), n in sorted(rows.items()) if s == split} for split in splits},
+        "rejected": [{"source": r.source, "line": r.line, "reason": r.reason} for r in rejected],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = out / f".{MANIFEST}.tmp"
+    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(temporary, out / MANIFEST)
+
+
+def source_record(task: VideoTask) -> dict[str, Any]:
+    if task.frame_paths is None:
+        return {"path": str(task.source), "bytes": task.source.stat().st_size}
+    return {"path": str(task.source), "frames": len(task.frame_paths)}
+
+
+# --------------------------------------------------------------------------------------------- worker
+def prepare_video(item: dict[str, Any], *, data: DataConfig, out: str) -> dict[str, Any]:
+    """Ray Data task: writes one video's shard. Returns ``rows`` written and ``error`` ('' on success)."""
+    shard = shard_path(out, item["split"], item["video_id"])
+    result = {"split": item["split"], "video_id": item["video_id"], "rows": 0, "error": ""}
+    try:
+        frames = open_frames(item, data)
+        result["rows"] = write_shard(shard, clip_rows(frames, item, data), data.clip_spec)
+    except Exception as error:  # noqa: BLE001 - a corrupt input of any kind rejects this video only
+        result["error"] = error_reason(error)
+    return result
+
+
+def error_reason(error: Exception) -> str:
+    """One line for the manifest: decord's errors carry a C++ stack trace after their first line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+class FrameSource(Protocol):
+    def clip_indices(self, timestamp: int) -> list[int]: ...
+
+    def read(self, indices: list[int]) -> np.ndarray: ...
+
+
+class VideoFileFrames:
+    """A video file addressed by time: the clip is the frames nearest to the 30 fps sampling times, whatever
+    the file's real frame rate (many AVA videos are not 30 fps)."""
+
+    def __init__(self, path: str, data: DataConfig):
+        self.data = data
+        try:
+            self.reader = decord.VideoReader(path, num_threads=max(1, int(data.prepare_cpus)))
+        except RuntimeError as error:
+            raise ValueError(f"decord cannot open the video: {error_reason(error)}") from None
+        self.frame_times = self.reader.get_frame_timestamp(np.arange(len(self.reader)))[:, 0]
+
+    def clip_indices(self, timestamp: int) -> list[int]:
+        times = clip_sample_times(timestamp, self.data.num_frames, self.data.sample_rate, fps=self.data.fps,
+                                  video_offset_sec=self.data.video_offset_sec)
+        return nearest_frame_indices(times, self.frame_times).tolist()
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        return self.reader.get_batch(indices).asnumpy()
+
+
+class FrameFolderFrames:
+    """Extracted frames (30 fps JPEGs of the cut), addressed by index as the released code does."""
+
+    def __init__(self, folder: str, frame_paths: list[str], data: DataConfig):
+        self.data = data
+        self.paths = [Path(folder).parent / relative for relative in frame_paths]
+
+    def clip_indices(self, timestamp: int) -> list[int]:
+        center = keyframe_frame_index(timestamp, fps=self.data.fps, video_offset_sec=self.data.video_offset_sec)
+        return list(clip_frame_indices(center, self.data.num_frames, self.data.sample_rate, len(self.paths)))
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        frames = []
+        for index in indices:
+            try:
+                frames.append(decode_jpegs([self.paths[index].read_bytes()])[0])
+            except (OSError, ValueError) as error:
+                raise ValueError(f"frame {index} ({self.paths[index]}): {error}") from None
+        if len({frame.shape for frame in frames}) > 1:
+            first, last = self.paths[indices[0]], self.paths[indices[-1]]
+            raise ValueError(f"frames of different sizes among {first}..{last.name}")
+        return np.stack(frames)
+
+
+def open_frames(item: dict[str, Any], data: DataConfig) -> FrameSource:
+    if item["frame_paths"] is None:
+        return VideoFileFrames(item["source"], data)
+    return FrameFolderFrames(item["source"], item["frame_paths"], data)
+
+
+def clip_rows(frames: FrameSource, item: dict[str, Any], data: DataConfig) -> Iterator[dict[str, Any]]:
+    """Shard rows in timestamp order. Every frame any clip needs is decoded once, in increasing order, and
+    encoded once; a row is emitted as soon as its last frame is ready and frames no clip still needs are
+    dropped, so memory holds a few seconds of encoded frames, not the video."""
+    clips = deque((keyframe, frames.clip_indices(keyframe["timestamp"])) for keyframe in item["keyframes"])
+    needed = sorted({index for _, indices in clips for index in indices})
+    encoded: dict[int, bytes] = {}
+    for start in range(0, len(needed), DECODE_CHUNK):
+        chunk = needed[start:start + DECODE_CHUNK]
+        original = frames.read(chunk)
+        resized = resize_short_side(original, data.short_side, data.max_long_side)
+        encoded.update(zip(chunk, encode_jpegs(resized, data.jpeg_quality)))
+        # Clip indices never decrease with the keyframe time, so clips complete in order.
+        while clips and max(clips[0][1]) <= chunk[-1]:
+            keyframe, indices = clips.popleft()
+            yield {
+                "video_id": item["video_id"],
+                "timestamp": keyframe["timestamp"],
+                "frames": [encoded[index] for index in indices],
+                "height": resized.shape[1], "width": resized.shape[2],
+                "orig_height": original.shape[1], "orig_width": original.shape[2],
+                "boxes": keyframe["boxes"], "actions": keyframe["actions"], "person_ids": keyframe["person_ids"],
+            }
+        if clips:
+            oldest_needed = min(clips[0][1])
+            encoded = {index: jpeg for index, jpeg in encoded.items() if index >= oldest_needed}
+
+
+def write_shard(path: Path, rows: Iterator[dict[str, Any]], clip_spec: dict[str, Any]) -> int:
+    """Streams rows into a hidden temporary file beside ``path`` and renames it into place once complete, so a
+    shard is never visible half-written. Returns the number of rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    schema = SHARD_SCHEMA.with_metadata({CLIP_SPEC_KEY: json.dumps(clip_spec).encode()})
+    count = 0
+    try:
+        with pq.ParquetWriter(temporary, schema, compression=SHARD_COMPRESSION) as writer:
+            group: list[dict[str, Any]] = []
+            for row in rows:
+                group.append(row)
+                if len(group) == ROWS_PER_GROUP:
+                    writer.write_table(pa.Table.from_pylist(group, schema=schema))
+                    count, group = count + len(group), []
+            if group:
+                writer.write_table(pa.Table.from_pylist(group, schema=schema))
+                count += len(group)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return count

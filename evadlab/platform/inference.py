@@ -1,0 +1,174 @@
+"""Batch inference over the val shards and AVA frame-mAP.
+
+``evaluate`` runs a pool of Ray Data actors (the model is loaded once per actor); ``evaluate_in_workers`` is the
+same code path inside the training workers. Both turn clips into detection rows with ``detect_clips`` and score
+them with the official-equivalent evaluator.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from evadlab.config import ExperimentConfig
+from evadlab.pipelines.ava import read_label_map
+from evadlab.pipelines.clips import decode_clip, iter_shard_rows, read_shards, to_model_input
+from evadlab.pipelines.evaluation import evaluate_files, parse_iou_thresholds, write_detections_csv
+
+DETECTION_COLUMNS = ("video_id", "timestamp", "box_index", "x1", "y1", "x2", "y2", "action_id", "score")
+
+
+@dataclass
+class EvalResult:
+    mAP: float
+    per_class_named: dict[str, float | None]
+    detections_path: Path
+    num_detections: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def label_map_ids(cfg: ExperimentConfig) -> np.ndarray:
+    return np.array(sorted(read_label_map(cfg.data.annotation_dir / cfg.data.label_map)), dtype=np.int64)
+
+
+@torch.no_grad()
+def detect_clips(model, rows: list[dict[str, Any]], cfg: ExperimentConfig, class_ids: np.ndarray,
+                 device: torch.device) -> dict[str, np.ndarray]:
+    """Detection rows (one per selected box and label-map class) for decoded shard rows.
+
+    Each clip runs on its own so its detections do not depend on which clips share its batch (padding
+    and kernel choice would otherwise change the last digits)."""
+    model.eval()
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in DETECTION_COLUMNS}
+    for row in rows:
+        frames, _ = decode_clip(row, flip=False)
+        clip = to_model_input(frames, cfg.data.mean, cfg.data.std).to(device)
+        (detections,) = model.predict([clip], [(int(row["orig_height"]), int(row["orig_width"]))])
+        boxes = detections.boxes.float().cpu().numpy()
+        scores = detections.action_scores.float().cpu().numpy()[:, class_ids - 1]
+        num_boxes = len(boxes)
+        columns["video_id"].append(np.full(num_boxes * len(class_ids), str(row["video_id"]), dtype=object))
+        columns["timestamp"].append(np.full(num_boxes * len(class_ids), int(row["timestamp"]), dtype=np.int64))
+        columns["box_index"].append(np.repeat(np.arange(num_boxes), len(class_ids)))
+        for axis, name in enumerate(("x1", "y1", "x2", "y2")):
+            columns[name].append(np.repeat(boxes[:, axis], len(class_ids)))
+        columns["action_id"].append(np.tile(class_ids, num_boxes))
+        columns["score"].append(scores.reshape(-1))
+    return {name: (np.concatenate(parts) if parts else np.array([])) for name, parts in columns.items()}
+
+
+def _sorted_table(parts: Iterable[dict[str, np.ndarray]]) -> pa.Table:
+    tables = [pa.table({name: part[name] for name in DETECTION_COLUMNS}) for part in parts if len(part["score"])]
+    if not tables:
+        return pa.table({name: [] for name in DETECTION_COLUMNS})
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return table.sort_by([("video_id", "ascending"), ("timestamp", "ascending"), ("box_index", "ascending"),
+                          ("action_id", "ascending")])
+
+
+def score_detections(table: pa.Table, cfg: ExperimentConfig, out_dir: Path) -> EvalResult:
+    """Writes the AVA detections CSV and scores it against the val ground truth."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    detections_path = out_dir / "detections.csv"
+    write_detections_csv(detections_path, table)
+    annotations = cfg.data.annotation_dir
+    exclusions = annotations / cfg.data.exclusions
+    result = evaluate_files(annotations / cfg.data.label_map, annotations / cfg.data.val_annotations, detections_path,
+                            exclusions if exclusions.exists() else None,
+                            iou_thresholds=parse_iou_thresholds(cfg.eval.iou))
+    names = read_label_map(annotations / cfg.data.label_map)
+    per_class_named = {names[class_id]: ap for class_id, ap in sorted(result.per_class.items())}
+    return EvalResult(mAP=float(result.mAP), per_class_named=per_class_named, detections_path=detections_path,
+                      num_detections=table.num_rows)
+
+
+def evaluate_in_workers(model, cfg: ExperimentConfig, *, rank: int, world: int, device: torch.device,
+                        out_dir: Path | None) -> EvalResult | None:
+    """Periodic evaluation inside training: every worker infers a strided share of the val rows, rank 0
+    gathers, writes and scores. Returns the result on rank 0, None elsewhere."""
+    import torch.distributed as dist
+
+    class_ids = label_map_ids(cfg)
+    rows = [row for index, row in enumerate(iter_shard_rows(cfg.data.shards_path, "val")) if index % world == rank]
+    part = detect_clips(model, rows, cfg, class_ids, device)
+    parts = [part]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, part)
+    model.train()
+    if rank != 0:
+        return None
+    return score_detections(_sorted_table(parts), cfg, out_dir)
+
+
+class ClipDetector:
+    """Ray Data actor: loads the model once, then turns batches of shard rows into detection rows."""
+
+    def __init__(self, experiment: dict[str, Any], checkpoint: str | None):
+        from evadlab.platform.modeling import build_model
+
+        self.cfg = ExperimentConfig.model_validate(experiment)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = build_model(self.cfg.model, checkpoint).to(self.device).eval()
+        self.class_ids = label_map_ids(self.cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [{name: values[i] for name, values in batch.items()} for i in range(len(batch["video_id"]))]
+        return detect_clips(self.model, rows, self.cfg, self.class_ids, self.device)
+
+
+def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: Path | None = None,
+             mlflow_run_id: str | None = None) -> EvalResult:
+    """``evadlab evaluate``: cluster-scale inference on the val shards with ``eval.concurrency`` actors."""
+    from evadlab.platform.train import ensure_ray
+
+    checkpoint = checkpoint or cfg.model.checkpoint
+    if not checkpoint:
+        raise ValueError("evaluate needs a checkpoint: pass --checkpoint or set model.checkpoint")
+    if "://" not in checkpoint and not Path(checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    shards = cfg.data.shards_path
+    if not (shards / "manifest.json").exists():
+        raise FileNotFoundError(f"no prepared shards at {shards}; run 'evadlab prepare' first")
+    ensure_ray()
+    start = time.perf_counter()
+    detections = read_shards(shards, "val").map_batches(
+        ClipDetector,
+        fn_constructor_kwargs={"experiment": cfg.model_dump(mode="json"), "checkpoint": str(Path(checkpoint).resolve())
+                               if "://" not in checkpoint else checkpoint},
+        batch_size=cfg.eval.batch_size, concurrency=cfg.eval.concurrency, num_gpus=cfg.eval.num_gpus,
+        num_cpus=cfg.eval.cpus_per_actor,
+        batch_format="numpy",
+    )
+    table = _sorted_table(batch for batch in detections.iter_batches(batch_format="numpy", batch_size=None))
+    out_dir = out_dir or cfg.run_dir / f"evaluate_{time.strftime('%Y%m%d-%H%M%S')}"
+    result = score_detections(table, cfg, out_dir)
+    seconds = time.perf_counter() - start
+    clips = len({(v, t) for v, t in zip(table["video_id"].to_pylist(), table["timestamp"].to_pylist())})
+    result.metrics = {"val/mAP": result.mAP, "eval/seconds": seconds, "eval/clips_per_s": clips / seconds}
+    if cfg.tracking.enabled:
+        _log_evaluation(cfg, result, checkpoint, mlflow_run_id)
+    print(f"evadlab evaluate: {clips} keyframes, {result.num_detections} detection rows in {seconds:.1f} s; "
+          f"detections: {result.detections_path}")
+    return result
+
+
+def _log_evaluation(cfg: ExperimentConfig, result: EvalResult, checkpoint: str, run_id: str | None) -> None:
+    from evadlab.platform.tracking import RunLogger, log_per_class_ap, start_run
+
+    own_run = run_id is None
+    if own_run:
+        run_id = start_run(cfg, run_name=f"evaluate_{Path(checkpoint).stem}", tags={"evadlab.job": "evaluate",
+                                                                                     "evadlab.checkpoint": checkpoint})
+    logger = RunLogger(cfg.tracking.resolved_uri(), run_id)
+    logger.log_metrics(result.metrics, step=0)
+    log_per_class_ap(logger, result.per_class_named, prefix="eval_")
+    logger.log_artifact(result.detections_path, "evaluation")
+    if own_run:
+        logger.end()

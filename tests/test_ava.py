@@ -1,0 +1,243 @@
+import os
+from fractions import Fraction
+import shutil
+from pathlib import Path
+
+import av
+import decord
+import numpy as np
+import pytest
+from PIL import Image
+
+from evadlab.pipelines.ava import (
+    AVA_ACTION_NAMES,
+    EVALUATED_ACTION_IDS,
+    clip_frame_indices,
+    clip_sample_times,
+    group_keyframes,
+    keyframe_frame_index,
+    nearest_frame_indices,
+    read_annotations,
+    read_exclusions,
+    read_frame_list,
+    read_label_map,
+)
+
+SHARED = Path(os.environ.get("EVADLAB_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+SAMPLES = SHARED / "ava_samples"
+ACTIVITYNET_PBTXT = SAMPLES / "activitynet_evaluation_ava" / "ava_action_list_v2.1_for_activitynet_2018.pbtxt.txt"
+MMACTION_LABEL_MAP = SAMPLES / "mmaction2_tools_data_ava" / "label_map.txt"
+MMACTION_FRAMES = SAMPLES / "mmaction2_tests_data_imgs"
+
+
+def test_the_released_label_maps_give_the_60_evaluated_classes(tmp_path):
+    label_id_form = tmp_path / "ava_action_list_v2.2_for_activitynet_2019.pbtxt"
+    label_id_form.write_text(ACTIVITYNET_PBTXT.read_text().replace("  id:", "  label_id:"))
+    one_line_items = tmp_path / "one_line.pbtxt"
+    one_line_items.write_text("".join(
+        f'item {{ name: "{AVA_ACTION_NAMES[i]}" id: {i} label_type: PERSON_MOVEMENT }}\n' for i in EVALUATED_ACTION_IDS
+    ))
+    expected = {i: AVA_ACTION_NAMES[i] for i in EVALUATED_ACTION_IDS}
+    for path in (ACTIVITYNET_PBTXT, MMACTION_LABEL_MAP, label_id_form, one_line_items):
+        assert read_label_map(path) == expected, path
+    assert len(AVA_ACTION_NAMES) == 80 and len(EVALUATED_ACTION_IDS) == 60
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ('item {\n  name: "stand"\n  id: 12\n}\nitem {\n  name: "sit"\n  id = 11\n}\n', 7, "cannot parse"),
+        ('item {\n  name: "stand"\n  id: 12\n', 1, "never closed"),
+        ('item {\n  name: "stand"\n}\n', 1, "needs a name and an id"),
+        ('item {\n  name: "stand"\n  id: twelve\n}\n', 1, "not a non-negative integer"),
+        ('item {\n  name: "stand"\n  id: 12\n}\nitem {\n  name: "walk"\n  id: 12\n}\n', 5, "appears twice"),
+        ("12: stand\n14: walk\nsit\n", 3, "expected 'id: name'"),
+    ],
+)
+def test_a_broken_label_map_names_file_and_line(tmp_path, text, line, message):
+    path = tmp_path / "labels.pbtxt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path}:{line}: .*{message}"):
+        read_label_map(path)
+
+
+GOOD_AND_BAD_ROWS = """\
+vid_a,0902,0.077,0.151,0.283,0.811,80,1
+vid_a,0902,0.077,0.151,0.283,0.811
+vid_a,0902,0.077,0.151,0.283,0.811,80,1,7
+vid_a,09o2,0.077,0.151,0.283,0.811,80,1
+vid_a,0902,abc,0.151,0.283,0.811,80,1
+vid_a,0902,0.300,0.151,0.283,0.811,80,1
+vid_a,0902,0.077,0.811,0.283,0.811,80,1
+vid_a,0902,0.077,0.151,1.200,0.811,80,1
+vid_a,0902,0.077,0.151,0.283,0.811,81,1
+vid_a,0902,0.077,0.151,0.283,0.811,0,1
+
+vid_a,0902,0.077,0.151,0.283,0.811,12,one
+,0902,0.077,0.151,0.283,0.811,12,1
+vid_b,0903,-0.0004,0.5,1.0004,1.0,12,2
+"""
+
+
+def test_malformed_rows_are_reported_with_file_and_line_and_good_rows_kept(tmp_path):
+    path = tmp_path / "ava_train_v2.2.csv"
+    path.write_text(GOOD_AND_BAD_ROWS)
+    table, rejections = read_annotations(path)
+
+    assert table["line"].to_pylist() == [1, 14]  # line 14 is inside the rounding tolerance
+    assert table["video_id"].to_pylist() == ["vid_a", "vid_b"]
+    assert table["timestamp"].to_pylist() == [902, 903]
+    assert table["action_id"].to_pylist() == [80, 12]
+    assert table["person_id"].to_pylist() == [1, 2]
+    assert table["box_key"].to_pylist()[0] == "0.077,0.151,0.283,0.811"
+    expected = {
+        2: "6 fields, expected 8",
+        3: "9 fields, expected 8",
+        4: "timestamp '09o2' is not an integer",
+        5: "x1 'abc' is not a number",
+        6: "x2 0.283 <= x1 0.3",
+        7: "y2 0.811 <= y1 0.811",
+        8: "x2 1.2 outside [0, 1]",
+        9: "action id 81 outside 1..80",
+        10: "action id 0 outside 1..80",
+        12: "person id 'one' is not an integer",
+        13: "empty video id",
+    }  # the blank line 11 holds no data and is not a rejection
+    assert [r.line for r in rejections] == sorted(expected)
+    for rejection in rejections:
+        assert rejection.source == str(path)
+        assert expected[rejection.line] in rejection.reason
+        assert str(rejection).startswith(f"{path}:{rejection.line}: ")
+
+
+def test_detections_read_the_eighth_column_as_a_score(tmp_path):
+    path = tmp_path / "detections.csv"
+    path.write_text("vid,0902,0.1,0.2,0.3,0.4,12,0.93\nvid,0902,0.1,0.2,0.3,0.4,14,high\n")
+    table, rejections = read_annotations(path, is_detection=True)
+    assert table["score"].to_pylist() == [pytest.approx(0.93)]
+    assert "person_id" not in table.column_names
+    assert [(r.line, r.reason) for r in rejections] == [(2, "score 'high' is not a number")]
+    assert group_keyframes(table)[0].person_ids == [-1]
+
+
+def test_keyframes_group_boxes_by_their_text_like_the_released_reader(tmp_path):
+    path = tmp_path / "gt.csv"
+    path.write_text(
+        "vid_b,0903,0.1,0.1,0.5,0.9,12,4\n"
+        "vid_a,0905,0.2,0.2,0.6,0.8,11,3\n"
+        "vid_a,0902,0.1,0.1,0.5,0.9,12,1\n"
+        "vid_a,0902,0.5,0.1,0.9,0.9,14,2\n"
+        "vid_a,0902,0.1,0.1,0.5,0.9,79,1\n"
+        "vid_a,0902,0.1,0.1,0.5,0.9,79,1\n"
+        "vid_a,0902,0.100,0.1,0.5,0.9,80,1\n"  # same box, other text: the released reader keeps it apart
+    )
+    table, rejections = read_annotations(path)
+    keyframes = group_keyframes(table)
+    assert not rejections
+    assert [(k.video_id, k.timestamp) for k in keyframes] == [("vid_a", 902), ("vid_a", 905), ("vid_b", 903)]
+    first = keyframes[0]
+    assert first.boxes.dtype == np.float32 and first.boxes.shape == (3, 4)
+    np.testing.assert_allclose(first.boxes[0], [0.1, 0.1, 0.5, 0.9])
+    assert first.actions == [[12, 79], [14], [80]]
+    assert first.person_ids == [1, 2, 1]
+
+
+def test_missing_files_raise_naming_them(tmp_path):
+    missing = tmp_path / "nowhere.csv"
+    for reader in (read_annotations, read_label_map, read_exclusions, read_frame_list):
+        with pytest.raises(FileNotFoundError, match="nowhere.csv"):
+            reader(missing)
+
+
+def test_exclusions(tmp_path):
+    path = tmp_path / "excluded.csv"
+    path.write_text("-5KQ66BBWC4,0902\n1j20qq1JyX4,1798\n")
+    assert read_exclusions(path) == {("-5KQ66BBWC4", 902), ("1j20qq1JyX4", 1798)}
+    path.write_text("-5KQ66BBWC4,0902\n1j20qq1JyX4,noon\n")
+    with pytest.raises(ValueError, match=f"{path}:2: "):
+        read_exclusions(path)
+    path.write_text("")
+    assert read_exclusions(path) == set()
+
+
+def test_keyframe_and_clip_frame_indices():
+    # Spec 5.3: second 902 is frame index 60, the 61st JPEG.
+    assert keyframe_frame_index(902) == 60
+    assert f"vid_{keyframe_frame_index(902) + 1:06d}.jpg" == "vid_000061.jpg"
+    assert keyframe_frame_index(1798) == 26940
+    clip = clip_frame_indices(60, 16, 4, 27030)
+    assert clip == list(range(28, 92, 4)) and clip[8] == 60
+    # Near the ends of the video the indices are clamped to the first and the last frame.
+    assert clip_frame_indices(10, 16, 4, 27030) == [0] * 6 + [2, 6, 10, 14, 18, 22, 26, 30, 34, 38]
+    assert clip_frame_indices(27025, 16, 4, 27030)[8:] == [27025] + [27029] * 7
+    assert clip_frame_indices(3, 4, 2, 5) == [0, 1, 3, 4]
+    # An odd number of frames still gives that many, with the keyframe in the middle.
+    assert clip_frame_indices(20, 5, 3, 100) == [14, 17, 20, 23, 26]
+    assert clip_frame_indices(0, 1, 4, 1) == [0]
+    times = clip_sample_times(902, 16, 4)
+    np.testing.assert_allclose(times, np.array(clip) / 30)
+
+
+def test_frame_list_round_trip_with_real_jpegs(tmp_path):
+    images = sorted(MMACTION_FRAMES.glob("img_*.jpg"))
+    assert len(images) == 10
+    video_id = "-mmaction2xx"
+    (tmp_path / "frames" / video_id).mkdir(parents=True)
+    lines = ["original_vido_id video_id frame_id path labels"]
+    for index, image in enumerate(images):
+        relative = f"{video_id}/{video_id}_{index + 1:06d}.jpg"
+        shutil.copyfile(image, tmp_path / "frames" / relative)
+        separator = "\t  " if index == 3 else " "  # the released reader splits on any whitespace
+        lines.append(separator.join([video_id, "0", str(index), relative, '""']))
+    frame_list = tmp_path / "frame_lists" / "val.csv"
+    frame_list.parent.mkdir()
+    frame_list.write_text("\n".join(lines) + "\n\n")
+
+    frames = read_frame_list(frame_list)
+    assert list(frames) == [video_id] and len(frames[video_id]) == 10
+    clip = clip_frame_indices(4, 4, 2, len(frames[video_id]))
+    assert clip == [0, 2, 4, 6]
+    for index in clip:
+        decoded = np.asarray(Image.open(tmp_path / "frames" / frames[video_id][index]))
+        assert decoded.shape == (240, 320, 3)
+        np.testing.assert_array_equal(decoded, np.asarray(Image.open(images[index])))
+
+    frame_list.write_text("\n".join(lines[:4] + [f"{video_id} 0 3 missing_labels"] + lines[4:]))
+    with pytest.raises(ValueError, match=f"{frame_list}:5: expected 5 whitespace-separated fields, got 4"):
+        read_frame_list(frame_list)
+
+
+def _video_with_numbered_frames(path: Path, rate, count: int) -> None:
+    """Frame i is a flat grey of level 4 * i, so a decoded frame tells which one it is."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        stream.options = {"crf": "10"}
+        for index in range(count):
+            pixels = np.full((64, 64, 3), 4 * index, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.mark.parametrize("rate", [Fraction(25), Fraction(30000, 1001)])
+def test_nearest_frames_of_a_clip_on_real_timelines(tmp_path, rate):
+    path = tmp_path / "video.mp4"
+    _video_with_numbered_frames(path, rate, 60)
+    video = decord.VideoReader(str(path))
+    starts = video.get_frame_timestamp(range(len(video)))[:, 0]
+    # A clip on the 30 fps grid around file second 1 (AVA second 901), 8 frames every 4.
+    times = clip_sample_times(901, 8, 4)
+    chosen = nearest_frame_indices(times, starts)
+    brute_force = np.abs(starts[None, :] - times[:, None]).argmin(axis=1)
+    np.testing.assert_array_equal(chosen, brute_force)
+    levels = video.get_batch(chosen.tolist()).asnumpy().mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(levels, 4 * chosen, atol=1.5)
+    # Outside the video: the first and the last frame.
+    np.testing.assert_array_equal(nearest_frame_indices([-1.0, 0.0, 99.0], starts), [0, 0, len(video) - 1])
+
+
+def test_nearest_frame_ties_and_a_single_frame():
+    np.testing.assert_array_equal(nearest_frame_indices([0.02, 0.021, 0.019], [0.0, 0.04, 0.08]), [0, 1, 0])
+    np.testing.assert_array_equal(nearest_frame_indices([0.5, 3.0], [0.0]), [0, 0])
+    with pytest.raises(ValueError):
+        nearest_frame_indices([0.0], [])

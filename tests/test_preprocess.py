@@ -1,0 +1,202 @@
+"""prepare(): AVA videos or frame folders -> Parquet shards, checked against the source files with real Ray
+and real decord."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import decord
+import numpy as np
+import pytest
+
+from evadlab.config import DataConfig, ExperimentConfig
+from evadlab.pipelines.ava import group_keyframes, read_annotations
+from evadlab.pipelines.clips import decode_jpegs, iter_shard_rows, read_shards, resize_short_side, resized_size
+from evadlab.pipelines.preprocess import prepare
+
+SHORT_SIDE = 64
+SPLITS = ("train", "val")
+
+
+def config(root: Path, shards: Path, **data) -> ExperimentConfig:
+    return ExperimentConfig(data=DataConfig(root=str(root), shards=str(shards), **{"short_side": SHORT_SIDE, **data}))
+
+
+def expected_keyframes(cfg: ExperimentConfig, split: str) -> dict[tuple[str, int], object]:
+    csv = cfg.data.annotation_dir / (cfg.data.train_annotations if split == "train" else cfg.data.val_annotations)
+    table, _ = read_annotations(csv)
+    return {(k.video_id, k.timestamp): k for k in group_keyframes(table)}
+
+
+def rows_by_key(shards: Path, split: str) -> dict[tuple[str, int], dict]:
+    rows = list(iter_shard_rows(shards, split))
+    keyed = {(row["video_id"], row["timestamp"]): row for row in rows}
+    assert len(keyed) == len(rows), "duplicate keyframes in the shards"
+    return keyed
+
+
+def decode(jpeg: bytes) -> np.ndarray:
+    return decode_jpegs([jpeg])[0]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def video_shards(tmp_path_factory, mini_ava, ray_local):
+    cfg = config(mini_ava, tmp_path_factory.mktemp("video_shards"))
+    return cfg, prepare(cfg)
+
+
+@pytest.fixture(scope="module")
+def frame_shards(tmp_path_factory, mini_ava, ray_local):
+    cfg = config(mini_ava, tmp_path_factory.mktemp("frame_shards"), source="frames")
+    return cfg, prepare(cfg)
+
+
+def test_rows_are_the_annotated_keyframes_with_their_labels(video_shards):
+    cfg, summary = video_shards
+    manifest = json.loads((cfg.data.shards_path / "manifest.json").read_text())
+    total = 0
+    for split in SPLITS:
+        expected, rows = expected_keyframes(cfg, split), rows_by_key(cfg.data.shards_path, split)
+        assert rows.keys() == expected.keys()
+        for key, keyframe in expected.items():
+            row = rows[key]
+            np.testing.assert_allclose(np.array(row["boxes"], np.float32), keyframe.boxes)
+            assert row["actions"] == keyframe.actions
+            assert row["person_ids"] == keyframe.person_ids
+            assert len(row["frames"]) == cfg.data.num_frames
+            assert (row["height"], row["width"]) == resized_size(row["orig_height"], row["orig_width"], SHORT_SIDE,
+                                                                 cfg.data.max_long_side)
+            assert decode(row["frames"][0]).shape == (row["height"], row["width"], 3)
+        assert manifest["counts"][split] == len(expected)
+        total += len(expected)
+    assert summary.written == total and summary.rejected == [] and summary.clips_per_s > 0
+    assert manifest["complete"] and manifest["clip_spec"] == cfg.data.clip_spec and manifest["rejected"] == []
+
+
+def test_stored_keyframe_is_the_source_frame_at_its_second(video_shards):
+    cfg, _ = video_shards
+    for (video_id, timestamp), row in rows_by_key(cfg.data.shards_path, "train").items():
+        reader = decord.VideoReader(str(cfg.data.root_path / "videos" / f"{video_id}.mp4"))
+        source = reader[(timestamp - 900) * 30].asnumpy()[None]
+        resized = resize_short_side(source, SHORT_SIDE, cfg.data.max_long_side)[0].numpy()
+        assert psnr(decode(row["frames"][cfg.data.num_frames // 2]), resized) >= 30
+
+
+def test_ray_data_reads_the_same_rows(video_shards):
+    cfg, _ = video_shards
+    dataset = read_shards(cfg.data.shards_path, "val").select_columns(["video_id", "timestamp"])
+    keys = {(row["video_id"], row["timestamp"]) for row in dataset.take_all()}
+    assert keys == rows_by_key(cfg.data.shards_path, "val").keys()
+
+
+def test_frame_folders_and_videos_give_the_same_clips(video_shards, frame_shards):
+    videos_cfg, frames_cfg = video_shards[0], frame_shards[0]
+    for split in SPLITS:
+        from_videos = rows_by_key(videos_cfg.data.shards_path, split)
+        from_frames = rows_by_key(frames_cfg.data.shards_path, split)
+        assert from_videos.keys() == from_frames.keys()
+        for key, row in from_videos.items():
+            other = from_frames[key]
+            for column in ("boxes", "actions", "person_ids", "height", "width", "orig_height", "orig_width"):
+                assert row[column] == other[column], column
+            for a, b in zip(row["frames"], other["frames"]):
+                assert psnr(decode(a), decode(b)) >= 30
+
+
+def test_an_interrupted_prepare_finishes_only_the_missing_videos(mini_ava, tmp_path, ray_local):
+    cfg = config(mini_ava, tmp_path / "shards")
+    first = prepare(cfg, stop_after_videos=1)
+    (done,) = sorted(cfg.data.shards_path.glob("*/part-*.parquet"))
+    written_at = done.stat().st_mtime_ns
+    assert not json.loads((cfg.data.shards_path / "manifest.json").read_text())["complete"]
+    # What a job killed mid-write leaves behind: a temporary shard no reader may see.
+    stale = done.parent / ".part-broken.parquet.123.tmp"
+    stale.write_bytes(b"half a shard")
+
+    second = prepare(cfg)
+    assert second.skipped_videos == 1 and not stale.exists()
+    assert done.stat().st_mtime_ns == written_at
+    expected = {split: expected_keyframes(cfg, split) for split in SPLITS}
+    for split in SPLITS:
+        assert rows_by_key(cfg.data.shards_path, split).keys() == expected[split].keys()
+    assert first.written + second.written == sum(len(keys) for keys in expected.values())
+    assert json.loads((cfg.data.shards_path / "manifest.json").read_text())["complete"]
+
+
+def test_bad_inputs_are_named_and_the_good_ones_finish(mini_ava, tmp_path, ray_local):
+    root = tmp_path / "ava"
+    shutil.copytree(mini_ava, root, ignore=shutil.ignore_patterns("frames"))
+    cfg = config(root, tmp_path / "shards")
+    corrupt = min((root / "videos").glob("*.mp4"))
+    corrupt.write_bytes(corrupt.read_bytes()[:2000])
+    train_csv = cfg.data.annotation_dir / cfg.data.train_annotations
+    good_lines = len(train_csv.read_text().splitlines())
+    with train_csv.open("a") as csv:
+        csv.write("some_video,09o2,0.1,0.1,0.5,0.5,12,0\nonly,three,fields\nghost,0902,0.1,0.1,0.5,0.5,12,0\n")
+
+    summary = prepare(cfg)
+    reasons = {(r.source, r.line): r.reason for r in summary.rejected}
+    ghost = str(root / "videos" / "ghost")
+    assert set(reasons) == {(str(corrupt), None), (ghost, None), (str(train_csv), good_lines + 1),
+                            (str(train_csv), good_lines + 2)}
+    assert "timestamp '09o2'" in reasons[(str(train_csv), good_lines + 1)]
+    assert "3 fields, expected 8" in reasons[(str(train_csv), good_lines + 2)]
+    assert "decord cannot open the video" in reasons[(str(corrupt), None)]
+    assert "no video file for 'ghost'" in reasons[(ghost, None)]
+    assert not list(cfg.data.shards_path.glob("*/.part-*")), "a failed video left a temporary shard"
+    manifest = json.loads((cfg.data.shards_path / "manifest.json").read_text())
+    assert {(r["source"], r["line"]) for r in manifest["rejected"]} == set(reasons)
+    for split in SPLITS:
+        good = {key for key in expected_keyframes(cfg, split) if key[0] not in (corrupt.stem, "ghost")}
+        assert rows_by_key(cfg.data.shards_path, split).keys() == good
+        assert manifest["counts"][split] == len(good)
+
+
+def test_another_clip_spec_is_refused_in_the_same_folder(video_shards):
+    cfg, _ = video_shards
+    other = config(cfg.data.root_path, cfg.data.shards_path, short_side=32)
+    with pytest.raises(ValueError, match="choose another data.shards"):
+        prepare(other)
+
+
+def write_brightness_ramp(path: Path, frames: int, fps: int) -> None:
+    """A video whose frame i is uniformly grey at 8 + 4 i, so a decoded frame tells its own index."""
+    path.parent.mkdir(parents=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for index in range(frames):
+            image = np.full((64, 96, 3), 8 + 4 * index, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_videos_are_read_by_time_whatever_their_frame_rate(tmp_path, ray_local):
+    fps, num_frames, offset = 25, 60, 901.0
+    root = tmp_path / "ava"
+    write_brightness_ramp(root / "videos" / "ramp.mp4", num_frames, fps)
+    (root / "annotations").mkdir()
+    (root / "annotations" / "ava_train_v2.2.csv").write_text(
+        "ramp,902,0.1,0.1,0.9,0.9,12,0\nramp,903,0.1,0.1,0.9,0.9,14,0\n")
+    # With an even keyframe index every sample time is on an even 30 fps frame, never half-way between two
+    # 25 fps frames, so "nearest" has one answer.
+    cfg = config(root, tmp_path / "shards", video_offset_sec=offset)
+    prepare(cfg, splits=("train",))
+
+    frame_times = np.arange(num_frames) / fps
+    for row in iter_shard_rows(cfg.data.shards_path, "train"):
+        center = round((row["timestamp"] - offset) * 30)
+        times = (center + (np.arange(16) - 8) * 4) / 30
+        expected = [int(np.abs(frame_times - t).argmin()) for t in times]
+        stored = [round((decode(jpeg).mean() - 8) / 4) for jpeg in row["frames"]]
+        assert stored == expected
+    assert expected[-1] == num_frames - 1, "the last keyframe's clip should run past the end and be clamped"

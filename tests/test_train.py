@@ -1,0 +1,146 @@
+"""Ray Train end to end on the synthetic mini-AVA: DDP equivalence, exactly-once epochs, fault tolerance,
+resume, and a real MLflow server. Each test is a real TorchTrainer run, so they are few and tiny."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from evadlab.config import load_config
+from evadlab.models.checkpoints import load_training_checkpoint
+from evadlab.pipelines.preprocess import prepare
+from evadlab.platform.train import learning_rate, parameter_groups, train
+from evadlab.platform.modeling import build_model
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(tmp_path, data_root, *overrides):
+    return load_config(QUICKSTART, [
+        f"data.root={data_root}", f"data.shards={tmp_path / 'shards'}", f"train.storage_path={tmp_path / 'ray'}",
+        f"output_dir={tmp_path / 'runs'}", "train.epochs=1", "train.batch_size=2", "eval.every_epochs=0",
+        "train.cpus_per_worker=0.5", "model.act_fc_dim=64", *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, mini_ava, ray_local):
+    """Shards of the session's mini-AVA, prepared once for this module."""
+    folder = tmp_path_factory.mktemp("train")
+    cfg = tiny_config(folder, mini_ava)
+    prepare(cfg)
+    return folder, cfg.data.shards_path
+
+
+def seen_keys(run_path: Path, epoch: int) -> list[str]:
+    keys = []
+    for file in sorted((run_path / "samples_seen").glob(f"epoch_{epoch:03d}_rank_*.txt")):
+        keys += file.read_text().split()
+    return keys
+
+
+def all_train_keys(shards: Path) -> list[str]:
+    table = pq.read_table(shards / "train", columns=["video_id", "timestamp"])
+    return [f"{v},{t}" for v, t in zip(table["video_id"].to_pylist(), table["timestamp"].to_pylist())]
+
+
+def test_recipe_groups_and_schedule():
+    cfg = load_config(QUICKSTART, ["train.warmup_epochs=2", "train.warmup_start_lr=1e-5", "train.base_lr=1e-4",
+                                   "train.lr_steps=[0, 5, 8]", "train.lr_factors=[1, 0.1, 0.01]"])
+    assert learning_rate(0.0, cfg.train) == pytest.approx(1e-5)
+    assert learning_rate(1.0, cfg.train) == pytest.approx(5.5e-5)
+    assert learning_rate(3.0, cfg.train) == pytest.approx(1e-4)
+    assert learning_rate(5.5, cfg.train) == pytest.approx(1e-5)
+    assert learning_rate(9.0, cfg.train) == pytest.approx(1e-6)
+    model = build_model(cfg.model)
+    groups = parameter_groups(model, cfg.train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups:
+        group_names = [names[id(p)] for p in group["params"]]
+        in_head = {n.startswith("det_head.") for n in group_names}
+        assert len(in_head) == 1 and group["lr_scale"] == (8.0 if in_head.pop() else 1.0)
+        if group["weight_decay"] > 0:
+            assert all(names_p.endswith(".weight") and "norm" not in names_p for names_p in group_names)
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"det_head.mask_token", "norm.weight", "blocks.0.attn.q_bias", "fpn_lateral2.bias"} <= no_decay
+    assert "init_proposal_boxes.weight" not in no_decay
+
+
+def test_two_workers_equal_one_worker_with_twice_the_batch(prepared, tmp_path):
+    """One optimisation step on the same 4 clips: DDP over 2 workers x 2 clips == 1 worker x 4 clips."""
+    folder, shards = prepared
+    table = pq.read_table(shards / "train")
+    same_boxes = [i for i, boxes in enumerate(table["boxes"].to_pylist()) if len(boxes) == 2][:4]
+    assert len(same_boxes) == 4, "the mini-AVA should have keyframes with two persons"
+    subset = tmp_path / "subset"
+    (subset / "train").mkdir(parents=True)
+    pq.write_table(table.take(same_boxes), subset / "train" / "part-0.parquet")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["counts"]["train"] = 4
+    (subset / "manifest.json").write_text(json.dumps(manifest))
+    states = {}
+    for workers, batch in ((1, 4), (2, 2)):
+        cfg = tiny_config(tmp_path / f"w{workers}", folder / "unused", f"data.shards={subset}",
+                          f"train.num_workers={workers}", f"train.batch_size={batch}", "data.flip_prob=0",
+                          "train.warmup_epochs=0", "train.base_lr=1e-3", "tracking.enabled=false")
+        result = train(cfg)
+        states[workers] = load_training_checkpoint(result.checkpoint_path)["model_state"]
+    initial = build_model(cfg.model).state_dict()
+    moved = 0
+    for key, value in states[1].items():
+        torch.testing.assert_close(states[2][key], value, rtol=1e-4, atol=1e-6, msg=key)
+        moved += int(not torch.equal(value, initial[key]))
+    assert moved > 100, "the step must change the parameters"
+
+
+def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared, tmp_path, mlflow_server):
+    """A worker dies during epoch 2 of 3: Ray replaces it, training resumes from the epoch-1 checkpoint,
+    every epoch still sees each sample exactly once, and one MLflow run holds the whole history."""
+    folder, shards = prepared
+    cfg = tiny_config(folder, folder / "unused", f"data.shards={shards}", f"train.storage_path={tmp_path / 'ray'}",
+                      "train.num_workers=2", "train.epochs=3", "train.fail_at_epoch=1", "train.max_failures=1",
+                      "train.log_every=1", "eval.every_epochs=3", f"tracking.uri={mlflow_server}")
+    result = train(cfg)
+    run_path = Path(result.run_path)
+    assert (run_path / "failure_injected_epoch_1").exists()
+    expected = sorted(all_train_keys(shards))
+    for epoch in range(3):
+        assert sorted(seen_keys(run_path, epoch)) == expected, f"epoch {epoch}"
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    epochs = [m.value for m in client.get_metric_history(run.info.run_id, "epoch")]
+    assert sorted(epochs) == [0, 1, 2], "epoch 0 must not be trained twice (resume, not restart)"
+    assert {"train/loss", "train/lr", "train/clips_per_s", "val/mAP", "model/gflops", "model/params"} <= set(
+        run.data.metrics)
+    assert run.data.params["model.keep_rate"] == "0.7" and run.data.params["train.num_workers"] == "2"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts and "checkpoints" in artifacts
+    assert any(a.path.endswith("per_class_ap.csv") for a in client.list_artifacts(run.info.run_id))
+
+
+def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, tmp_path, mlflow_server):
+    folder, shards = prepared
+    common = [f"data.shards={shards}", f"train.storage_path={tmp_path / 'ray'}", f"tracking.uri={mlflow_server}",
+              "tracking.experiment=resume_test"]
+    first = train(tiny_config(folder, folder / "unused", *common, "train.epochs=1"))
+    second = train(tiny_config(folder, folder / "unused", *common, "train.epochs=2", "train.resume=true"))
+    assert second.run_name == first.run_name and second.mlflow_run_id == first.mlflow_run_id
+    assert load_training_checkpoint(second.checkpoint_path)["epoch"] == 1
+    client = MlflowClient(mlflow_server)
+    assert sorted(m.value for m in client.get_metric_history(first.mlflow_run_id, "epoch")) == [0, 1]
+    seen = Path(second.run_path) / "samples_seen"
+    assert seen.joinpath("epoch_000_rank_0.txt").stat().st_mtime < seen.joinpath("epoch_001_rank_0.txt").stat().st_mtime
+
+
+def test_unreachable_tracking_server_stops_at_start(prepared, tmp_path):
+    folder, shards = prepared
+    cfg = tiny_config(tmp_path, folder / "unused", f"data.shards={shards}", "tracking.uri=http://127.0.0.1:9")
+    with pytest.raises(RuntimeError, match="unreachable"):
+        train(cfg)
+    assert not (tmp_path / "ray").exists(), "nothing may start before the tracking check"

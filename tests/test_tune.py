@@ -1,0 +1,95 @@
+"""A real 3-trial Ray Tune sweep of the tiny model with a real MLflow server, then its resume and compare."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from evadlab.config import ConfigError
+from evadlab.platform.tracking import compare_runs
+from evadlab.platform.tune import load_sweep, run_sweep
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+pytestmark = pytest.mark.slow
+
+
+def write_sweep(folder: Path, data_root: Path, **extra) -> Path:
+    sweep = {
+        "name": "tiny_sweep",
+        "base": str(EXPERIMENTS / "quickstart.yaml"),
+        "search_space": {"model.keep_rate": {"grid": [1.0, 0.7, 0.4]}},
+        "overrides": {"data.root": str(data_root), "data.shards": str(folder / "shards"),
+                      "train.storage_path": str(folder / "ray"), "output_dir": str(folder / "runs"),
+                      "train.epochs": 1, "train.cpus_per_worker": 0.5, "model.act_fc_dim": 64,
+                      "tracking.experiment": "sweep_test"},
+        **extra,
+    }
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_sweep_file_errors_name_the_key(tmp_path):
+    path = write_sweep(tmp_path, tmp_path)
+    text = yaml.safe_load(path.read_text())
+    text["search_space"]["model.keep_rat"] = {"grid": [0.5]}
+    path.write_text(yaml.safe_dump(text))
+    with pytest.raises(ConfigError, match="model.keep_rat"):
+        load_sweep(path)
+    text["search_space"] = {"model.keep_rate": {"grid": [0.5], "uniform": [0.1, 0.2]}}
+    path.write_text(yaml.safe_dump(text))
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_sweep(path)
+
+
+def test_three_trial_sweep_logs_parent_and_children_and_resumes(tmp_path, mini_ava, ray_local, mlflow_server):
+    from evadlab.pipelines.preprocess import prepare
+
+    path = write_sweep(tmp_path, mini_ava)
+    _, base = load_sweep(path, [f"tracking.uri={mlflow_server}"])
+    prepare(base)
+    rows = run_sweep(path, [f"tracking.uri={mlflow_server}"])
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("sweep_test")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 3
+    by_keep = {float(r.data.params["model.keep_rate"]): r for r in children}
+    assert set(by_keep) == {1.0, 0.7, 0.4}
+    gflops = [by_keep[k].data.metrics["model/gflops"] for k in (1.0, 0.7, 0.4)]
+    assert gflops[0] > gflops[1] > gflops[2]
+    for run in children:
+        assert {"val/mAP", "train/clips_per_s", "model/params"} <= set(run.data.metrics)
+        assert run.data.tags["evadlab.keep_rate"] == run.data.params["model.keep_rate"]
+    parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"map_vs_gflops.png", "trials.txt", "best_config.yaml"} <= parent_artifacts
+    png = client.download_artifacts(parents[0].info.run_id, "map_vs_gflops.png", str(tmp_path))
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(rows) == 3 and any(r["pareto"] for r in rows)
+
+    table = compare_runs("sweep_test", mlflow_server, tmp_path / "compare")
+    assert {r["run_id"] for r in table} == {r.info.run_id for r in children}
+    assert (tmp_path / "compare" / "map_vs_gflops.png").stat().st_size > 0
+
+    # Resume: forget one trial's result as if the sweep had been interrupted during it; the two finished
+    # trials are kept, only the unfinished one runs again.
+    sweep_dir = tmp_path / "ray" / "tiny_sweep"
+    state_files = sorted(sweep_dir.glob("experiment_state-*.json"))
+    assert state_files
+    state = json.loads(state_files[-1].read_text())
+    trial_states = state["trial_data"]
+    trial = json.loads(trial_states[0][0])
+    trial["status"] = "RUNNING"
+    trial_states[0][0] = json.dumps(trial)
+    state_files[-1].write_text(json.dumps(state))
+    resumed_rows = run_sweep(path, [f"tracking.uri={mlflow_server}", "tune.resume=true"])
+    runs_after = client.search_runs([experiment.experiment_id])
+    children_after = [r for r in runs_after if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children_after) == 3, "finished trials must not run again (a rerun would make a new child run)"
+    assert len(resumed_rows) == 3
+    shutil.rmtree(sweep_dir, ignore_errors=True)
