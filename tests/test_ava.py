@@ -1,6 +1,6 @@
 import os
-from fractions import Fraction
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
 import av

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from evadlab.pipelines.ava import AVA_FPS as FPS
 from evadlab.pipelines.ava import (
     EVALUATED_ACTION_IDS,
     group_keyframes,
@@ -17,7 +18,6 @@ from evadlab.pipelines.ava import (
 )
 from evadlab.pipelines.synthetic import (
     BEND,
-    FPS,
     SIT,
     STAND,
     WALK,
@@ -77,7 +77,7 @@ def test_the_layout_is_complete(dataset):
     assert len(video_ids) == VIDEOS and len(summary["videos"]["val"]) == 1
     for name in ANNOTATION_FILES:
         assert (root / "annotations" / name).is_file()
-    assert read_label_map(root / "annotations" / ANNOTATION_FILES[3]) .keys() == set(EVALUATED_ACTION_IDS)
+    assert read_label_map(root / "annotations" / ANNOTATION_FILES[3]).keys() == set(EVALUATED_ACTION_IDS)
     for split, ids in summary["videos"].items():
         frame_list = read_frame_list(root / "frame_lists" / f"{split}.csv")
         assert list(frame_list) == ids
@@ -108,7 +108,7 @@ def test_jpeg_frames_hold_the_video_pixels(dataset):
 
 
 def test_annotations_are_clean_and_rich(dataset, keyframes):
-    root, summary = dataset
+    _, summary = dataset
     every = keyframes["train"] + keyframes["val"]
     assert {k.timestamp for k in every} == set(range(902, 900 + SECONDS - 1))
     assert len(keyframes["train"]) == summary["keyframes"]["train"]
@@ -195,23 +195,25 @@ def test_stand_and_walk_differ_only_across_frames(dataset, keyframes):
 def test_a_seed_gives_the_same_dataset(tmp_path):
     first = generate_mini_ava(tmp_path / "first", videos=2, seconds=4, seed=11)
     second = generate_mini_ava(tmp_path / "second", videos=2, seconds=4, seed=11)
-    other = generate_mini_ava(tmp_path / "other", videos=2, seconds=4, seed=12)
+    generate_mini_ava(tmp_path / "other", videos=2, seconds=4, seed=12)
     assert {k: v for k, v in first.items() if k != "root"} == {k: v for k, v in second.items() if k != "root"}
-    for name in (*ANNOTATION_FILES, "../frame_lists/train.csv", "../frame_lists/val.csv"):
-        path = Path("annotations") / name
+    texts = [Path("annotations") / name for name in ANNOTATION_FILES]
+    texts += [Path("frame_lists") / "train.csv", Path("frame_lists") / "val.csv"]
+    for path in texts:
         assert (tmp_path / "first" / path).read_bytes() == (tmp_path / "second" / path).read_bytes()
-    train_csv = Path("annotations") / ANNOTATION_FILES[0]
-    assert (tmp_path / "first" / train_csv).read_bytes() != (tmp_path / "other" / train_csv).read_bytes()
+    assert (tmp_path / "first" / texts[0]).read_bytes() != (tmp_path / "other" / texts[0]).read_bytes()
     for video_id in first["videos"]["train"] + first["videos"]["val"]:
-        decoded = [decord.VideoReader(str(tmp_path / run / "videos" / f"{video_id}.mp4")).get_batch(range(120)).asnumpy()
-                   for run in ("first", "second")]
+        decoded = [
+            decord.VideoReader(str(tmp_path / run / "videos" / f"{video_id}.mp4")).get_batch(range(120)).asnumpy()
+            for run in ("first", "second")
+        ]
         np.testing.assert_array_equal(*decoded)
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
-    (dict(videos=1), "videos=1"),
-    (dict(seconds=3), "seconds=3"),
-    (dict(width=321), "321x240"),
+    ({"videos": 1}, "videos=1"),
+    ({"seconds": 3}, "seconds=3"),
+    ({"width": 321}, "321x240"),
 ])
 def test_bad_arguments_are_refused(tmp_path, arguments, message):
     with pytest.raises(ValueError, match=message):

@@ -59,23 +59,27 @@ def test_recipe_groups_and_schedule():
     model = build_model(cfg.model)
     groups = parameter_groups(model, cfg.train)
     names = {id(p): n for n, p in model.named_parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(names)
     for group in groups:
         group_names = [names[id(p)] for p in group["params"]]
         in_head = {n.startswith("det_head.") for n in group_names}
         assert len(in_head) == 1 and group["lr_scale"] == (8.0 if in_head.pop() else 1.0)
         if group["weight_decay"] > 0:
-            assert all(names_p.endswith(".weight") and "norm" not in names_p for names_p in group_names)
+            assert all(p.ndim > 1 and names[id(p)] != "det_head.mask_token" for p in group["params"])
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     assert {"det_head.mask_token", "norm.weight", "blocks.0.attn.q_bias", "fpn_lateral2.bias"} <= no_decay
     assert "init_proposal_boxes.weight" not in no_decay
 
 
-def test_two_workers_equal_one_worker_with_twice_the_batch(prepared, tmp_path):
+def test_two_workers_equal_one_worker_with_twice_the_batch(prepared, mini_ava, tmp_path):
     """One optimisation step on the same 4 clips: DDP over 2 workers x 2 clips == 1 worker x 4 clips."""
     folder, shards = prepared
     table = pq.read_table(shards / "train")
-    same_boxes = [i for i, boxes in enumerate(table["boxes"].to_pylist()) if len(boxes) == 2][:4]
-    assert len(same_boxes) == 4, "the mini-AVA should have keyframes with two persons"
+    # Equal person counts per clip, so the per-worker action-loss means average to the global one.
+    box_counts = [len(boxes) for boxes in table["boxes"].to_pylist()]
+    common = max(set(box_counts), key=box_counts.count)
+    same_boxes = [i for i, count in enumerate(box_counts) if count == common][:4]
+    assert len(same_boxes) == 4
     subset = tmp_path / "subset"
     (subset / "train").mkdir(parents=True)
     pq.write_table(table.take(same_boxes), subset / "train" / "part-0.parquet")
@@ -84,24 +88,30 @@ def test_two_workers_equal_one_worker_with_twice_the_batch(prepared, tmp_path):
     (subset / "manifest.json").write_text(json.dumps(manifest))
     states = {}
     for workers, batch in ((1, 4), (2, 2)):
-        cfg = tiny_config(tmp_path / f"w{workers}", folder / "unused", f"data.shards={subset}",
+        cfg = tiny_config(tmp_path / f"w{workers}", mini_ava, f"data.shards={subset}",
                           f"train.num_workers={workers}", f"train.batch_size={batch}", "data.flip_prob=0",
                           "train.warmup_epochs=0", "train.base_lr=1e-3", "tracking.enabled=false")
         result = train(cfg)
         states[workers] = load_training_checkpoint(result.checkpoint_path)["model_state"]
+    # Adam's first step is lr * g / (|g| + eps): about +-lr for every element whatever |g|, so an element
+    # whose gradient is ~eps (float noise of the all-reduce) may move differently. Everything else must match.
     initial = build_model(cfg.model).state_dict()
-    moved = 0
+    moved = mismatched = total = 0
     for key, value in states[1].items():
-        torch.testing.assert_close(states[2][key], value, rtol=1e-4, atol=1e-6, msg=key)
+        close = torch.isclose(states[2][key], value, rtol=1e-4, atol=1e-6)
+        mismatched += int((~close).sum())
+        total += value.numel()
+        assert (states[2][key] - value).abs().max() <= 2e-3, key
         moved += int(not torch.equal(value, initial[key]))
+    assert mismatched <= 1e-3 * total, f"{mismatched} of {total} parameters differ"
     assert moved > 100, "the step must change the parameters"
 
 
-def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared, tmp_path, mlflow_server):
+def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared, mini_ava, tmp_path, mlflow_server):
     """A worker dies during epoch 2 of 3: Ray replaces it, training resumes from the epoch-1 checkpoint,
     every epoch still sees each sample exactly once, and one MLflow run holds the whole history."""
     folder, shards = prepared
-    cfg = tiny_config(folder, folder / "unused", f"data.shards={shards}", f"train.storage_path={tmp_path / 'ray'}",
+    cfg = tiny_config(folder, mini_ava, f"data.shards={shards}", f"train.storage_path={tmp_path / 'ray'}",
                       "train.num_workers=2", "train.epochs=3", "train.fail_at_epoch=1", "train.max_failures=1",
                       "train.log_every=1", "eval.every_epochs=3", f"tracking.uri={mlflow_server}")
     result = train(cfg)
@@ -124,12 +134,12 @@ def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared,
     assert any(a.path.endswith("per_class_ap.csv") for a in client.list_artifacts(run.info.run_id))
 
 
-def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, tmp_path, mlflow_server):
+def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, mini_ava, tmp_path, mlflow_server):
     folder, shards = prepared
     common = [f"data.shards={shards}", f"train.storage_path={tmp_path / 'ray'}", f"tracking.uri={mlflow_server}",
               "tracking.experiment=resume_test"]
-    first = train(tiny_config(folder, folder / "unused", *common, "train.epochs=1"))
-    second = train(tiny_config(folder, folder / "unused", *common, "train.epochs=2", "train.resume=true"))
+    first = train(tiny_config(folder, mini_ava, *common, "train.epochs=1"))
+    second = train(tiny_config(folder, mini_ava, *common, "train.epochs=2", "train.resume=true"))
     assert second.run_name == first.run_name and second.mlflow_run_id == first.mlflow_run_id
     assert load_training_checkpoint(second.checkpoint_path)["epoch"] == 1
     client = MlflowClient(mlflow_server)
@@ -138,9 +148,9 @@ def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, tmp
     assert seen.joinpath("epoch_000_rank_0.txt").stat().st_mtime < seen.joinpath("epoch_001_rank_0.txt").stat().st_mtime
 
 
-def test_unreachable_tracking_server_stops_at_start(prepared, tmp_path):
+def test_unreachable_tracking_server_stops_at_start(prepared, mini_ava, tmp_path):
     folder, shards = prepared
-    cfg = tiny_config(tmp_path, folder / "unused", f"data.shards={shards}", "tracking.uri=http://127.0.0.1:9")
+    cfg = tiny_config(tmp_path, mini_ava, f"data.shards={shards}", "tracking.uri=http://127.0.0.1:9")
     with pytest.raises(RuntimeError, match="unreachable"):
         train(cfg)
     assert not (tmp_path / "ray").exists(), "nothing may start before the tracking check"

@@ -480,7 +480,7 @@ def _group_runs(keys: pa.Array, values: pa.Array) -> dict[str, list[str]]:
 
 def keyframe_frame_index(timestamp: int, fps: int = AVA_FPS, video_offset_sec: float = AVA_VIDEO_OFFSET_SEC) -> int:
     """0-based index, in the frames of the 15-minute cut, of the keyframe at AVA second ``timestamp``."""
-    return int(round((timestamp - video_offset_sec) * fps))
+    return round((timestamp - video_offset_sec) * fps)
 
 
 def _clip_offsets(num_frames: int, sample_rate: int) -> np.ndarray:

@@ -159,11 +159,7 @@ def read_shards(shards_path: str | Path, split: str):
     # Imported here so that decoding a clip (the demo, plain-pyarrow evaluation) does not pay for importing Ray.
     import ray.data
 
-    folder = split_dir(shards_path, split)
-    # One block per shard (video): Ray would otherwise pack small shards into one read task, and the
-    # decoding, training and inference stages after it could not spread over workers.
-    num_shards = len(list(folder.glob("*.parquet")))
-    return ray.data.read_parquet(str(folder), file_extensions=["parquet"], override_num_blocks=max(num_shards, 1))
+    return ray.data.read_parquet(str(split_dir(shards_path, split)), file_extensions=["parquet"])
 
 
 def iter_shard_rows(shards_path: str | Path, split: str) -> Iterator[dict[str, Any]]:

@@ -28,10 +28,15 @@ import av
 import numpy as np
 from PIL import Image
 
-from evadlab.pipelines.ava import AVA_ACTION_NAMES, EVALUATED_ACTION_IDS
+from evadlab.config import AVA_ANNOTATIONS
+from evadlab.pipelines.ava import (
+    AVA_ACTION_NAMES,
+    AVA_FPS,
+    AVA_VIDEO_OFFSET_SEC,
+    EVALUATED_ACTION_IDS,
+    keyframe_frame_index,
+)
 
-FPS = 30
-VIDEO_OFFSET_SEC = 900
 FIRST_KEYFRAME_SEC = 902
 # The last keyframe is 2 s before the end of the file, like the first is 2 s after its start.
 END_MARGIN_SEC = 2
@@ -62,7 +67,6 @@ GRAIN_SIGMA = 4.0  # fixed background texture
 NOISE_SIGMA = 2.0  # changes every frame, so that nothing in the video is perfectly still
 NOISE_BANK = 8  # noise frames cycled through, so a long video costs no more noise than a short one
 
-LABEL_MAP_NAME = "ava_action_list_v2.2_for_activitynet_2019.pbtxt"
 FRAME_LIST_HEADER = "original_vido_id video_id frame_id path labels"
 
 
@@ -84,8 +88,8 @@ class Actor:
         """x of the sprite's left edge: a walker goes back and forth along its lane at a steady speed."""
         if self.travel == 0:
             return self.lane_left
-        along = (self.phase + self.speed * frame_index / FPS) % (2 * self.travel)
-        return self.lane_left + int(round(min(along, 2 * self.travel - along)))
+        along = (self.phase + self.speed * frame_index / AVA_FPS) % (2 * self.travel)
+        return self.lane_left + round(min(along, 2 * self.travel - along))
 
     def box(self, frame_index: int, width: int, height: int) -> tuple[float, float, float, float]:
         """The figure's exact extent, normalised x1, y1, x2, y2."""
@@ -104,8 +108,8 @@ class Scene:
 
 def _fill_rectangle(canvas: np.ndarray, mask: np.ndarray, y0: float, y1: float, x0: float, x1: float,
                     colour: tuple[int, int, int]) -> None:
-    rows = slice(int(round(y0)), int(round(y1)))
-    columns = slice(int(round(x0)), int(round(x1)))
+    rows = slice(round(y0), round(y1))
+    columns = slice(round(x0), round(x1))
     canvas[rows, columns] = colour
     mask[rows, columns] = True
 
@@ -188,7 +192,7 @@ def figure_sprite(pose: int, height_unit: int, *, talks: bool, watches: bool,
 
 
 def _keyframe_seconds(seconds: int) -> range:
-    return range(FIRST_KEYFRAME_SEC, VIDEO_OFFSET_SEC + seconds - END_MARGIN_SEC + 1)
+    return range(FIRST_KEYFRAME_SEC, int(AVA_VIDEO_OFFSET_SEC) + seconds - END_MARGIN_SEC + 1)
 
 
 def _video_ids(videos: int) -> list[str]:
@@ -227,7 +231,10 @@ def _plan_actors(roles: list[tuple[int, tuple[int, ...]]], width: int, height: i
     # Walkers share all the free width as their path; without walkers it spreads at random between actors.
     free = width - sum(mask.shape[1] + 2 * margin for _, mask in sprites)
     is_walker = np.array([pose == WALK for pose, _ in roles])
-    extras = np.where(is_walker, free / max(walkers, 1), 0.0) if walkers else rng.dirichlet(np.ones(len(roles))) * free
+    if walkers:
+        extras = np.where(is_walker, free / walkers, 0.0)
+    else:
+        extras = rng.dirichlet(np.ones(len(roles))) * free
     x = 0.0
     actors: dict[int, Actor] = {}
     for position in rng.permutation(len(roles)):
@@ -241,10 +248,10 @@ def _plan_actors(roles: list[tuple[int, tuple[int, ...]]], width: int, height: i
             actions=tuple(sorted((pose, *acts))),
             sprite=sprite,
             mask=mask,
-            top=int(round(feet)) - mask.shape[0],
+            top=round(feet) - mask.shape[0],
             lane_left=int(x + margin + offset),
             travel=travel,
-            speed=float(rng.uniform(*WALK_SPEED_RANGE) * width),
+            speed=float(rng.uniform(*WALK_SPEED_RANGE) * width) if travel else 0.0,
             phase=float(rng.uniform(0, 2 * travel)) if travel else 0.0,
         )
         x += mask.shape[1] + 2 * margin + extras[position]
@@ -268,9 +275,9 @@ def _build_scene(video_id: str, roles: list[tuple[int, tuple[int, ...]]], width:
     return Scene(video_id, background, noise, _plan_actors(roles, width, height, rng))
 
 
-def render_frames(scene: Scene, seconds: int) -> Iterator[np.ndarray]:
+def _render_frames(scene: Scene, seconds: int) -> Iterator[np.ndarray]:
     """The RGB frames (H, W, 3) uint8 of a scene, 30 per second."""
-    for frame_index in range(seconds * FPS):
+    for frame_index in range(seconds * AVA_FPS):
         canvas = scene.background.copy()
         for actor in scene.actors:
             left = actor.left(frame_index)
@@ -297,23 +304,23 @@ def _write_video(scene: Scene, seconds: int, video_path: Path, frame_dir: Path |
     (``<id>_000001.jpg``, ...). Both appear under their final names only once complete."""
     video_path.parent.mkdir(parents=True, exist_ok=True)
     temporary_video = _temporary(video_path)
-    temporary_frames = _temporary(frame_dir) if frame_dir else None
-    if temporary_frames:
+    temporary_frames = _temporary(frame_dir) if frame_dir is not None else None
+    if temporary_frames is not None:
         shutil.rmtree(temporary_frames, ignore_errors=True)
         temporary_frames.mkdir(parents=True)
     height, width = scene.background.shape[:2]
     with av.open(str(temporary_video), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=FPS)
+        stream = container.add_stream("libx264", rate=AVA_FPS)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": "20", "preset": "veryfast"}
-        for frame_index, pixels in enumerate(render_frames(scene, seconds)):
+        for frame_index, pixels in enumerate(_render_frames(scene, seconds)):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-            if temporary_frames:
+            if temporary_frames is not None:
                 name = f"{scene.video_id}_{frame_index + 1:06d}.jpg"
                 Image.fromarray(pixels).save(temporary_frames / name, quality=95)
         container.mux(stream.encode())
     os.replace(temporary_video, video_path)
-    if frame_dir and temporary_frames:
+    if frame_dir is not None and temporary_frames is not None:
         shutil.rmtree(frame_dir, ignore_errors=True)
         os.replace(temporary_frames, frame_dir)
 
@@ -322,7 +329,7 @@ def _annotation_lines(scene: Scene, seconds: int, width: int, height: int) -> li
     """Official CSV rows, e.g. ``synth_000,0902,0.077,0.151,0.283,0.811,12,1``: one per person and action."""
     lines = []
     for second in _keyframe_seconds(seconds):
-        frame_index = (second - VIDEO_OFFSET_SEC) * FPS
+        frame_index = keyframe_frame_index(second)
         for actor in scene.actors:
             x1, y1, x2, y2 = actor.box(frame_index, width, height)
             for action in actor.actions:
@@ -335,7 +342,7 @@ def _frame_list_lines(video_ids: list[str], seconds: int) -> list[str]:
     lines = [FRAME_LIST_HEADER]
     for video_index, video_id in enumerate(video_ids):
         lines += [f'{video_id} {video_index} {frame} {video_id}/{video_id}_{frame + 1:06d}.jpg ""'
-                  for frame in range(seconds * FPS)]
+                  for frame in range(seconds * AVA_FPS)]
     return lines
 
 
@@ -355,8 +362,9 @@ def generate_mini_ava(out_dir: str | Path, *, videos: int = 6, seconds: int = 12
     """
     if videos < 2:
         raise ValueError(f"videos={videos}: need at least 2 (one for training, one for validation)")
-    if seconds < FIRST_KEYFRAME_SEC - VIDEO_OFFSET_SEC + END_MARGIN_SEC:
-        raise ValueError(f"seconds={seconds}: need at least 4 for one keyframe with a full clip window")
+    if not _keyframe_seconds(seconds):
+        shortest = FIRST_KEYFRAME_SEC - int(AVA_VIDEO_OFFSET_SEC) + END_MARGIN_SEC
+        raise ValueError(f"seconds={seconds}: need at least {shortest} for one keyframe with a full clip window")
     if width < 64 or height < 64 or width % 2 or height % 2:
         raise ValueError(f"frame size {width}x{height}: width and height must be even and at least 64")
     out_dir = Path(out_dir)
@@ -379,12 +387,13 @@ def generate_mini_ava(out_dir: str | Path, *, videos: int = 6, seconds: int = 12
         boxes[split] += len(scene.actors) * len(keyframes)
         actions.update(action for actor in scene.actors for action in actor.actions)
 
+    # The annotations go last, so that finding them means the videos and frames are complete.
     excluded = (splits["val"][0], keyframes[len(keyframes) // 2])
     annotations = out_dir / "annotations"
-    _write_text(annotations / "ava_train_v2.2.csv", "\n".join(rows["train"]) + "\n")
-    _write_text(annotations / "ava_val_v2.2.csv", "\n".join(rows["val"]) + "\n")
-    _write_text(annotations / "ava_val_excluded_timestamps_v2.2.csv", f"{excluded[0]},{excluded[1]:04d}\n")
-    _write_text(annotations / LABEL_MAP_NAME, label_map_text())
+    _write_text(annotations / AVA_ANNOTATIONS["train_annotations"], "\n".join(rows["train"]) + "\n")
+    _write_text(annotations / AVA_ANNOTATIONS["val_annotations"], "\n".join(rows["val"]) + "\n")
+    _write_text(annotations / AVA_ANNOTATIONS["exclusions"], f"{excluded[0]},{excluded[1]:04d}\n")
+    _write_text(annotations / AVA_ANNOTATIONS["label_map"], label_map_text())
     for split, ids in splits.items():
         _write_text(out_dir / "frame_lists" / f"{split}.csv", "\n".join(_frame_list_lines(ids, seconds)) + "\n")
 
@@ -392,7 +401,7 @@ def generate_mini_ava(out_dir: str | Path, *, videos: int = 6, seconds: int = 12
         "root": str(out_dir),
         "videos": splits,
         "seconds": seconds,
-        "fps": FPS,
+        "fps": AVA_FPS,
         "width": width,
         "height": height,
         "frames": frames,

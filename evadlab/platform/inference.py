@@ -138,7 +138,10 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
         raise FileNotFoundError(f"no prepared shards at {shards}; run 'evadlab prepare' first")
     ensure_ray()
     start = time.perf_counter()
-    detections = read_shards(shards, "val").map_batches(
+    # Blocks of one batch each: every clip is heavy, so they must spread over all actors even when the
+    # shards are small.
+    val_clips = read_shards(shards, "val").repartition(target_num_rows_per_block=cfg.eval.batch_size)
+    detections = val_clips.map_batches(
         ClipDetector,
         fn_constructor_kwargs={"experiment": cfg.model_dump(mode="json"), "checkpoint": str(Path(checkpoint).resolve())
                                if "://" not in checkpoint else checkpoint},

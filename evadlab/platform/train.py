@@ -108,8 +108,8 @@ def epoch_batches(shard, batch_size: int, device: torch.device, cfg: ExperimentC
     repeats its last batch with scale 0 so DDP's collectives stay matched, and the active workers scale their
     loss by world/active so the gradient is the mean over the samples actually present."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    batches = shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                 local_shuffle_buffer_size=4 * batch_size, drop_last=False)
+    batches = iter(shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                      local_shuffle_buffer_size=4 * batch_size, drop_last=False))
     previous = None
     while True:
         numpy_batch = next(batches, None)
@@ -168,7 +168,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
-        _maybe_inject_failure(cfg, epoch, rank, loop_config["run_path"])
         seen: list[tuple[str, int]] = []
         epoch_start, clips_done, loss_sums = time.perf_counter(), 0, {}
         for micro_step, (batch, loss_scale) in enumerate(epoch_batches(shard, cfg.train.batch_size, device, cfg)):
@@ -193,6 +192,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
+                _maybe_inject_failure(cfg, epoch, rank, loop_config["run_path"])
                 if logger and global_step % cfg.train.log_every == 0:
                     logger.log_metrics({f"train/{k}": v for k, v in losses.items()} | {"train/lr": lr}, global_step)
         if (micro_step + 1) % cfg.train.grad_accum:
@@ -256,7 +256,8 @@ def _log_best_model(logger: RunLogger, model, epoch: int, mAP: float) -> None:
 
 
 def _maybe_inject_failure(cfg: ExperimentConfig, epoch: int, rank: int, run_path: str) -> None:
-    """Test switch ``train.fail_at_epoch``: the last worker dies once, mid-run, like a lost node."""
+    """Test switch ``train.fail_at_epoch``: the last worker dies once, after an optimiser step of that epoch,
+    like a lost node."""
     if cfg.train.fail_at_epoch != epoch or rank != ray.train.get_context().get_world_size() - 1:
         return
     marker = Path(run_path) / f"failure_injected_epoch_{epoch}"
@@ -344,7 +345,8 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
 
     ensure_ray()
     train_rows = _count_rows(shards, "train")
-    train_dataset = read_shards(shards, "train").randomize_block_order().map(
+    train_dataset = read_shards(shards, "train").randomize_block_order().repartition(
+        target_num_rows_per_block=cfg.train.batch_size).map(
         decode_training_row, fn_kwargs={"flip_prob": cfg.data.flip_prob})
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
