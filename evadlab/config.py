@@ -34,7 +34,7 @@ class DataConfig(Section):
     root: str = "data/mini_ava"
     synthetic: bool = False
     synth_videos: int = Field(6, ge=2)
-    synth_seconds: int = Field(12, ge=3)
+    synth_seconds: int = Field(12, ge=4)
     synth_seed: int = 0
     source: Literal["videos", "frames"] = "videos"
     shards: str = ""

@@ -1,4 +1,3 @@
-import os
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -23,22 +22,27 @@ from evadlab.pipelines.ava import (
     read_label_map,
 )
 
-SHARED = Path(os.environ.get("EVADLAB_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-SAMPLES = SHARED / "ava_samples"
-ACTIVITYNET_PBTXT = SAMPLES / "activitynet_evaluation_ava" / "ava_action_list_v2.1_for_activitynet_2018.pbtxt.txt"
-MMACTION_LABEL_MAP = SAMPLES / "mmaction2_tools_data_ava" / "label_map.txt"
-MMACTION_FRAMES = SAMPLES / "mmaction2_tests_data_imgs"
+ACTIVITYNET_PBTXT = "activitynet_evaluation_ava/ava_action_list_v2.1_for_activitynet_2018.pbtxt.txt"
+MMACTION_LABEL_MAP = "mmaction2_tools_data_ava/label_map.txt"
+MMACTION_FRAMES = "mmaction2_tests_data_imgs"
 
 
-def test_the_released_label_maps_give_the_60_evaluated_classes(tmp_path):
+def test_the_released_label_maps_give_the_60_evaluated_classes(tmp_path, shared_dir):
+    samples = shared_dir / "ava_samples"
     label_id_form = tmp_path / "ava_action_list_v2.2_for_activitynet_2019.pbtxt"
-    label_id_form.write_text(ACTIVITYNET_PBTXT.read_text().replace("  id:", "  label_id:"))
+    label_id_form.write_text((samples / ACTIVITYNET_PBTXT).read_text().replace("  id:", "  label_id:"))
     one_line_items = tmp_path / "one_line.pbtxt"
     one_line_items.write_text("".join(
         f'item {{ name: "{AVA_ACTION_NAMES[i]}" id: {i} label_type: PERSON_MOVEMENT }}\n' for i in EVALUATED_ACTION_IDS
     ))
+    official_v22_form = tmp_path / "label_blocks.pbtxt"
+    official_v22_form.write_text("".join(
+        f'label {{\n  name: "{AVA_ACTION_NAMES[i]}"\n  label_id: {i}\n  label_type: PERSON_MOVEMENT\n}}\n'
+        for i in EVALUATED_ACTION_IDS
+    ))
     expected = {i: AVA_ACTION_NAMES[i] for i in EVALUATED_ACTION_IDS}
-    for path in (ACTIVITYNET_PBTXT, MMACTION_LABEL_MAP, label_id_form, one_line_items):
+    for path in (samples / ACTIVITYNET_PBTXT, samples / MMACTION_LABEL_MAP, label_id_form, one_line_items,
+                 official_v22_form):
         assert read_label_map(path) == expected, path
     assert len(AVA_ACTION_NAMES) == 80 and len(EVALUATED_ACTION_IDS) == 60
 
@@ -178,8 +182,8 @@ def test_keyframe_and_clip_frame_indices():
     np.testing.assert_allclose(times, np.array(clip) / 30)
 
 
-def test_frame_list_round_trip_with_real_jpegs(tmp_path):
-    images = sorted(MMACTION_FRAMES.glob("img_*.jpg"))
+def test_frame_list_round_trip_with_real_jpegs(tmp_path, shared_dir):
+    images = sorted((shared_dir / "ava_samples" / MMACTION_FRAMES).glob("img_*.jpg"))
     assert len(images) == 10
     video_id = "-mmaction2xx"
     (tmp_path / "frames" / video_id).mkdir(parents=True)

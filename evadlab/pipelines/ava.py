@@ -326,7 +326,7 @@ def group_keyframes(table: pa.Table) -> list[Keyframe]:
 _PBTXT_TOKEN = re.compile(
     r"""(?P<space>\s+)
       | (?P<comment>\#[^\n]*)
-      | (?P<open>item\s*\{)
+      | (?P<open>(?:item|label)\s*\{)
       | (?P<close>\})
       | (?P<key>\w+)\s*:\s*(?P<value>"(?:[^"\\\n]|\\.)*"|[^\s{}"\#]+)""",
     re.VERBOSE,
@@ -335,7 +335,8 @@ _TEXT_LABEL = re.compile(r"^\s*(\d+)\s*:\s*(\S.*?)\s*$")
 
 
 def read_label_map(path: str | Path) -> dict[int, str]:
-    """Action id -> name from a label map: the pbtxt (``name:`` with ``id:`` or ``label_id:``, one
+    """Action id -> name from a label map: the pbtxt (``item {`` or, as the official v2.2 file,
+    ``label {`` blocks; ``name:`` with ``id:`` or ``label_id:``, one
     field per line or several items on one line) or mmaction2's ``id: name`` text file."""
     path = _require_file(path, "label map")
     text = path.read_text()
@@ -371,7 +372,7 @@ def _parse_pbtxt_label_map(path: Path, text: str) -> dict[int, str]:
         position = match.end()
         if match["open"]:
             if item is not None:
-                raise ValueError(f"{path}:{line}: 'item {{' inside the item opened on line {item_line}")
+                raise ValueError(f"{path}:{line}: an item opens inside the item opened on line {item_line}")
             item, item_line = {}, line
         elif match["close"]:
             if item is None:

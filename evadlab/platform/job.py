@@ -26,15 +26,16 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
     from evadlab.platform.train import train
 
     start = time.perf_counter()
-    if not cfg.data.root_path.exists():
+    # The generator writes the annotations last, so their presence means a complete dataset.
+    if not (cfg.data.annotation_dir / cfg.data.train_annotations).exists():
         if not cfg.data.synthetic:
-            raise FileNotFoundError(f"data.root {cfg.data.root} does not exist (set data.synthetic=true for the "
-                                    f"embedded mini-AVA)")
+            raise FileNotFoundError(f"no AVA annotations under data.root {cfg.data.root} (set data.synthetic=true "
+                                    f"for the embedded mini-AVA)")
         print(f"[1/4] synth: writing the synthetic mini-AVA to {cfg.data.root}")
         generate_mini_ava(cfg.data.root_path, videos=cfg.data.synth_videos, seconds=cfg.data.synth_seconds,
                           seed=cfg.data.synth_seed, frames=cfg.data.source == "frames")
     else:
-        print(f"[1/4] synth: {cfg.data.root} exists, nothing to generate")
+        print(f"[1/4] synth: AVA annotations found under {cfg.data.root}, nothing to generate")
     if _shards_ready(cfg):
         print(f"[2/4] prepare: shards with this clip spec exist at {cfg.data.shards_path}, skipped")
     else:
