@@ -118,7 +118,7 @@ def main() -> None:
                 row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del model
+
 
     print(f"\n| setting | batch | GFLOPs | latency (s) | clips/s | ratio to keep 1.0 |{' MFU |' if device.type == 'cuda' else ''}")
     print(f"|---|---|---|---|---|---|{'---|' if device.type == 'cuda' else ''}")

@@ -258,6 +258,10 @@ class TrackingConfig(Section):
         return self.uri or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+_LOCAL_PATHS = (("data", "root"), ("data", "shards"), ("model", "pretrained"), ("model", "checkpoint"),
+                ("train", "storage_path"), ("", "output_dir"))
+
+
 class ExperimentConfig(Section):
     name: str = "experiment"
     output_dir: str = "runs"
@@ -267,6 +271,17 @@ class ExperimentConfig(Section):
     eval: EvalConfig = EvalConfig()
     tune: TuneConfig = TuneConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> ExperimentConfig:
+        """Relative paths mean the directory the command runs in; Ray workers run elsewhere, so they get
+        absolute ones. URIs (s3://, gs://, ...) are left as they are."""
+        for section, key in _LOCAL_PATHS:
+            owner = getattr(self, section) if section else self
+            value = getattr(owner, key)
+            if value and "://" not in value and not Path(value).is_absolute():
+                object.__setattr__(owner, key, str(Path(value).resolve()))
+        return self
 
     @property
     def run_dir(self) -> Path:

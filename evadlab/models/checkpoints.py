@@ -68,7 +68,7 @@ class LoadReport:
 
 def load_evad_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
     """Load a complete EVAD checkpoint; any missing, unexpected or wrong-shape key raises :class:`CheckpointError`."""
-    state = _strip_ddp_prefix(_weights_of(_read(path), path))
+    state = _strip_ddp_prefix(_weights_of(read_checkpoint(path), path))
     expected = model.state_dict()
     problems = _problem_lines(
         missing=[key for key in expected if key not in state],
@@ -93,7 +93,7 @@ def load_pretrained_backbone(model: nn.Module, path: str | Path) -> LoadReport:
     extra block or a wrong shape (say ViT-L weights for a ViT-B model) raises :class:`CheckpointError`, because a
     backbone left partly at random initialisation would only show up weeks later as a poor mAP.
     """
-    source = _weights_of(_read(path), path)
+    source = _weights_of(read_checkpoint(path), path)
     expected = model.state_dict()
     report = LoadReport(path=str(path))
     loadable: dict[str, torch.Tensor] = {}
@@ -185,14 +185,14 @@ def save_training_checkpoint(
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_training_checkpoint` (tensors on the CPU)."""
-    payload = _read(path)
+    payload = read_checkpoint(path)
     absent = [name for name in _TRAINING_FIELDS if name not in payload]
     if absent:
         raise CheckpointError(f"{path} is not a training checkpoint: it lacks {', '.join(absent)}")
     return payload
 
 
-def _read(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

@@ -348,6 +348,8 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
     train_dataset = read_shards(shards, "train").randomize_block_order().repartition(
         target_num_rows_per_block=cfg.train.batch_size).map(
         decode_training_row, fn_kwargs={"flip_prob": cfg.data.flip_prob})
+    # The ingest re-runs every epoch in every worker; its progress bars would drown the training log.
+    train_dataset.context.enable_progress_bars = False
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -14,9 +14,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from evadlab.config import ConfigError, ExperimentConfig, VALID_KEYS, apply_overrides, build_config, read_yaml
+from evadlab.config import VALID_KEYS, ConfigError, ExperimentConfig, apply_overrides, build_config, read_yaml
 from evadlab.platform.tracking import (
-    RunLogger, format_table, plot_map_vs_gflops, start_run, trade_off_table,
+    RunLogger,
+    format_table,
+    plot_map_vs_gflops,
+    start_run,
+    trade_off_table,
 )
 
 
