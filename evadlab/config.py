@@ -326,9 +326,13 @@ def _describe(error: ValidationError) -> str:
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            lines.append(f"unknown key '{key}'{hint}")
+            # A misspelt section holds whole keys; name those, as the user wrote them.
+            value = item.get("input")
+            typed = list(flatten(value, f"{key}.")) if isinstance(value, dict) and value else [key]
+            for unknown in typed:
+                close = difflib.get_close_matches(unknown, VALID_KEYS, n=1, cutoff=0.5)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                lines.append(f"unknown key '{unknown}'{hint}")
         else:
             shown = f"'{key}'" if key else "config"
             lines.append(f"{shown}: {item['msg']} (got {item.get('input')!r})")

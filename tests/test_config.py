@@ -22,7 +22,7 @@ def test_overrides_are_yaml_scalars_and_reach_nested_keys():
     ("override", "message"),
     [
         ("model.keep_rat=0.5", "unknown key 'model.keep_rat' (did you mean 'model.keep_rate'?)"),
-        ("modle.depth=2", "did you mean 'model'"),
+        ("modle.depth=2", "unknown key 'modle.depth' (did you mean 'model.depth'?)"),
         ("model.keep_rate=1.5", "'model.keep_rate'"),
         ("model.keep_rate=0", "'model.keep_rate'"),
         ("train.batch_size=-2", "'train.batch_size'"),

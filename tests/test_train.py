@@ -101,7 +101,8 @@ def test_two_workers_equal_one_worker_with_twice_the_batch(prepared, mini_ava, t
         close = torch.isclose(states[2][key], value, rtol=1e-4, atol=1e-6)
         mismatched += int((~close).sum())
         total += value.numel()
-        assert (states[2][key] - value).abs().max() <= 2e-3, key
+        largest_step = 1e-3 * cfg.train.head_lr_scale
+        assert (states[2][key] - value).abs().max() <= 2 * largest_step, key
         moved += int(not torch.equal(value, initial[key]))
     assert mismatched <= 1e-3 * total, f"{mismatched} of {total} parameters differ"
     assert moved > 100, "the step must change the parameters"

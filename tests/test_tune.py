@@ -76,20 +76,28 @@ def test_three_trial_sweep_logs_parent_and_children_and_resumes(tmp_path, mini_a
     assert {r["run_id"] for r in table} == {r.info.run_id for r in children}
     assert (tmp_path / "compare" / "map_vs_gflops.png").stat().st_size > 0
 
-    # Resume: forget one trial's result as if the sweep had been interrupted during it; the two finished
-    # trials are kept, only the unfinished one runs again.
+    # Resume: make one trial look interrupted before its training started (status RUNNING, no Ray Train run,
+    # no MLflow run). The resumed sweep must run that trial again and leave the two finished ones untouched.
     sweep_dir = tmp_path / "ray" / "tiny_sweep"
-    state_files = sorted(sweep_dir.glob("experiment_state-*.json"))
-    assert state_files
-    state = json.loads(state_files[-1].read_text())
-    trial_states = state["trial_data"]
-    trial = json.loads(trial_states[0][0])
+    state_file = sorted(sweep_dir.glob("experiment_state-*.json"))[-1]
+    state = json.loads(state_file.read_text())
+    trial = json.loads(state["trial_data"][0][0])
     trial["status"] = "RUNNING"
-    trial_states[0][0] = json.dumps(trial)
-    state_files[-1].write_text(json.dumps(state))
+    state["trial_data"][0][0] = json.dumps(trial)
+    state_file.write_text(json.dumps(state))
+    interrupted = trial["trial_id"]
+    trial_ids = [json.loads(t[0])["trial_id"] for t in state["trial_data"]]
+    runs_by_trial = {trial_id: path for trial_id in trial_ids
+                     for path in (tmp_path / "ray").glob(f"quickstart_{trial_id}_*")}
+    assert len(runs_by_trial) == 3
+    shutil.rmtree(runs_by_trial.pop(interrupted))
+    client.delete_run([c for c in children if c.data.tags["mlflow.runName"].startswith(f"quickstart_{interrupted}_")]
+                      [0].info.run_id)
+    untouched = {trial_id: path.stat().st_mtime_ns for trial_id, path in runs_by_trial.items()}
+
     resumed_rows = run_sweep(path, [f"tracking.uri={mlflow_server}", "tune.resume=true"])
-    runs_after = client.search_runs([experiment.experiment_id])
-    children_after = [r for r in runs_after if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(children_after) == 3, "finished trials must not run again (a rerun would make a new child run)"
-    assert len(resumed_rows) == 3
-    shutil.rmtree(sweep_dir, ignore_errors=True)
+    assert {trial_id: runs_by_trial[trial_id].stat().st_mtime_ns for trial_id in untouched} == untouched
+    assert len(list((tmp_path / "ray").glob(f"quickstart_{interrupted}_*"))) == 1, "the interrupted trial ran again"
+    children_after = [r for r in client.search_runs([experiment.experiment_id])
+                      if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children_after) == 3 and len(resumed_rows) == 3

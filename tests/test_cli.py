@@ -1,0 +1,38 @@
+"""The ``evadlab`` command line as a user calls it: one JSON object where promised, errors that name keys."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evadlab.cli import main
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def evadlab(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "evadlab.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_flops_json_is_one_object_with_the_promised_fields():
+    done = evadlab("flops", str(EXPERIMENTS / "evad_vit_b_16x4_ktp.yaml"), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert set(report) == {"gflops", "gflops_16x288x288", "params"}
+    assert report["gflops_16x288x288"] == pytest.approx(242.8, rel=0.01)
+    assert report["gflops"] == report["gflops_16x288x288"] and report["params"] == 185_359_636
+
+
+def test_config_errors_exit_2_and_name_the_key(capsys):
+    assert main(["flops", str(EXPERIMENTS / "quickstart.yaml"), "model.keep_rate=1.5"]) == 2
+    assert "'model.keep_rate'" in capsys.readouterr().err
+    assert main(["train", str(EXPERIMENTS / "quickstart.yaml"), "trian.epochs=2"]) == 2
+    assert "did you mean 'train.epochs'" in capsys.readouterr().err
+
+
+def test_synth_writes_the_official_layout(tmp_path):
+    assert main(["synth", "--out", str(tmp_path / "ava"), "--videos", "2", "--seconds", "4"]) == 0
+    assert (tmp_path / "ava" / "annotations" / "ava_train_v2.2.csv").stat().st_size > 0
+    assert len(list((tmp_path / "ava" / "videos").glob("*.mp4"))) == 2
