@@ -78,3 +78,4 @@ def test_evaluate_names_a_missing_checkpoint(evaluation_setup):
     _, cfg, _ = evaluation_setup
     with pytest.raises(FileNotFoundError, match="does_not_exist.pt"):
         evaluate(cfg, "does_not_exist.pt")
+
