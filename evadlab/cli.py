@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from evadlab.config import ConfigError, load_config
+from evadlab.config import ConfigError, TrackingError, load_config
 
 
 def _config_command(parser: argparse.ArgumentParser, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, TrackingError) as exc:
         print(f"evadlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -26,6 +26,10 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
 
+class TrackingError(RuntimeError):
+    """The MLflow tracking server cannot be used; raised before any work starts."""
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -275,12 +279,13 @@ class ExperimentConfig(Section):
     @model_validator(mode="after")
     def _absolute_paths(self) -> ExperimentConfig:
         """Relative paths mean the directory the command runs in; Ray workers run elsewhere, so they get
-        absolute ones. URIs (s3://, gs://, ...) are left as they are."""
+        absolute ones (the default SQLite tracking file too). URIs (s3://, gs://, ...) are left as they are."""
         for section, key in _LOCAL_PATHS:
             owner = getattr(self, section) if section else self
             value = getattr(owner, key)
             if value and "://" not in value and not Path(value).is_absolute():
                 object.__setattr__(owner, key, str(Path(value).resolve()))
+        object.__setattr__(self.tracking, "uri", self.tracking.resolved_uri())
         return self
 
     @property

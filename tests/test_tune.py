@@ -24,7 +24,7 @@ def write_sweep(folder: Path, data_root: Path, **extra) -> Path:
         "overrides": {"data.root": str(data_root), "data.shards": str(folder / "shards"),
                       "train.storage_path": str(folder / "ray"), "output_dir": str(folder / "runs"),
                       "train.epochs": 1, "train.cpus_per_worker": 0.5, "model.act_fc_dim": 64,
-                      "tracking.experiment": "sweep_test"},
+                      "name": "sweep_test"},
         **extra,
     }
     path = folder / "sweep.yaml"
@@ -88,16 +88,16 @@ def test_three_trial_sweep_logs_parent_and_children_and_resumes(tmp_path, mini_a
     interrupted = trial["trial_id"]
     trial_ids = [json.loads(t[0])["trial_id"] for t in state["trial_data"]]
     runs_by_trial = {trial_id: path for trial_id in trial_ids
-                     for path in (tmp_path / "ray").glob(f"quickstart_{trial_id}_*")}
+                     for path in (tmp_path / "ray").glob(f"sweep_test_{trial_id}_*")}
     assert len(runs_by_trial) == 3
     shutil.rmtree(runs_by_trial.pop(interrupted))
-    client.delete_run([c for c in children if c.data.tags["mlflow.runName"].startswith(f"quickstart_{interrupted}_")]
+    client.delete_run([c for c in children if c.data.tags["mlflow.runName"].startswith(f"sweep_test_{interrupted}_")]
                       [0].info.run_id)
     untouched = {trial_id: path.stat().st_mtime_ns for trial_id, path in runs_by_trial.items()}
 
     resumed_rows = run_sweep(path, [f"tracking.uri={mlflow_server}", "tune.resume=true"])
     assert {trial_id: runs_by_trial[trial_id].stat().st_mtime_ns for trial_id in untouched} == untouched
-    assert len(list((tmp_path / "ray").glob(f"quickstart_{interrupted}_*"))) == 1, "the interrupted trial ran again"
+    assert len(list((tmp_path / "ray").glob(f"sweep_test_{interrupted}_*"))) == 1, "the interrupted trial ran again"
     children_after = [r for r in client.search_runs([experiment.experiment_id])
                       if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children_after) == 3 and len(resumed_rows) == 3

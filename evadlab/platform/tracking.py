@@ -19,15 +19,11 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from evadlab.config import ExperimentConfig
+from evadlab.config import ExperimentConfig, TrackingError
 
 # Tags that make the MLflow compare view show the EVAD trade-off without any configuration.
 TRADE_OFF_TAGS = ("evadlab.keep_rate", "evadlab.enhanced_weight", "evadlab.gflops")
 MAX_PARAM_LENGTH = 6000
-
-
-class TrackingError(RuntimeError):
-    """The tracking server cannot be used; raised before any training starts."""
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -220,7 +221,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             epoch_metrics["val/mAP"] = last_map
         if logger:
             logger.log_metrics(epoch_metrics, global_step)
-        _report(epoch_metrics, core_model, optimizer, epoch, cfg, rank,
+        # Tune (and its schedulers) need the metric in every report: 0 until the first evaluation.
+        _report({"val/mAP": 0.0, **epoch_metrics}, core_model, optimizer, epoch, cfg, rank,
                 extra={"best_map": best_map, "last_map": last_map, "step": global_step})
 
 
@@ -344,6 +346,7 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
           f"{report['params'] / 1e6:.2f} M parameters), MLflow run {mlflow_run_id or 'disabled'}")
 
     ensure_ray()
+    _check_cpus_left_for_data(cfg)
     train_rows = _count_rows(shards, "train")
     train_dataset = read_shards(shards, "train").randomize_block_order().repartition(
         target_num_rows_per_block=cfg.train.batch_size).map(
@@ -382,6 +385,17 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
         logger.end()
     return TrainResult(run_name=run_name, run_path=run_path, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri,
                        metrics=metrics, checkpoint_path=checkpoint_path, gflops=report["gflops_16x288x288"])
+
+
+def _check_cpus_left_for_data(cfg: ExperimentConfig) -> None:
+    """Ray Data's decode tasks each need a whole CPU next to the workers; without one the run waits forever.
+    A warning, not an error: CPUs held by a job that is just ending come back a moment later."""
+    free = ray.available_resources().get("CPU", 0.0)
+    left = free - cfg.train.num_workers * cfg.train.cpus_per_worker
+    if left < 1:
+        print(f"evadlab train: warning: {cfg.train.num_workers} worker(s) x train.cpus_per_worker="
+              f"{cfg.train.cpus_per_worker} leave {left:.2f} of {free:.2f} free CPUs for Ray Data's decoding, which "
+              f"needs at least 1; if training does not start, lower train.cpus_per_worker", file=sys.stderr)
 
 
 def _count_rows(shards: Path, split: str) -> int:

@@ -82,6 +82,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 def _trial_config(base: dict[str, Any], sampled: dict[str, Any], trial_id: str) -> ExperimentConfig:
     tree = apply_overrides(json.loads(json.dumps(base)), [f"{k}={json.dumps(v)}" for k, v in sampled.items()])
+    # Trials log as children of the sweep's run, in the sweep's MLflow experiment.
+    tree.setdefault("tracking", {})["experiment"] = tree["tracking"].get("experiment") or tree["name"]
     tree["name"] = f"{tree['name']}_{trial_id}"
     tree.setdefault("train", {})["resume"] = True
     return build_config(tree, f"trial {trial_id}")
