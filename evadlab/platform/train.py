@@ -209,7 +209,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                          out_dir=Path(loop_config["run_path"]) / f"eval_epoch_{epoch}" if rank == 0 else None)
             if result is not None:
                 last_map = result.mAP
-                epoch_metrics["val/mAP"] = result.mAP
                 if logger:
                     log_per_class_ap(logger, result.per_class_named, prefix=f"epoch_{epoch:03d}_")
                 if result.mAP > best_map:

@@ -14,7 +14,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from evadlab.config import VALID_KEYS, ConfigError, ExperimentConfig, apply_overrides, build_config, read_yaml
+from evadlab.config import (
+    VALID_KEYS,
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    build_config,
+    describe_validation_error,
+    read_yaml,
+)
 from evadlab.platform.tracking import (
     RunLogger,
     format_table,
@@ -69,8 +77,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     try:
         spec = SweepSpec.model_validate(read_yaml(path))
     except ValidationError as exc:
-        details = "; ".join(f"'{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: {details}") from None
+        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
     unknown = [key for key in [*spec.search_space, *spec.overrides] if key not in VALID_KEYS]
     if unknown:
         raise ConfigError(f"{path}: unknown config keys in the sweep: {unknown}")
