@@ -155,7 +155,7 @@ class DecoderBlock(nn.Module):
         return maybe_checkpoint(self.grad_checkpointing, self._refine_and_classify, x, num_actors)
 
     def _refine_and_classify(self, x: Tensor, num_actors: int) -> tuple[Tensor, Tensor]:
-        x = x + self.drop_path(self.attn(self.norm1(x))[0])
+        x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, self.action_logits(self.act_module(x[:, -num_actors:]))
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .evad import EVAD
 
@@ -45,9 +45,15 @@ def _nearest_upsample_flops(*args, out_shape=None, **kwargs) -> int:
     return _COUNTER_FLOPS_PER_MULTIPLY_ADD * math.prod(out_shape)
 
 
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 _FVCORE_EXTRA_FORMULAS = {
     _aten.native_layer_norm: _layer_norm_flops,
     _aten.upsample_nearest2d: _nearest_upsample_flops,
+    # Real CPU tensors dispatch fused attention to this kernel, which some torch releases leave uncounted.
+    _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
 }
 
 

@@ -25,6 +25,8 @@ PATCH_SIZE = 16
 # VideoMAE's fixed position table covers 16 frames / tubelet 2 = 8 slices of a 224/16 = 14x14 grid.
 POSITION_TABLE_GRID = (8, 14, 14)
 VIT_LAYERNORM_EPS = 1e-6
+# Queries per chunk of a pruning block's explicit attention: small enough for the chunk's probabilities to stay in cache.
+QUERY_CHUNK = 128
 
 
 def sinusoid_position_table(num_positions: int, dim: int) -> Tensor:
@@ -65,18 +67,29 @@ def move_keyframe_slice_first(tokens: Tensor, num_slices: int) -> Tensor:
     return tokens.unflatten(1, (num_slices, -1))[:, order].flatten(1, 2)
 
 
-def keyframe_centric_scores(attn_probs: Tensor, num_key_tokens: int, enhanced_weight: float) -> Tensor:
-    """(B, N - Ns) attention each non-key token receives: mean over all N queries, then over heads (spec §2.1).
+def attend_and_score(
+    q: Tensor, k: Tensor, v: Tensor, num_key_tokens: int, enhanced_weight: float, query_chunk: int = QUERY_CHUNK
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention (B, heads, N, head_dim) and the (B, N - Ns) keyframe-centric score of each non-key token.
 
-    Keyframe-query rows are scaled by the enhanced weight first, while the divisor stays N. Works on a
-    detached copy: the probabilities are still needed unchanged for the backward pass of attn @ v.
+    The score is the attention a token receives, averaged over all N queries and then over heads, after the
+    keyframe-query rows are scaled by the enhanced weight (the divisor stays N, spec §2.1). Queries are processed
+    in chunks so the (B, heads, N, N) probabilities never exist whole: on a CPU the whole matrix does not fit in
+    cache, and writing and re-reading it cost more than the two matrix products. Scores come from a detached
+    copy of the probabilities, which the backward pass of probs @ v still needs unchanged.
     """
-    received = attn_probs.detach()[..., num_key_tokens:]
-    received = received.to(torch.promote_types(received.dtype, torch.float32))
-    if enhanced_weight != 1.0:
-        received = received.clone()
-        received[:, :, :num_key_tokens] *= enhanced_weight
-    return received.mean(dim=2).mean(dim=1)
+    num_heads, num_tokens = q.shape[1], q.shape[2]
+    key_chunks = range(0, num_key_tokens, query_chunk)
+    nonkey_chunks = range(num_key_tokens, num_tokens, query_chunk)
+    received = q.new_zeros(q.shape[0], num_tokens - num_key_tokens, dtype=torch.float32)
+    attended = []
+    for start in [*key_chunks, *nonkey_chunks]:
+        stop = min(start + query_chunk, num_key_tokens if start < num_key_tokens else num_tokens)
+        probs = (q[:, :, start:stop] @ k.transpose(-2, -1)).softmax(dim=-1)
+        attended.append(probs @ v)
+        query_weight = enhanced_weight if start < num_key_tokens else 1.0
+        received += probs.detach()[..., num_key_tokens:].sum(dim=(1, 2), dtype=torch.float32) * query_weight
+    return torch.cat(attended, dim=2), received / (num_heads * num_tokens)
 
 
 def keep_top_scored_tokens(
@@ -129,27 +142,34 @@ class Attention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, return_probs: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Attend over all tokens. With `return_probs` the softmax is explicit so its (B, heads, N, N)
-        probabilities can be returned; otherwise the fused scaled_dot_product_attention kernel runs."""
-        batch, num_tokens, dim = x.shape
+    def forward(self, x: Tensor) -> Tensor:
+        """Attend over all tokens with the fused scaled_dot_product_attention kernel."""
+        q, k, v = self._heads(x)
+        return self._merge_heads(F.scaled_dot_product_attention(q, k, v))
+
+    def forward_with_scores(self, x: Tensor, num_key_tokens: int, enhanced_weight: float) -> tuple[Tensor, Tensor]:
+        """Attend over all tokens with an explicit softmax, also returning the keyframe-centric token scores."""
+        q, k, v = self._heads(x)
+        attended, scores = attend_and_score(q * self.scale, k, v, num_key_tokens, enhanced_weight)
+        return self._merge_heads(attended), scores
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of shape (B, heads, N, head_dim)."""
+        batch, num_tokens, _ = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias).reshape(batch, num_tokens, 3, self.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if return_probs:
-            probs = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            attended = probs @ v
-        else:
-            probs = None
-            attended = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(attended.transpose(1, 2).reshape(batch, num_tokens, dim)), probs
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _merge_heads(self, attended: Tensor) -> Tensor:
+        batch, _, num_tokens, _ = attended.shape
+        return self.proj(attended.transpose(1, 2).reshape(batch, num_tokens, -1))
 
 
 class KTPBlock(nn.Module):
     """Pre-norm transformer block that can drop non-key tokens between attention and MLP (spec §2.1).
 
     With keep_rate < 1 it keeps ceil(keep_rate * N) of the N current tokens, keyframe tokens included
-    (they are always kept), ranked by `keyframe_centric_scores`. Dropped tokens never come back.
+    (they are always kept), ranked by `attend_and_score`. Dropped tokens never come back.
     """
 
     def __init__(
@@ -198,10 +218,10 @@ class KTPBlock(nn.Module):
 
     def _attention_residual(self, x: Tensor, score_key_tokens: int | None) -> tuple[Tensor, Tensor | None]:
         """x + DropPath(Attn(LN(x))), plus token scores when `score_key_tokens` (= Ns) is given."""
-        attended, probs = self.attn(self.norm1(x), return_probs=score_key_tokens is not None)
-        scores = None
-        if score_key_tokens is not None:
-            scores = keyframe_centric_scores(probs, score_key_tokens, self.enhanced_weight)
+        if score_key_tokens is None:
+            attended, scores = self.attn(self.norm1(x)), None
+        else:
+            attended, scores = self.attn.forward_with_scores(self.norm1(x), score_key_tokens, self.enhanced_weight)
         return x + self.drop_path(attended), scores
 
     def _mlp_residual(self, x: Tensor) -> Tensor:
