@@ -11,16 +11,25 @@ Training input (model-ready clips per second, one process):
 Run: ``python benchmarks/pipeline_speed.py [--videos 4 --seconds 20 --width 640 --height 360 --short-side 288]``.
 Ray workers import torch and decord once (seconds each); a warm-up in the same Ray session keeps that out of the
 timing.
+
+"N CPUs" means N cores: each measurement runs with this process (and the Ray processes it starts, which inherit
+it) pinned to N cores. Ray's CPU count alone does not confine a task to one core: a decord reader decodes in a
+thread of its own beside the caller's, so one "1-CPU" task keeps about 1.8 cores busy and, on a 2-core machine,
+a 1-CPU run would already use both.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
+import torch
 
 from evadlab.config import DataConfig, ExperimentConfig
 from evadlab.pipelines.ava import clip_frame_indices, keyframe_frame_index, read_frame_list
@@ -36,17 +45,34 @@ from evadlab.pipelines.preprocess import VideoFileFrames, plan_tasks, prepare, s
 from evadlab.pipelines.synthetic import generate_mini_ava
 
 
+@contextlib.contextmanager
+def pinned_to_cores(count: int) -> Iterator[None]:
+    """This process, the processes it starts and torch's thread pool confined to ``count`` cores."""
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    if count > len(cores):
+        raise SystemExit(f"{count} cores asked for, {len(cores)} available")
+    os.sched_setaffinity(0, sorted(cores)[:count])
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
+
+
 def timed_prepare(cfg: ExperimentConfig, cpus: int, warm_up: ExperimentConfig) -> tuple[int, float]:
     """Clips written and seconds of one prepare on a fresh local Ray with ``cpus`` CPUs, after a warm-up run
-    of one video per worker (so that every worker has imported torch and decord)."""
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
-    try:
-        prepare(warm_up, stop_after_videos=cpus)
-        start = time.perf_counter()
-        summary = prepare(cfg)
-        return summary.written, time.perf_counter() - start
-    finally:
-        ray.shutdown()
+    of one video per worker (so that every worker has imported torch and decord). Ray, its workers and this
+    driver all run on ``cpus`` cores."""
+    with pinned_to_cores(cpus):
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+        try:
+            prepare(warm_up, stop_after_videos=cpus)
+            start = time.perf_counter()
+            summary = prepare(cfg)
+            return summary.written, time.perf_counter() - start
+        finally:
+            ray.shutdown()
 
 
 def seek_per_keyframe(data: DataConfig, out: Path) -> tuple[int, float]:
@@ -120,12 +146,13 @@ def main() -> None:
         for cpus in (1, 2):
             clips, seconds = timed_prepare(config(f"ray_{cpus}"), cpus, config(f"warm_up_{cpus}"))
             results.append(("prepare", f"Ray Data, one decode pass per video, {cpus} CPU", clips, seconds))
-        clips, seconds = seek_per_keyframe(config("baseline").data, work / "baseline")
-        results.append(("prepare", "sequential, one decord seek per keyframe clip, 1 CPU", clips, seconds))
-        clips, seconds = shard_input(work / "ray_2")
-        results.append(("training input", "Parquet shard rows (16 stored JPEGs), 1 process", clips, seconds))
-        clips, seconds = frame_folder_input(config("unused", source="frames").data)
-        results.append(("training input", "frame folders (16 JPEG files, resize), 1 process", clips, seconds))
+        with pinned_to_cores(1):
+            clips, seconds = seek_per_keyframe(config("baseline").data, work / "baseline")
+            results.append(("prepare", "sequential, one decord seek per keyframe clip, 1 CPU", clips, seconds))
+            clips, seconds = shard_input(work / "ray_2")
+            results.append(("training input", "Parquet shard rows (16 stored JPEGs), 1 CPU", clips, seconds))
+            clips, seconds = frame_folder_input(config("unused", source="frames").data)
+            results.append(("training input", "frame folders (16 JPEG files, resize), 1 CPU", clips, seconds))
 
     print(f"\n{args.videos} videos x {args.seconds} s at {args.width}x{args.height}, clips of 16x4 at short side "
           f"{args.short_side}\n")
