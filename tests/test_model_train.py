@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from evadlab.models import EVAD, SetCriterion
+from evadlab.models.vit import attend_and_score
 
 SHARED_DIR = Path(os.environ.get("EVADLAB_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 SPEC_DIR = SHARED_DIR / "spec"
@@ -85,6 +86,21 @@ def assert_all_finite(grads: dict[str, torch.Tensor]) -> None:
     assert not missing, f"no gradient for {missing}"
     bad = [name for name, grad in grads.items() if not torch.isfinite(grad).all()]
     assert not bad, f"non-finite gradient for {bad}"
+
+
+@pytest.mark.parametrize("query_chunk", [1, 5, 12, 1000])
+def test_chunked_attention_equals_the_full_softmax(query_chunk):
+    """Attention and token scores computed over query chunks equal the spec's full-matrix formula (§2.1):
+    keyframe-query rows scaled by the enhanced weight, then the mean over all queries and heads."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    num_key_tokens, enhanced_weight = 12, 4.0
+    probs = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+    received = probs[..., num_key_tokens:].clone()
+    received[:, :, :num_key_tokens] *= enhanced_weight
+    attended, scores = attend_and_score(q, k, v, num_key_tokens, enhanced_weight, query_chunk)
+    torch.testing.assert_close(attended, probs @ v)
+    torch.testing.assert_close(scores, received.mean(dim=2).mean(dim=1).float())
 
 
 def test_backward_reaches_every_parameter():
