@@ -41,7 +41,7 @@ from evadlab.pipelines.clips import (
     resize_short_side,
     to_model_input,
 )
-from evadlab.pipelines.preprocess import VideoFileFrames, plan_tasks, prepare, shard_path, task_item, write_shard
+from evadlab.pipelines.prepare import VideoFileFrames, plan_tasks, prepare, shard_path, task_item, write_shard
 from evadlab.pipelines.synthetic import generate_mini_ava
 
 

@@ -68,7 +68,7 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from evadlab.pipelines.preprocess import prepare
+    from evadlab.pipelines.prepare import prepare
 
     prepare(_load(args))
 
@@ -80,7 +80,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from evadlab.platform.inference import evaluate
+    from evadlab.platform.evaluate import evaluate
 
     result = evaluate(_load(args), checkpoint=args.checkpoint)
     print(f"frame-mAP@0.5 = {result.mAP:.4f}")
@@ -93,7 +93,7 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from evadlab.platform.job import run_main_job
+    from evadlab.platform.run import run_main_job
 
     run_main_job(_load(args))
 
@@ -114,7 +114,7 @@ def _flops(args: argparse.Namespace) -> None:
 
 
 def _ava_map(args: argparse.Namespace) -> None:
-    from evadlab.pipelines.evaluation import ava_map_command
+    from evadlab.pipelines.ava_map import ava_map_command
 
     ava_map_command(args.labelmap, args.groundtruth, args.detections, args.exclusions, args.json, args.iou)
 
@@ -126,7 +126,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from evadlab.platform.tracking import compare_runs
+    from evadlab.platform.compare import compare_runs
 
     compare_runs(experiment=args.experiment, tracking_uri=args.tracking_uri, out_dir=args.out)
 

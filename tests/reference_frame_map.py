@@ -2,7 +2,7 @@
 
 It follows the structure of the official evaluator (SlowFast's ``ava_eval_helper`` + the TF Object Detection API
 ``PascalDetectionEvaluator``) step by step, in plain Python and small numpy arrays, and shares no code with
-``evadlab.pipelines.evaluation``: rows are read with the ``csv`` module into per-key dicts (insertion order =
+``evadlab.pipelines.ava_map``: rows are read with the ``csv`` module into per-key dicts (insertion order =
 first appearance), every image is evaluated class by class with an IoU matrix and a greedy loop, and per-class
 results are concatenated image by image before ranking. The tests cross-check the fast evaluator against it and
 the speed benchmark uses it as the baseline.

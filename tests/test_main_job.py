@@ -12,8 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from evadlab.config import load_config
-from evadlab.pipelines.evaluation import evaluate_files
-from evadlab.platform.job import run_main_job
+from evadlab.pipelines.ava_map import evaluate_files
+from evadlab.platform.run import run_main_job
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 pytestmark = pytest.mark.slow

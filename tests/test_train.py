@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from evadlab.config import load_config
 from evadlab.models.checkpoints import load_training_checkpoint
-from evadlab.pipelines.preprocess import prepare
+from evadlab.pipelines.prepare import prepare
 from evadlab.platform.modeling import build_model
 from evadlab.platform.train import learning_rate, parameter_groups, train
 

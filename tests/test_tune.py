@@ -9,7 +9,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from evadlab.config import ConfigError
-from evadlab.platform.tracking import compare_runs
+from evadlab.platform.compare import compare_runs
 from evadlab.platform.tune import load_sweep, run_sweep
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -46,7 +46,7 @@ def test_sweep_file_errors_name_the_key(tmp_path):
 
 
 def test_three_trial_sweep_logs_parent_and_children_and_resumes(tmp_path, mini_ava, ray_local, mlflow_server):
-    from evadlab.pipelines.preprocess import prepare
+    from evadlab.pipelines.prepare import prepare
 
     path = write_sweep(tmp_path, mini_ava)
     _, base = load_sweep(path, [f"tracking.uri={mlflow_server}"])

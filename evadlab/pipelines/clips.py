@@ -4,7 +4,7 @@ Shared by preprocessing (``resize_short_side``), training, evaluation and the de
 sees a clip exactly as the released EVAD data pipeline would (spec section 5.4), with one difference kept on
 purpose: frames are stored already resized, so the flip happens on the stored frames (see ``decode_clip``).
 
-A row is one annotated keyframe as written by ``evadlab.pipelines.preprocess``: ``frames`` holds the clip's
+A row is one annotated keyframe as written by ``evadlab.pipelines.prepare``: ``frames`` holds the clip's
 JPEG bytes, ``boxes`` the normalised xyxy person boxes, ``actions`` their AVA action ids.
 """
 

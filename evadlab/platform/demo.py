@@ -22,8 +22,8 @@ from evadlab.models.checkpoints import CheckpointError, read_checkpoint
 from evadlab.models.structures import Detections
 from evadlab.pipelines.ava import AVA_ACTION_NAMES
 from evadlab.pipelines.clips import resize_short_side, to_model_input
-from evadlab.pipelines.evaluation import write_detections_csv
-from evadlab.pipelines.preprocess import VideoFileFrames
+from evadlab.pipelines.ava_map import write_detections_csv
+from evadlab.pipelines.video import VideoFileFrames
 from evadlab.platform.modeling import build_model
 
 LABELS_PER_BOX = 3

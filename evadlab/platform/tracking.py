@@ -6,7 +6,6 @@ so a Ray worker on any node can log into a run that the driver created.
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -132,96 +131,3 @@ def log_per_class_ap(logger: RunLogger, per_class: dict[str, float | None], pref
     figure.tight_layout()
     logger.log_figure(figure, f"{prefix}per_class_ap.png")
     plt.close(figure)
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
-    """Marks points (gflops, mAP) that no other point beats: less or equal compute and higher or equal mAP,
-    strictly better in one."""
-    front = []
-    for i, (flops_i, map_i) in enumerate(points):
-        dominated = any(
-            flops_j <= flops_i and map_j >= map_i and (flops_j < flops_i or map_j > map_i)
-            for j, (flops_j, map_j) in enumerate(points) if j != i
-        )
-        front.append(not dominated)
-    return front
-
-
-def plot_map_vs_gflops(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """mAP against GFLOPs, Pareto-optimal runs joined and marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    axis.scatter([r["gflops"] for r in rows], [r["mAP"] for r in rows], color="tab:gray", label="runs")
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["gflops"])
-    axis.plot([r["gflops"] for r in front], [r["mAP"] for r in front], "o-", color="tab:red", label="Pareto front")
-    for row in rows:
-        axis.annotate(f"k={row['keep_rate']:g}, ew={row['enhanced_weight']:g}", (row["gflops"], row["mAP"]),
-                      fontsize=7, xytext=(4, 4), textcoords="offset points")
-    axis.set_xlabel("GFLOPs (16x288x288)")
-    axis.set_ylabel("frame-mAP@0.5")
-    axis.set_title(title)
-    axis.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-def trade_off_table(runs) -> list[dict[str, Any]]:
-    """One row per finished MLflow run that has both GFLOPs and mAP, Pareto-optimal ones marked."""
-    rows = []
-    for run in runs:
-        metrics, params = run.data.metrics, run.data.params
-        if "model/gflops" not in metrics or "val/mAP" not in metrics:
-            continue
-        rows.append({
-            "run_id": run.info.run_id,
-            "run_name": run.data.tags.get("mlflow.runName", ""),
-            "keep_rate": float(params.get("model.keep_rate", "nan")),
-            "enhanced_weight": float(params.get("model.enhanced_weight", "nan")),
-            "gflops": metrics["model/gflops"],
-            "mAP": metrics["val/mAP"],
-            "clips_per_s": metrics.get("train/clips_per_s", float("nan")),
-        })
-    for row, on_front in zip(rows, pareto_front([(r["gflops"], r["mAP"]) for r in rows])):
-        row["pareto"] = on_front
-    return sorted(rows, key=lambda r: (r["gflops"], -r["mAP"]))
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'keep':>5} {'EW':>4} {'GFLOPs':>8} {'mAP':>7} {'clips/s':>8}  pareto  run_id"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(f"{r['keep_rate']:>5g} {r['enhanced_weight']:>4g} {r['gflops']:>8.2f} {r['mAP']:>7.4f} "
-                     f"{r['clips_per_s']:>8.2f}  {'*' if r['pareto'] else ' ':^6}  {r['run_id']}")
-    return "\n".join(lines)
-
-
-def compare_runs(experiment: str | None, tracking_uri: str | None, out_dir: Path) -> list[dict[str, Any]]:
-    """``evadlab compare``: the trade-off table of every run with mAP and GFLOPs, and its plot."""
-    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
-    check_tracking_uri(uri)
-    client = MlflowClient(uri)
-    if experiment:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            raise ValueError(f"no MLflow experiment named '{experiment}' at {uri}")
-        experiment_ids = [found.experiment_id]
-    else:
-        experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiment_ids, max_results=5000)
-    rows = trade_off_table(runs)
-    if not rows:
-        print(f"no runs with both model/gflops and val/mAP in {experiment or 'any experiment'} at {uri}")
-        return rows
-    print(format_table(rows))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot = plot_map_vs_gflops(rows, out_dir / "map_vs_gflops.png", experiment or "all experiments")
-    (out_dir / "runs.json").write_text(json.dumps(rows, indent=1))
-    print(f"plot: {plot}")
-    return rows

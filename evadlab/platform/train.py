@@ -28,8 +28,9 @@ from evadlab.config import ExperimentConfig, TrainConfig
 from evadlab.models.checkpoints import load_training_checkpoint, save_training_checkpoint
 from evadlab.models.flops import flops_report
 from evadlab.pipelines.clips import decode_clip, multi_hot, read_shards, to_model_input
-from evadlab.platform.inference import evaluate_in_workers
+from evadlab.platform.evaluate import evaluate_in_workers
 from evadlab.platform.modeling import build_model
+from evadlab.ray_session import ensure_ray
 from evadlab.platform.tracking import RunLogger, check_tracking_uri, log_per_class_ap, start_run
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -308,13 +309,6 @@ def _write_run_file(storage: str, run_name: str, run_id: str) -> None:
     filesystem.create_dir(f"{root}/{run_name}", recursive=True)
     with filesystem.open_output_stream(f"{root}/{run_name}/{MLFLOW_RUN_FILE}") as stream:
         stream.write(run_id.encode())
-
-
-def ensure_ray() -> None:
-    """A local Ray by default; ``RAY_ADDRESS`` (as set by ``ray job submit``) joins a cluster."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 include_dashboard=False if "RAY_ADDRESS" not in os.environ else None)
 
 
 def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks: list | None = None) -> TrainResult:

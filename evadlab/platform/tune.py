@@ -23,13 +23,8 @@ from evadlab.config import (
     describe_validation_error,
     read_yaml,
 )
-from evadlab.platform.tracking import (
-    RunLogger,
-    format_table,
-    plot_map_vs_gflops,
-    start_run,
-    trade_off_table,
-)
+from evadlab.platform.compare import format_table, plot_map_vs_gflops, trade_off_table
+from evadlab.platform.tracking import RunLogger, start_run
 
 
 class SearchDimension(BaseModel):
@@ -121,7 +116,7 @@ def run_sweep(sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = (
     """``evadlab tune``: run (or, with ``tune.resume=true``, continue) a sweep and summarise it in MLflow."""
     from ray import tune
 
-    from evadlab.platform.train import ensure_ray
+    from evadlab.ray_session import ensure_ray
 
     spec, base = load_sweep(sweep_path, overrides)
     storage = str(Path(base.train.storage_path).resolve()) if "://" not in base.train.storage_path \

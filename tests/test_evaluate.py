@@ -10,9 +10,9 @@ from mlflow.tracking import MlflowClient
 from evadlab.config import load_config
 from evadlab.models.checkpoints import save_training_checkpoint
 from evadlab.pipelines.ava import read_annotations
-from evadlab.pipelines.evaluation import evaluate_files
-from evadlab.pipelines.preprocess import prepare
-from evadlab.platform.inference import evaluate
+from evadlab.pipelines.ava_map import evaluate_files
+from evadlab.pipelines.prepare import prepare
+from evadlab.platform.evaluate import evaluate
 from evadlab.platform.modeling import build_model
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"

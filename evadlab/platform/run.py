@@ -20,9 +20,9 @@ def _shards_ready(cfg: ExperimentConfig) -> bool:
 def run_main_job(cfg: ExperimentConfig) -> dict:
     """Synth (if the data root is missing and the config asks for synthetic data) -> prepare (skipped when
     shards with the same clip spec exist) -> train -> evaluate, then a summary and ``summary.json``."""
-    from evadlab.pipelines.preprocess import prepare
+    from evadlab.pipelines.prepare import prepare
     from evadlab.pipelines.synthetic import generate_mini_ava
-    from evadlab.platform.inference import evaluate
+    from evadlab.platform.evaluate import evaluate
     from evadlab.platform.train import train
 
     start = time.perf_counter()

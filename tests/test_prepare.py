@@ -16,7 +16,7 @@ import pytest
 from evadlab.config import DataConfig, ExperimentConfig
 from evadlab.pipelines.ava import group_keyframes, read_annotations
 from evadlab.pipelines.clips import decode_jpegs, iter_shard_rows, read_shards, resize_short_side, resized_size
-from evadlab.pipelines.preprocess import prepare
+from evadlab.pipelines.prepare import prepare
 
 SHORT_SIDE = 64
 SPLITS = ("train", "val")

@@ -37,9 +37,8 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import decord
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,18 +46,16 @@ import ray
 import ray.data
 
 from evadlab.config import DataConfig, ExperimentConfig
+from evadlab.ray_session import ensure_ray
 from evadlab.pipelines.ava import (
     Keyframe,
     Rejection,
-    clip_frame_indices,
-    clip_sample_times,
     group_keyframes,
-    keyframe_frame_index,
-    nearest_frame_indices,
     read_annotations,
     read_frame_list,
 )
-from evadlab.pipelines.clips import decode_jpegs, encode_jpegs, resize_short_side
+from evadlab.pipelines.clips import encode_jpegs, resize_short_side
+from evadlab.pipelines.video import FrameSource, error_reason, open_frames
 
 SHARD_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -244,9 +241,7 @@ def run_video_tasks(tasks: list[VideoTask], data: DataConfig, out: Path) -> dict
     what the cluster has) and returns each video's result row by (split, video id)."""
     if not tasks:
         return {}
-    if not ray.is_initialized():
-        # With RAY_ADDRESS set this joins that cluster; without it, starts a local Ray on this machine.
-        ray.init(include_dashboard=False if "RAY_ADDRESS" not in os.environ else None)
+    ensure_ray()
     items = [task_item(task) for task in tasks]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map(
         prepare_video, fn_kwargs={"data": data, "out": str(out)}, num_cpus=data.prepare_cpus)
@@ -308,69 +303,6 @@ def prepare_video(item: dict[str, Any], *, data: DataConfig, out: str) -> dict[s
     except Exception as error:  # noqa: BLE001 - a corrupt input of any kind rejects this video only
         result["error"] = error_reason(error)
     return result
-
-
-def error_reason(error: Exception) -> str:
-    """One line for the manifest: decord's errors carry a C++ stack trace after their first line."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
-
-
-class FrameSource(Protocol):
-    def clip_indices(self, timestamp: int) -> list[int]: ...
-
-    def read(self, indices: list[int]) -> np.ndarray: ...
-
-
-class VideoFileFrames:
-    """A video file addressed by time: the clip is the frames nearest to the 30 fps sampling times, whatever
-    the file's real frame rate (many AVA videos are not 30 fps)."""
-
-    def __init__(self, path: str, data: DataConfig):
-        self.data = data
-        try:
-            self.reader = decord.VideoReader(path, num_threads=max(1, int(data.prepare_cpus)))
-        except RuntimeError as error:
-            raise ValueError(f"decord cannot open the video: {error_reason(error)}") from None
-        self.frame_times = self.reader.get_frame_timestamp(np.arange(len(self.reader)))[:, 0]
-
-    def clip_indices(self, timestamp: int) -> list[int]:
-        times = clip_sample_times(timestamp, self.data.num_frames, self.data.sample_rate, fps=self.data.fps,
-                                  video_offset_sec=self.data.video_offset_sec)
-        return nearest_frame_indices(times, self.frame_times).tolist()
-
-    def read(self, indices: list[int]) -> np.ndarray:
-        return self.reader.get_batch(indices).asnumpy()
-
-
-class FrameFolderFrames:
-    """Extracted frames (30 fps JPEGs of the cut), addressed by index as the released code does."""
-
-    def __init__(self, folder: str, frame_paths: list[str], data: DataConfig):
-        self.data = data
-        self.paths = [Path(folder).parent / relative for relative in frame_paths]
-
-    def clip_indices(self, timestamp: int) -> list[int]:
-        center = keyframe_frame_index(timestamp, fps=self.data.fps, video_offset_sec=self.data.video_offset_sec)
-        return list(clip_frame_indices(center, self.data.num_frames, self.data.sample_rate, len(self.paths)))
-
-    def read(self, indices: list[int]) -> np.ndarray:
-        frames = []
-        for index in indices:
-            try:
-                frames.append(decode_jpegs([self.paths[index].read_bytes()])[0])
-            except (OSError, ValueError) as error:
-                raise ValueError(f"frame {index} ({self.paths[index]}): {error}") from None
-        if len({frame.shape for frame in frames}) > 1:
-            first, last = self.paths[indices[0]], self.paths[indices[-1]]
-            raise ValueError(f"frames of different sizes among {first}..{last.name}")
-        return np.stack(frames)
-
-
-def open_frames(item: dict[str, Any], data: DataConfig) -> FrameSource:
-    if item["frame_paths"] is None:
-        return VideoFileFrames(item["source"], data)
-    return FrameFolderFrames(item["source"], item["frame_paths"], data)
 
 
 def clip_rows(frames: FrameSource, item: dict[str, Any], data: DataConfig) -> Iterator[dict[str, Any]]:

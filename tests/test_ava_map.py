@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from evadlab.pipelines.evaluation import (
+from evadlab.pipelines.ava_map import (
     STRICT_IOU_THRESHOLDS,
     ava_map_command,
     evaluate_files,

@@ -19,7 +19,7 @@ import torch
 from evadlab.config import ExperimentConfig
 from evadlab.pipelines.ava import read_label_map
 from evadlab.pipelines.clips import decode_clip, iter_shard_rows, read_shards, to_model_input
-from evadlab.pipelines.evaluation import evaluate_files, parse_iou_thresholds, write_detections_csv
+from evadlab.pipelines.ava_map import evaluate_files, parse_iou_thresholds, write_detections_csv
 
 DETECTION_COLUMNS = ("video_id", "timestamp", "box_index", "x1", "y1", "x2", "y2", "action_id", "score")
 
@@ -126,7 +126,7 @@ class ClipDetector:
 def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: Path | None = None,
              mlflow_run_id: str | None = None) -> EvalResult:
     """``evadlab evaluate``: cluster-scale inference on the val shards with ``eval.concurrency`` actors."""
-    from evadlab.platform.train import ensure_ray
+    from evadlab.ray_session import ensure_ray
 
     checkpoint = checkpoint or cfg.model.checkpoint
     if not checkpoint:

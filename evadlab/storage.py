@@ -1,0 +1,135 @@
+"""Where files live: local paths or storage URIs, and writes that readers never see half done.
+
+Every place that reads or writes under a location that may be a URI (``file://``, ``s3://``, ``gs://``, NFS paths
+named as ``file:///mnt/...``) goes through this module, which leaves the choice of file system to
+``pyarrow.fs``. Local paths stay plain ``pathlib`` paths; the only decision made here is which one a string is.
+
+Atomic writes: a file is written under a hidden temporary name in its target folder and renamed into place, so a
+reader sees the previous file or the complete new one. On object stores an upload becomes visible only when it
+is complete, which gives the same guarantee.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import pyarrow.fs
+
+LOCAL_SCHEME = "file://"
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    """True for ``scheme://...`` storage URIs, ``file://`` included; False for plain paths."""
+    return "://" in str(location)
+
+
+def is_local(location: str | os.PathLike) -> bool:
+    """A plain path or a ``file://`` URI: something this machine's file system holds."""
+    return not is_uri(location) or str(location).startswith(LOCAL_SCHEME)
+
+
+def local_path(location: str | os.PathLike) -> Path:
+    """The absolute local path of a plain path or a ``file://`` URI. Raises ValueError for remote URIs."""
+    text = str(location)
+    if not is_local(text):
+        raise ValueError(f"{text} is not on this machine's file system")
+    path = pyarrow.fs.FileSystem.from_uri(text)[1] if is_uri(text) else text
+    return Path(path).expanduser().resolve()
+
+
+def absolute(location: str | os.PathLike) -> str:
+    """Relative paths made absolute (they mean the directory the command runs in); URIs unchanged."""
+    return str(location) if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
+def filesystem_of(location: str | os.PathLike) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The pyarrow file system that holds ``location`` and the path inside it."""
+    if is_uri(location):
+        return pyarrow.fs.FileSystem.from_uri(str(location))
+    return pyarrow.fs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """``location/part/...`` for paths and URIs alike."""
+    return "/".join([str(location).rstrip("/"), *parts]) if is_uri(location) else str(Path(location, *parts))
+
+
+def exists(location: str | os.PathLike) -> bool:
+    filesystem, path = filesystem_of(location)
+    return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    """The whole file. Raises FileNotFoundError naming ``location`` when it does not exist."""
+    filesystem, path = filesystem_of(location)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(2, "no such file", str(location)) from None
+    except OSError:
+        if filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+            raise FileNotFoundError(2, "no such file", str(location)) from None
+        raise
+
+
+def read_text(location: str | os.PathLike) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def list_folders(location: str | os.PathLike) -> list[pyarrow.fs.FileInfo]:
+    """The folders directly under ``location`` (none when it does not exist)."""
+    filesystem, path = filesystem_of(location)
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return [info for info in infos if info.type == pyarrow.fs.FileType.Directory]
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """A temporary local path beside ``target`` to write a file or a folder to; renamed onto ``target`` when the
+    block ends without an exception, removed otherwise. Parent folders are created."""
+    target = local_path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    temporary = Path(name)
+    temporary.unlink()
+    try:
+        yield temporary
+        if temporary.is_file():
+            with open(temporary, "rb") as written:
+                os.fsync(written.fileno())
+        os.replace(temporary, target)
+    finally:
+        if temporary.is_dir():
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(location: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file whose content replaces ``location`` only once the block ends without an exception."""
+    if is_local(location):
+        with atomic_path(location) as temporary, open(temporary, "wb") as file:
+            yield file
+        return
+    filesystem, path = filesystem_of(location)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        yield stream
+
+
+def write_bytes(location: str | os.PathLike, data: bytes) -> None:
+    with atomic_write(location) as file:
+        file.write(data)
+
+
+def write_text(location: str | os.PathLike, text: str) -> None:
+    write_bytes(location, text.encode("utf-8"))
