@@ -222,9 +222,6 @@ class TrainConfig(Section):
     max_failures: int = Field(0, ge=-1)
     seed: int = 0
     log_every: int = Field(10, ge=1)
-    fail_at_epoch: int | None = Field(
-        None, ge=0, description="Test only: rank 1 (or 0) exits once during this epoch, to exercise recovery."
-    )
 
     @model_validator(mode="after")
     def _schedule(self) -> TrainConfig:

@@ -55,6 +55,15 @@ def filesystem_of(location: str | os.PathLike) -> tuple[pyarrow.fs.FileSystem, s
     return pyarrow.fs.LocalFileSystem(), str(Path(location).expanduser().resolve())
 
 
+def uri_of(filesystem: pyarrow.fs.FileSystem, path: str) -> str:
+    """The location of ``path`` inside a pyarrow ``filesystem`` (as Ray hands out checkpoints): a plain path for
+    the local file system, a ``scheme://`` URI otherwise."""
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        return path
+    scheme = {"gcs": "gs"}.get(filesystem.type_name, filesystem.type_name)
+    return f"{scheme}://{path}"
+
+
 def join(location: str | os.PathLike, *parts: str) -> str:
     """``location/part/...`` for paths and URIs alike."""
     return "/".join([str(location).rstrip("/"), *parts]) if is_uri(location) else str(Path(location, *parts))

@@ -1,4 +1,5 @@
-"""Clip rows -> model inputs: resize arithmetic, JPEG decode, flip, normalisation, collate."""
+"""Clip rows -> model inputs: resize arithmetic, JPEG decode, flip, normalisation, and the training rows and
+batches built from them."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from evadlab.config import ExperimentConfig
 from evadlab.pipelines.clips import (
-    collate,
     decode_clip,
     encode_jpegs,
     multi_hot,
@@ -15,6 +16,7 @@ from evadlab.pipelines.clips import (
     resized_size,
     to_model_input,
 )
+from evadlab.platform.ingest import decode_training_row, to_model_batch
 
 HEIGHT, WIDTH, FRAMES = 64, 85, 4
 
@@ -84,13 +86,16 @@ def test_model_input_is_rgb_channels_first_and_normalised():
     assert torch.allclose(to_model_input(frames, mean=0.5, std=0.5)[0], torch.tensor(1.0))
 
 
-def test_collate_keeps_sizes_and_builds_targets():
+def test_training_rows_keep_sizes_and_build_targets():
     rows = [clip_row(left_bright_frames(), [[0.1, 0.1, 0.5, 0.5]], [[12, 80]], video_id="a"),
             clip_row(left_bright_frames(64, 48), [[0.2, 0.2, 0.4, 0.4], [0.5, 0.5, 1.0, 1.0]], [[1], [14]],
                      video_id="b")]
-    batch = collate(rows, train=False)
+    decoded = [decode_training_row(row, flip_prob=0.0, num_actions=80) for row in rows]
+    numpy_batch = {key: [row[key] for row in decoded] for key in decoded[0]}
+    cfg = ExperimentConfig()
+    batch = to_model_batch(numpy_batch, cfg, torch.device("cpu"), loss_scale=1.0)
     assert [tuple(c.shape) for c in batch.clips] == [(3, FRAMES, 64, 85), (3, FRAMES, 64, 48)]
-    assert batch.meta == [("a", 902, 240, 320), ("b", 902, 240, 320)]
+    assert batch.keys == [("a", 902), ("b", 902)]
     np.testing.assert_allclose(batch.targets[0]["boxes"], [[8.5, 6.4, 42.5, 32]], rtol=1e-5)
     np.testing.assert_allclose(batch.targets[1]["boxes"], [[9.6, 12.8, 19.2, 25.6], [24, 32, 47, 63]], rtol=1e-5)
     actions = batch.targets[0]["actions"]
@@ -98,17 +103,17 @@ def test_collate_keeps_sizes_and_builds_targets():
     assert batch.targets[1]["actions"].nonzero().tolist() == [[0, 0], [1, 13]]
 
 
-def test_training_collate_flips_about_half_the_clips():
+def test_training_rows_flip_about_half_the_clips():
     row = clip_row(left_bright_frames(), [[0.0, 0.0, 0.25, 1.0]], [[12]])
     rng = np.random.default_rng(0)
     flipped = []
     for _ in range(40):
-        batch = collate([row], train=True, rng=rng)
-        bright_on_right = batch.clips[0][0, 0, 0, -1] > 0
+        decoded = decode_training_row(row, flip_prob=0.5, num_actions=80, rng=rng)
+        bright_on_right = decoded["frames"][0, 0, -1, 0] > 128
         flipped.append(bool(bright_on_right))
         # The box always covers the bright quarter, wherever the flip put it.
         expected_x1 = 0.75 * WIDTH if bright_on_right else 0.0
-        assert batch.targets[0]["boxes"][0, 0].item() == pytest.approx(expected_x1)
+        assert decoded["boxes"][0, 0] == pytest.approx(expected_x1)
     assert 10 <= sum(flipped) <= 30
 
 
@@ -116,4 +121,5 @@ def test_action_ids_outside_the_vocabulary_are_named():
     with pytest.raises(ValueError, match="outside 1..80"):
         multi_hot([[0]])
     with pytest.raises(ValueError, match="row v,902"):
-        collate([clip_row(left_bright_frames(), [[0.1, 0.1, 0.5, 0.5]], [[81]])], train=False)
+        decode_training_row(clip_row(left_bright_frames(), [[0.1, 0.1, 0.5, 0.5]], [[81]]), flip_prob=0.0,
+                            num_actions=80)

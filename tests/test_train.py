@@ -12,8 +12,10 @@ from mlflow.tracking import MlflowClient
 from evadlab.config import load_config
 from evadlab.models.checkpoints import load_training_checkpoint
 from evadlab.pipelines.prepare import prepare
+from evadlab.platform.hooks import FailOnceAtEpoch, RecordSeenSamples, RecordWeights
 from evadlab.platform.modeling import build_model
-from evadlab.platform.train import learning_rate, parameter_groups, train
+from evadlab.platform.recipe import learning_rate, parameter_groups
+from evadlab.platform.train import train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 pytestmark = pytest.mark.slow
@@ -36,9 +38,9 @@ def prepared(tmp_path_factory, mini_ava, ray_local):
     return folder, cfg.data.shards_path
 
 
-def seen_keys(run_path: Path, epoch: int) -> list[str]:
+def seen_keys(folder: Path, epoch: int) -> list[str]:
     keys = []
-    for file in sorted((run_path / "samples_seen").glob(f"epoch_{epoch:03d}_rank_*.txt")):
+    for file in sorted(folder.glob(f"epoch_{epoch:03d}_rank_*.txt")):
         keys += file.read_text().split()
     return keys
 
@@ -72,7 +74,9 @@ def test_recipe_groups_and_schedule():
 
 
 def test_two_workers_equal_one_worker_with_twice_the_batch(prepared, mini_ava, tmp_path):
-    """One optimisation step on the same 4 clips: DDP over 2 workers x 2 clips == 1 worker x 4 clips."""
+    """One optimisation step on the same 4 clips: DDP over 2 workers x 2 clips == 1 worker x 4 clips. Then the same
+    with train.grad_accum=2, where each worker's epoch is a single (odd) micro-batch, so the step is a short
+    accumulation group at the end of the epoch: both ranks must still step on the all-reduced gradient."""
     folder, shards = prepared
     table = pq.read_table(shards / "train")
     # Equal person counts per clip, so the per-worker action-loss means average to the global one.
@@ -86,26 +90,35 @@ def test_two_workers_equal_one_worker_with_twice_the_batch(prepared, mini_ava, t
     manifest = json.loads((shards / "manifest.json").read_text())
     manifest["counts"]["train"] = 4
     (subset / "manifest.json").write_text(json.dumps(manifest))
-    states = {}
-    for workers, batch in ((1, 4), (2, 2)):
-        cfg = tiny_config(tmp_path / f"w{workers}", mini_ava, f"data.shards={subset}",
-                          f"train.num_workers={workers}", f"train.batch_size={batch}", "data.flip_prob=0",
+
+    def one_step(workers: int, batch: int, grad_accum: int) -> dict[str, torch.Tensor]:
+        name = f"w{workers}_accum{grad_accum}"
+        cfg = tiny_config(tmp_path / name, mini_ava, f"data.shards={subset}", f"train.num_workers={workers}",
+                          f"train.batch_size={batch}", f"train.grad_accum={grad_accum}", "data.flip_prob=0",
                           "train.warmup_epochs=0", "train.base_lr=1e-3", "tracking.enabled=false")
-        result = train(cfg)
-        states[workers] = load_training_checkpoint(result.checkpoint_path)["model_state"]
-    # Adam's first step is lr * g / (|g| + eps): about +-lr for every element whatever |g|, so an element
-    # whose gradient is ~eps (float noise of the all-reduce) may move differently. Everything else must match.
+        result = train(cfg, hooks=[RecordWeights(tmp_path / name / "weights")])
+        ranks = [torch.load(tmp_path / name / "weights" / f"epoch_000_rank_{rank}.pt", weights_only=True)
+                 for rank in range(workers)]
+        for other in ranks[1:]:
+            assert all(torch.equal(ranks[0][key], other[key]) for key in ranks[0]), f"{name}: ranks drifted apart"
+        return load_training_checkpoint(result.checkpoint_path)["model_state"], cfg
+
+    reference, cfg = one_step(1, 4, 1)
     initial = build_model(cfg.model).state_dict()
-    moved = mismatched = total = 0
-    for key, value in states[1].items():
-        close = torch.isclose(states[2][key], value, rtol=1e-4, atol=1e-6)
-        mismatched += int((~close).sum())
-        total += value.numel()
-        largest_step = 1e-3 * cfg.train.head_lr_scale
-        assert (states[2][key] - value).abs().max() <= 2 * largest_step, key
-        moved += int(not torch.equal(value, initial[key]))
-    assert mismatched <= 1e-3 * total, f"{mismatched} of {total} parameters differ"
-    assert moved > 100, "the step must change the parameters"
+    for grad_accum in (1, 2):
+        state, _ = one_step(2, 2, grad_accum)
+        # Adam's first step is lr * g / (|g| + eps): about +-lr for every element whatever |g|, so an element
+        # whose gradient is ~eps (float noise of the all-reduce) may move differently. Everything else must match.
+        moved = mismatched = total = 0
+        for key, value in reference.items():
+            close = torch.isclose(state[key], value, rtol=1e-4, atol=1e-6)
+            mismatched += int((~close).sum())
+            total += value.numel()
+            largest_step = 1e-3 * cfg.train.head_lr_scale
+            assert (state[key] - value).abs().max() <= 2 * largest_step, key
+            moved += int(not torch.equal(value, initial[key]))
+        assert mismatched <= 1e-3 * total, f"grad_accum={grad_accum}: {mismatched} of {total} parameters differ"
+        assert moved > 100, "the step must change the parameters"
 
 
 def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared, mini_ava, tmp_path, mlflow_server):
@@ -113,14 +126,13 @@ def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared,
     every epoch still sees each sample exactly once, and one MLflow run holds the whole history."""
     folder, shards = prepared
     cfg = tiny_config(folder, mini_ava, f"data.shards={shards}", f"train.storage_path={tmp_path / 'ray'}",
-                      "train.num_workers=2", "train.epochs=3", "train.fail_at_epoch=1", "train.max_failures=1",
+                      "train.num_workers=2", "train.epochs=3", "train.max_failures=1",
                       "train.log_every=1", "eval.every_epochs=3", f"tracking.uri={mlflow_server}")
-    result = train(cfg)
-    run_path = Path(result.run_path)
-    assert (run_path / "failure_injected_epoch_1").exists()
+    result = train(cfg, hooks=[FailOnceAtEpoch(1, tmp_path / "failure"), RecordSeenSamples(tmp_path / "seen")])
+    assert (tmp_path / "failure" / "failure_injected_epoch_1").exists()
     expected = sorted(all_train_keys(shards))
     for epoch in range(3):
-        assert sorted(seen_keys(run_path, epoch)) == expected, f"epoch {epoch}"
+        assert sorted(seen_keys(tmp_path / "seen", epoch)) == expected, f"epoch {epoch}"
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.mlflow_run_id)
@@ -139,13 +151,14 @@ def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, min
     folder, shards = prepared
     common = [f"data.shards={shards}", f"train.storage_path={tmp_path / 'ray'}", f"tracking.uri={mlflow_server}",
               "tracking.experiment=resume_test"]
-    first = train(tiny_config(folder, mini_ava, *common, "train.epochs=1"))
-    second = train(tiny_config(folder, mini_ava, *common, "train.epochs=2", "train.resume=true"))
+    seen = tmp_path / "seen"
+    first = train(tiny_config(folder, mini_ava, *common, "train.epochs=1"), hooks=[RecordSeenSamples(seen)])
+    second = train(tiny_config(folder, mini_ava, *common, "train.epochs=2", "train.resume=true"),
+                   hooks=[RecordSeenSamples(seen)])
     assert second.run_name == first.run_name and second.mlflow_run_id == first.mlflow_run_id
     assert load_training_checkpoint(second.checkpoint_path)["epoch"] == 1
     client = MlflowClient(mlflow_server)
     assert sorted(m.value for m in client.get_metric_history(first.mlflow_run_id, "epoch")) == [0, 1]
-    seen = Path(second.run_path) / "samples_seen"
     assert seen.joinpath("epoch_000_rank_0.txt").stat().st_mtime < seen.joinpath("epoch_001_rank_0.txt").stat().st_mtime
 
 

@@ -1,4 +1,4 @@
-"""Clip rows in and model inputs out: resize, JPEG decode, flip, normalise and collate.
+"""Clip rows in and model inputs out: resize, JPEG decode, flip and normalise.
 
 Shared by preprocessing (``resize_short_side``), training, evaluation and the demo, so that every consumer
 sees a clip exactly as the released EVAD data pipeline would (spec section 5.4), with one difference kept on
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,6 @@ from PIL import Image
 
 # Rows per Arrow batch when reading a shard without Ray: small, because each row holds a whole clip.
 ROWS_PER_READ = 16
-
-
-@dataclass
-class Batch:
-    """Model-ready clips (unpadded: the model pads to its stride), their targets and their identity."""
-
-    clips: list[torch.Tensor]
-    targets: list[dict[str, torch.Tensor]]
-    meta: list[tuple[str, int, int, int]]
 
 
 def resized_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
@@ -125,25 +115,6 @@ def multi_hot(actions: Sequence[Sequence[int]], num_actions: int = 80) -> np.nda
             raise ValueError(f"action ids {ids.tolist()} of box {box} are outside 1..{num_actions}")
         target[box, ids - 1] = 1.0
     return target
-
-
-def collate(rows: Sequence[dict[str, Any]], *, train: bool, rng: np.random.Generator | None = None,
-            num_actions: int = 80, mean: float = 0.45, std: float = 0.225) -> Batch:
-    """Decodes and normalises each row; in training each clip is flipped with probability 0.5 (spec 5.4 step 2).
-    Clips keep their own size: padding to the backbone's stride is the model's job."""
-    rng = rng or np.random.default_rng()
-    clips, targets, meta = [], [], []
-    for row in rows:
-        flip = train and rng.random() < 0.5
-        frames, boxes = decode_clip(row, flip=flip)
-        clips.append(to_model_input(frames, mean, std))
-        try:
-            actions = multi_hot(row["actions"], num_actions)
-        except ValueError as error:
-            raise ValueError(f"row {row['video_id']},{row['timestamp']}: {error}") from None
-        targets.append({"boxes": torch.from_numpy(boxes), "actions": torch.from_numpy(actions)})
-        meta.append((str(row["video_id"]), int(row["timestamp"]), int(row["orig_height"]), int(row["orig_width"])))
-    return Batch(clips=clips, targets=targets, meta=meta)
 
 
 def split_dir(shards_path: str | Path, split: str) -> Path:
