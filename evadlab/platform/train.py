@@ -323,7 +323,7 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
     run_name = _run_name(cfg, storage)
     run_path = f"{storage}/{run_name}"
 
-    report = flops_report(cfg.model.evad_kwargs(), (cfg.model.num_frames, cfg.data.short_side, cfg.data.short_side))
+    report = flops_report(cfg.model.evad, (cfg.model.num_frames, cfg.data.short_side, cfg.data.short_side))
     model_metrics = {"model/gflops": report["gflops_16x288x288"], "model/gflops_input": report["gflops"],
                      "model/params": report["params"]}
     mlflow_run_id = ""
