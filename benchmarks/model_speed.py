@@ -21,15 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evadlab.models import EVAD  # noqa: E402
+from evadlab.models import EVAD, EVADConfig  # noqa: E402
 from evadlab.models.flops import count_flops  # noqa: E402
 
-VIT_B = dict(embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.1, fpn_indices=(2, 5, 8, 11),
-             crd_embed_dim=384, crd_depth=6, crd_num_heads=6)
+# The released ViT-B recipes: KTP at blocks 3, 6, 9.
 SETTINGS = {
-    "keep 1.0": dict(keep_rates=None, enhanced_weight=1.0),
-    "keep 0.7": dict(keep_rates=[0.7 if i in (3, 6, 9) else 1.0 for i in range(12)], enhanced_weight=1.0),
-    "keep 0.6 + EW 4": dict(keep_rates=[0.6 if i in (3, 6, 9) else 1.0 for i in range(12)], enhanced_weight=4.0),
+    "keep 1.0": EVADConfig.vit_b(),
+    "keep 0.7": EVADConfig.vit_b(keep_rate=0.7),
+    "keep 0.6 + EW 4": EVADConfig.vit_b(keep_rate=0.6, enhanced_weight=4.0),
 }
 
 
@@ -80,9 +79,9 @@ def main() -> None:
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     torch.manual_seed(0)
     rows = []
-    for name, setting in SETTINGS.items():
-        model = EVAD(**VIT_B, **setting).to(device).eval()
-        gflops = count_flops(EVAD(**VIT_B, **setting), (16, args.size, args.size)) / 1e9
+    for name, config in SETTINGS.items():
+        model = EVAD(config).to(device).eval()
+        gflops = count_flops(EVAD(config), (16, args.size, args.size)) / 1e9
         for batch in args.batches:
             inputs = clips(batch, args.size, device)
 

@@ -103,7 +103,7 @@ def _flops(args: argparse.Namespace) -> None:
 
     cfg = _load(args)
     input_size = (cfg.model.num_frames, cfg.data.short_side, cfg.data.short_side)
-    report = flops_report(cfg.model.evad_kwargs(), input_size)
+    report = flops_report(cfg.model.evad, input_size)
     if args.json:
         print(json.dumps(report))
     else:

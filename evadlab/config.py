@@ -7,12 +7,15 @@ values stop with an error naming the dotted key (and, for an unknown key, the cl
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
+
+from evadlab.models.config import VARIANTS, EVADConfig, EVADConfigError, keep_rates_at
 
 AVA_ANNOTATIONS = {
     "train_annotations": "ava_train_v2.2.csv",
@@ -94,110 +97,60 @@ class DataConfig(Section):
         return f"{self.source}_{self.num_frames}x{self.sample_rate}_s{self.short_side}"
 
 
-# Architecture presets; any field set explicitly in the experiment file wins over its preset.
-MODEL_VARIANTS: dict[str, dict[str, Any]] = {
-    "vit_b": dict(
-        embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.1, fpn_indices=[2, 5, 8, 11],
-        pruning_blocks=[3, 6, 9], crd_embed_dim=384, crd_depth=6, crd_num_heads=6, action_weight=12.0,
-    ),
-    "vit_l": dict(
-        embed_dim=1024, depth=24, num_heads=16, drop_path_rate=0.2, fpn_indices=[5, 11, 17, 23],
-        pruning_blocks=[6, 12, 18], crd_embed_dim=512, crd_depth=12, crd_num_heads=8, action_weight=6.0,
-    ),
-    # Small enough for a 2-core CPU to train in minutes; same architecture, fewer and narrower layers.
-    "tiny": dict(
-        embed_dim=96, depth=4, num_heads=4, drop_path_rate=0.0, fpn_indices=[0, 1, 2, 3],
-        pruning_blocks=[1, 2], crd_embed_dim=48, crd_depth=2, crd_num_heads=4, action_weight=12.0,
-        num_proposals=10, stage_num_heads=4, num_stages=2, dim_feedforward=128, dim_dynamic=16,
-        act_fc_dim=256, crd_drop_path_rate=0.0,
-    ),
-}
+def _architecture_fields() -> dict[str, Any]:
+    """EVADConfig's fields as pydantic field definitions: its types and (ViT-B) defaults, declared only there.
 
-# ModelConfig fields that configure something other than the EVAD constructor.
-_NON_ARCHITECTURE_FIELDS = {"variant", "keep_rate", "pruning_blocks", "pretrained", "checkpoint"}
+    `keep_rates` is left out: ModelConfig offers it as an optional override of `keep_rate`.
+    """
+    types = get_type_hints(EVADConfig)
+    return {
+        setting.name: (types[setting.name], setting.default)
+        for setting in dataclasses.fields(EVADConfig)
+        if setting.name != "keep_rates"
+    }
 
 
-class ModelConfig(Section):
+_ARCHITECTURE_FIELDS = _architecture_fields()
+_ArchitectureSection = create_model("_ArchitectureSection", __base__=Section, **_ARCHITECTURE_FIELDS)
+
+
+class ModelConfig(_ArchitectureSection):
+    """The ``model`` section: every EVADConfig field as a key, plus conveniences.
+
+    ``variant`` presets fill the architecture keys not given (``custom``: the EVADConfig defaults, ViT-B).
+    ``keep_rate`` applies at ``pruning_blocks`` (default: the variant's KTP blocks) unless ``keep_rates`` gives
+    one rate per block. Pydantic checks the types; EVADConfig checks the ranges, once, when it is built here
+    (its errors name their key, see `describe_validation_error`). ``evad`` is the resolved EVADConfig.
+    """
+
     variant: Literal["vit_b", "vit_l", "tiny", "custom"] = "vit_b"
-    embed_dim: int = Field(768, ge=8)
-    depth: int = Field(12, ge=1)
-    num_heads: int = Field(12, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
-    drop_path_rate: float = Field(0.1, ge=0, lt=1)
-    fpn_indices: list[int] = [2, 5, 8, 11]
-    keep_rate: float = Field(1.0, gt=0, le=1)
-    pruning_blocks: list[int] = [3, 6, 9]
+    keep_rate: float = 1.0
+    pruning_blocks: list[int]
     keep_rates: list[float] | None = None
-    enhanced_weight: float = Field(1.0, gt=0)
-    token_order: Literal["released", "position"] = "released"
-    num_frames: int = 16
-    num_proposals: int = Field(100, ge=1)
-    hidden_dim: int = Field(256, ge=1)
-    num_stages: int = Field(6, ge=1)
-    stage_num_heads: int = Field(8, ge=1)
-    dim_feedforward: int = Field(2048, ge=1)
-    num_dynamic: int = Field(2, ge=1)
-    dim_dynamic: int = Field(64, ge=1)
-    num_cls_layers: int = Field(1, ge=0)
-    num_reg_layers: int = Field(3, ge=0)
-    crd_embed_dim: int = Field(384, ge=8)
-    crd_depth: int = Field(6, ge=1)
-    crd_num_heads: int = Field(6, ge=1)
-    crd_drop_path_rate: float = Field(0.1, ge=0, lt=1)
-    roi_extension: tuple[float, float] = (0.4, 0.2)
-    act_fc_dim: int = Field(2048, ge=1)
-    num_actions: int = Field(80, ge=1)
-    class_weight: float = Field(2.0, ge=0)
-    l1_weight: float = Field(5.0, ge=0)
-    giou_weight: float = Field(2.0, ge=0)
-    action_weight: float = Field(12.0, ge=0)
-    no_object_weight: float = Field(0.1, ge=0)
-    person_threshold: float = Field(0.7, ge=0, le=1)
-    grad_checkpointing: bool = False
     pretrained: str | None = None
     checkpoint: str | None = None
+    _evad: EVADConfig = PrivateAttr()
 
     @model_validator(mode="before")
     @classmethod
     def _apply_variant(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("variant", "vit_b") in MODEL_VARIANTS:
-            return {**MODEL_VARIANTS[values.get("variant", "vit_b")], **values}
-        return values
-
-    @field_validator("keep_rates")
-    @classmethod
-    def _rates_in_range(cls, rates: list[float] | None) -> list[float] | None:
-        for i, rate in enumerate(rates or []):
-            if not 0 < rate <= 1:
-                raise ValueError(f"keep rate of block {i} is {rate}; it must be in (0, 1]")
-        return rates
+        if not isinstance(values, dict):
+            return values
+        # "custom", and a misspelt name until the variant check reports it, start from the ViT-B defaults.
+        preset = VARIANTS.get(values.get("variant", "vit_b"), VARIANTS["vit_b"])
+        return {**preset.settings, "pruning_blocks": list(preset.pruning_blocks), **values}
 
     @model_validator(mode="after")
-    def _consistent(self) -> ModelConfig:
-        if self.keep_rates is not None and len(self.keep_rates) != self.depth:
-            raise ValueError(f"keep_rates has {len(self.keep_rates)} entries but depth is {self.depth}")
-        for name in ("fpn_indices", "pruning_blocks"):
-            bad = [i for i in getattr(self, name) if not 0 <= i < self.depth]
-            if bad:
-                raise ValueError(f"{name} {bad} outside the {self.depth} blocks")
-        if len(self.fpn_indices) != 4:
-            raise ValueError("fpn_indices needs exactly 4 blocks (p2..p5)")
+    def _resolve(self) -> ModelConfig:
+        architecture = EVADConfig(**{name: getattr(self, name) for name in _ARCHITECTURE_FIELDS})
+        rates = keep_rates_at(architecture.depth, self.pruning_blocks, self.keep_rate)
+        self._evad = dataclasses.replace(architecture, keep_rates=rates if self.keep_rates is None else self.keep_rates)
         return self
 
-    def resolved_keep_rates(self) -> list[float] | None:
-        """Per-block keep rates: ``keep_rates`` if given, else ``keep_rate`` at ``pruning_blocks``."""
-        if self.keep_rates is not None:
-            rates = list(self.keep_rates)
-        else:
-            rates = [self.keep_rate if i in self.pruning_blocks else 1.0 for i in range(self.depth)]
-        return rates if any(r < 1 for r in rates) else None
-
-    def evad_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``evadlab.models.EVAD`` for this configuration."""
-        kwargs = self.model_dump(exclude=_NON_ARCHITECTURE_FIELDS)
-        kwargs["keep_rates"] = self.resolved_keep_rates()
-        kwargs["roi_extension"] = tuple(self.roi_extension)
-        return kwargs
+    @property
+    def evad(self) -> EVADConfig:
+        """The validated architecture, keep rates resolved per block: what the model, FLOPs and tags read."""
+        return self._evad
 
 
 class TrainConfig(Section):
@@ -335,6 +288,10 @@ def describe_validation_error(error: ValidationError) -> str:
                 close = difflib.get_close_matches(unknown, VALID_KEYS, n=1, cutoff=0.5)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 lines.append(f"unknown key '{unknown}'{hint}")
+        elif isinstance(item.get("ctx", {}).get("error"), EVADConfigError):
+            # EVADConfig validates the whole section at once; its error names the key within it.
+            error = item["ctx"]["error"]
+            lines.append(f"'{key}.{error.field}': {error}")
         else:
             shown = f"'{key}'" if key else "config"
             lines.append(f"{shown}: {item['msg']} (got {item.get('input')!r})")

@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evadlab.config import ModelConfig
-from evadlab.models import EVAD
+from evadlab.models import EVAD, EVADConfig
 from evadlab.models.checkpoints import (
     CheckpointError,
     load_evad_checkpoint,
@@ -32,7 +31,7 @@ def read_key_list(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def tiny_model(seed: int) -> EVAD:
     torch.manual_seed(seed)
-    return EVAD(**ModelConfig(variant="tiny").evad_kwargs())
+    return EVAD(EVADConfig.tiny())
 
 
 def assert_same_values(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
@@ -56,7 +55,7 @@ def target_model() -> EVAD:
 )
 def test_state_dict_equals_the_released_key_list(shared_dir, variant, key_file, num_keys):
     with torch.device("meta"):
-        model = EVAD(**ModelConfig(variant=variant, keep_rate=0.7).evad_kwargs())
+        model = EVAD(EVADConfig.from_variant(variant, keep_rate=0.7))
     ours = {
         name: (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
         for name, tensor in model.state_dict().items()
@@ -188,7 +187,7 @@ def test_videomae_pretraining_checkpoint_loads_backbone_norm_and_first_decoder_b
 
 def test_backbone_of_another_width_fails_listing_the_keys(tmp_path, target_model):
     torch.manual_seed(2)
-    wider = EVAD(**ModelConfig(variant="tiny", embed_dim=128).evad_kwargs())
+    wider = EVAD(EVADConfig.tiny(embed_dim=128))
     path = tmp_path / "wider.pth"
     torch.save({"model": wider.state_dict()}, path)
 

@@ -48,11 +48,11 @@ def test_unsafe_yaml_is_rejected(tmp_path):
 
 def test_keep_rate_is_applied_at_the_variant_pruning_blocks():
     vit_b = ExperimentConfig.model_validate({"model": {"variant": "vit_b", "keep_rate": 0.7}}).model
-    assert vit_b.resolved_keep_rates() == [1, 1, 1, 0.7, 1, 1, 0.7, 1, 1, 0.7, 1, 1]
+    assert list(vit_b.evad.keep_rates) == [1, 1, 1, 0.7, 1, 1, 0.7, 1, 1, 0.7, 1, 1]
     vit_l = ExperimentConfig.model_validate({"model": {"variant": "vit_l", "keep_rate": 0.7}}).model
-    assert [i for i, r in enumerate(vit_l.resolved_keep_rates()) if r < 1] == [6, 12, 18]
+    assert [i for i, r in enumerate(vit_l.evad.keep_rates) if r < 1] == [6, 12, 18]
     assert vit_l.action_weight == 6.0 and vit_l.crd_depth == 12
-    assert ExperimentConfig().model.resolved_keep_rates() is None
+    assert ExperimentConfig().model.evad.pruning_blocks == ()
 
 
 def test_explicit_values_win_over_the_variant_preset():

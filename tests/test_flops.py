@@ -10,7 +10,7 @@ from evadlab.models.flops import count_flops, count_parameters, flops_report
 
 def meta_model(**config) -> EVAD:
     with torch.device("meta"):
-        return EVAD(**ModelConfig(**config).evad_kwargs())
+        return EVAD(ModelConfig(**config).evad)
 
 
 # The README / paper table (spec §7): whole detector at 16x288x288, batch 1, fvcore convention.
@@ -30,7 +30,7 @@ def test_published_gflops(config, target_gflops):
 
 
 def test_flops_report_fields_and_other_input_sizes():
-    report = flops_report(ModelConfig(variant="vit_b", keep_rate=0.7).evad_kwargs(), (16, 256, 256))
+    report = flops_report(ModelConfig(variant="vit_b", keep_rate=0.7).evad, (16, 256, 256))
     assert set(report) == {"gflops", "gflops_16x288x288", "params"}
     assert json.loads(json.dumps(report)) == report
     assert report["gflops"] == pytest.approx(182.3, rel=0.01)  # spec §7, 256x256
@@ -44,7 +44,7 @@ def test_parameter_counts_match_the_spec():
 
 def test_real_weights_count_like_meta_ones_and_batch_scales_linearly():
     torch.manual_seed(0)
-    model = EVAD(**ModelConfig(variant="tiny").evad_kwargs())
+    model = EVAD(ModelConfig(variant="tiny").evad)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     single = count_flops(model, (16, 96, 128))
     assert model.training

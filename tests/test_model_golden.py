@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from evadlab.models import EVAD, EVADTrace, boxes_to_original_frame
+from evadlab.models import EVAD, EVADConfig, EVADTrace, boxes_to_original_frame
 
 SHARED_DIR = Path(os.environ.get("EVADLAB_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 GOLDEN_DIR = SHARED_DIR / "spec" / "golden"
@@ -111,7 +111,7 @@ def golden_targets(fx: dict) -> list[dict]:
 
 
 def build_golden_model(fx: dict, token_order: str) -> EVAD:
-    model = EVAD(**golden_model_kwargs(fx["config"]), token_order=token_order)
+    model = EVAD(EVADConfig(**golden_model_kwargs(fx["config"]), token_order=token_order))
     model.load_state_dict({name: value.contiguous() for name, value in fx["state_dict"].items()}, strict=True)
     return model
 

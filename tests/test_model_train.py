@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evadlab.models import EVAD, SetCriterion
+from evadlab.models import EVAD, BoxMode, EVADConfig, SetCriterion
 from evadlab.models.vit import attend_and_score
 
 SHARED_DIR = Path(os.environ.get("EVADLAB_SHARED") or Path(__file__).resolve().parents[2] / "shared")
@@ -42,7 +42,7 @@ NUM_ACTIONS = 80
 
 def tiny_model(**overrides) -> EVAD:
     torch.manual_seed(0)
-    return EVAD(**{**TINY_CONFIG, **overrides})
+    return EVAD(EVADConfig(**{**TINY_CONFIG, **overrides}))
 
 
 def make_clips(sizes: list[tuple[int, int]], seed: int = 1) -> list[torch.Tensor]:
@@ -136,8 +136,8 @@ def test_loss_terms_follow_the_spec():
         "loss_bce_0",
         "loss_bce",
     ]
-    assert len(SetCriterion(num_stages=6, num_decoder_blocks=6).loss_names) == 24  # ViT-B
-    assert len(SetCriterion(num_stages=6, num_decoder_blocks=12).loss_names) == 30  # ViT-L
+    assert len(SetCriterion(EVADConfig.vit_b()).loss_names) == 24  # 6 stages, 6 decoder blocks
+    assert len(SetCriterion(EVADConfig.vit_l()).loss_names) == 30  # 6 stages, 12 decoder blocks
 
 
 def test_clips_without_persons_give_finite_losses():
@@ -171,12 +171,13 @@ def test_predict_on_clips_of_different_sizes():
     for detection in detections:
         count = len(detection.proposal_indices)
         assert 1 <= count <= TINY_CONFIG["num_proposals"]
-        assert detection.boxes.shape == (count, 4)
+        assert detection.boxes.mode == BoxMode.ORIGINAL_XYXY_REL
+        assert detection.boxes.tensor.shape == (count, 4)
         assert detection.person_scores.shape == (count,)
         assert detection.action_scores.shape == (count, NUM_ACTIONS)
-        assert ((detection.boxes >= 0) & (detection.boxes <= 1)).all()
+        assert ((detection.boxes.tensor >= 0) & (detection.boxes.tensor <= 1)).all()
         assert ((detection.action_scores >= 0) & (detection.action_scores <= 1)).all()
-        passed = detection.person_scores >= model.person_threshold
+        passed = detection.person_scores >= model.config.person_threshold
         assert passed.all() or count == TINY_CONFIG["num_proposals"]
 
 
@@ -194,7 +195,7 @@ def test_predict_on_clips_of_different_sizes():
 )
 def test_invalid_arguments_are_rejected(overrides, message):
     with pytest.raises(ValueError, match=message):
-        EVAD(**{**TINY_CONFIG, **overrides})
+        EVADConfig(**{**TINY_CONFIG, **overrides})
 
 
 def read_state_dict_listing(path: Path) -> list[tuple[str, tuple[int, ...]]]:
@@ -234,6 +235,6 @@ def test_full_size_state_dict_matches_the_released_layout(listing, config):
     if not path.exists():
         pytest.skip(f"{path} not found (set EVADLAB_SHARED)")
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = EVAD(**config)
+        model = EVAD(EVADConfig(**config))
     actual = [(name, tuple(value.shape)) for name, value in model.state_dict().items()]
     assert actual == read_state_dict_listing(path)

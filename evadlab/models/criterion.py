@@ -12,6 +12,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou
 
+from .config import EVADConfig
 from .structures import StageOutput
 
 PERSON, NO_OBJECT = 0, 1
@@ -46,7 +47,7 @@ class HungarianMatcher:
         self.giou_weight = giou_weight
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, gt_boxes: Tensor, image_whwh: Tensor) -> Tensor:
-        """(P, n_gt) costs for one clip; boxes are absolute xyxy, `image_whwh` its unpadded [W, H, W, H]."""
+        """(P, n_gt) costs for one clip; boxes in `BoxMode.INPUT_XYXY_ABS`, `image_whwh` its unpadded [W, H, W, H]."""
         logits, boxes, gt_boxes = (
             _float_at_least_32(logits),
             _float_at_least_32(boxes),
@@ -85,30 +86,21 @@ class SetCriterion(nn.Module):
     (`loss_ce`, `loss_bce`), aux stage s and block i get `_s` / `_i`.
     """
 
-    def __init__(
-        self,
-        *,
-        num_stages: int,
-        num_decoder_blocks: int,
-        class_weight: float = 2.0,
-        l1_weight: float = 5.0,
-        giou_weight: float = 2.0,
-        action_weight: float = 12.0,
-        no_object_weight: float = 0.1,
-    ):
+    def __init__(self, config: EVADConfig):
+        """Terms for `config.num_stages` stages and `config.crd_depth` decoder blocks, with `config`'s weights."""
         super().__init__()
-        self.num_stages = num_stages
-        self.num_decoder_blocks = num_decoder_blocks
-        self.matcher = HungarianMatcher(class_weight, l1_weight, giou_weight)
+        self.num_stages = config.num_stages
+        self.num_decoder_blocks = config.crd_depth
+        self.matcher = HungarianMatcher(config.class_weight, config.l1_weight, config.giou_weight)
         # A buffer because the released state_dict carries it as `criterion.empty_weight`.
-        self.register_buffer("empty_weight", torch.tensor([1.0, no_object_weight]))
-        box_weights = {"ce": class_weight, "giou": giou_weight, "bbox": l1_weight}
+        self.register_buffer("empty_weight", torch.tensor([1.0, config.no_object_weight]))
+        box_weights = {"ce": config.class_weight, "giou": config.giou_weight, "bbox": config.l1_weight}
         self.loss_weights: dict[str, float] = {}
-        for suffix in [""] + [f"_{stage}" for stage in range(num_stages - 1)]:
+        for suffix in [""] + [f"_{stage}" for stage in range(self.num_stages - 1)]:
             self.loss_weights.update({f"loss_{name}{suffix}": weight for name, weight in box_weights.items()})
-        for block in range(num_decoder_blocks - 1):
-            self.loss_weights[f"loss_bce_{block}"] = action_weight
-        self.loss_weights["loss_bce"] = action_weight
+        for block in range(self.num_decoder_blocks - 1):
+            self.loss_weights[f"loss_bce_{block}"] = config.action_weight
+        self.loss_weights["loss_bce"] = config.action_weight
 
     @property
     def loss_names(self) -> list[str]:
@@ -117,7 +109,11 @@ class SetCriterion(nn.Module):
     def forward(
         self, stages: list[StageOutput], action_logits: list[Tensor], targets: list[dict], images_whwh: Tensor
     ) -> LossOutput:
-        """`targets[b]` holds "boxes" (n_b, 4) absolute xyxy in clip b's unpadded frame and "actions" (n_b, A) multi-hot."""
+        """Raw loss terms and per-stage matchings.
+
+        `targets[b]` holds "boxes" (n_b, 4) in `BoxMode.INPUT_XYXY_ABS` of clip b and "actions" (n_b, A) multi-hot.
+        Raises ValueError when the stage or decoder-output count differs from the configured one.
+        """
         if len(stages) != self.num_stages or len(action_logits) != self.num_decoder_blocks:
             raise ValueError(
                 f"expected {self.num_stages} stages and {self.num_decoder_blocks} decoder outputs, "

@@ -15,15 +15,12 @@ from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from .vit import (
-    POSITION_TABLE_GRID,
-    Attention,
-    maybe_checkpoint,
-    resize_position_table,
-    sinusoid_position_table,
-)
+from .config import POSITION_TABLE_GRID, EVADConfig
+from .vit import Attention, maybe_checkpoint, resize_position_table, sinusoid_position_table
 
 CRD_LAYERNORM_EPS = 1e-6
+# The released CRD blocks always use MLP ratio 4, whatever the backbone's.
+CRD_MLP_RATIO = 4.0
 ACTION_HEAD_LAYERNORM_EPS = 1e-5
 ROI_RESOLUTION = 7
 ROI_SAMPLING_RATIO = 2
@@ -82,7 +79,10 @@ def build_decoder_inputs(
 
 
 def extend_boxes(boxes: Tensor, extension: tuple[float, float], images_whwh: Tensor) -> Tensor:
-    """Widen (B, P, 4) xyxy boxes for context: each side moves out by ext*(size+1)/2, then clip to the unpadded image."""
+    """Widen (B, P, 4) boxes for context: each side moves out by ext*(size+1)/2, then clip to the unpadded image.
+
+    Boxes in and out are in `BoxMode.INPUT_XYXY_ABS`; `images_whwh` (B, 4) is [W, H, W, H] of each clip.
+    """
     extend_x, extend_y = extension
     half_width = (boxes[..., 2] - boxes[..., 0] + 1) * extend_x / 2
     half_height = (boxes[..., 3] - boxes[..., 1] + 1) * extend_y / 2
@@ -101,7 +101,7 @@ def extend_boxes(boxes: Tensor, extension: tuple[float, float], images_whwh: Ten
 def pool_actor_tokens(grid: Tensor, boxes: Tensor) -> Tensor:
     """One token per box: aligned 7x7 RoIAlign on every temporal slice, max over space, mean over time.
 
-    (B, C_d, t, h, w) grid at stride 16 and (B, P, 4) boxes -> (B, P, C_d).
+    (B, C_d, t, h, w) grid at stride 16 and (B, P, 4) boxes in `BoxMode.INPUT_XYXY_ABS` -> (B, P, C_d).
     """
     batch, dim, num_slices, height, width = grid.shape
     num_boxes = boxes.shape[1]
@@ -163,33 +163,27 @@ class DecoderBlock(nn.Module):
 class ContextRefinementDecoder(nn.Module):
     """D decoder blocks (no final norm) with deep supervision: every block yields action logits."""
 
-    def __init__(
-        self,
-        embed_dim: int = 384,
-        depth: int = 6,
-        num_heads: int = 6,
-        mlp_ratio: float = 4.0,
-        drop_path_rate: float = 0.1,
-        act_fc_dim: int = 2048,
-        num_actions: int = 80,
-    ):
+    def __init__(self, config: EVADConfig):
+        """`config.crd_depth` blocks of width `crd_embed_dim`, each ending in an `act_fc_dim` -> `num_actions` head."""
         super().__init__()
         # On the CPU explicitly, so that building under torch.device("meta") still works.
-        drop_path_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        drop_path_rates = torch.linspace(0, config.crd_drop_path_rate, config.crd_depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             DecoderBlock(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
+                config.crd_embed_dim,
+                config.crd_num_heads,
+                mlp_ratio=CRD_MLP_RATIO,
                 drop_path=block_drop_path,
-                act_fc_dim=act_fc_dim,
-                num_actions=num_actions,
+                act_fc_dim=config.act_fc_dim,
+                num_actions=config.num_actions,
             )
             for block_drop_path in drop_path_rates
         )
         # Fixed sinusoid, recomputed rather than saved, like the backbone's table.
         self.register_buffer(
-            "pos_embed", sinusoid_position_table(math.prod(POSITION_TABLE_GRID), embed_dim), persistent=False
+            "pos_embed",
+            sinusoid_position_table(math.prod(POSITION_TABLE_GRID), config.crd_embed_dim),
+            persistent=False,
         )
         self.apply(_init_decoder_weights)
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .config import EVADConfig
 from .criterion import LossOutput, SetCriterion
 from .decoder import (
     ContextRefinementDecoder,
@@ -26,12 +28,13 @@ from .localizer import (
     fpn_forward,
     resize_keyframe_maps,
 )
-from .structures import Detections, StageOutput, pad_and_stack_clips
+from .structures import Boxes, BoxMode, Detections, StageOutput, pad_and_stack_clips
 from .vit import BackboneOutput, KeyframeViT
 
 
 @dataclass
 class ClassifierOutput:
+    box_mode: ClassVar[BoxMode] = BoxMode.INPUT_XYXY_ABS
     action_logits: list[Tensor]  # per decoder block, (B, P, num_actions)
     roi_boxes: Tensor  # (B, P, 4) extended, clipped boxes the decoder pooled with
     grid: Tensor  # (B, C_d, t, h, w) dense token map the RoIAlign sampled
@@ -42,8 +45,9 @@ class ClassifierOutput:
 class EVADTrace:
     """Everything one forward pass computed, for debugging and for checking against reference numbers."""
 
+    box_mode: ClassVar[BoxMode] = BoxMode.INPUT_XYXY_ABS
     images_whwh: Tensor  # (B, 4) unpadded [W, H, W, H]
-    init_boxes: Tensor  # (B, P, 4) absolute xyxy
+    init_boxes: Tensor  # (B, P, 4)
     backbone: BackboneOutput
     pyramid: list[Tensor]  # FPN p2..p5
     stages: list[StageOutput]
@@ -71,33 +75,28 @@ def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     )
 
 
-def boxes_to_original_frame(boxes: Tensor, image_whwh: Tensor, original_size: tuple[int, int]) -> Tensor:
-    """Clip (..., 4) boxes of one clip to its [0, W-1] x [0, H-1] frame, scale them to the original (H, W) frame, clamp."""
-    original_height, original_width = original_size
-    clipped = torch.minimum(boxes.clamp(min=0), image_whwh - 1)
-    width, height = image_whwh[0], image_whwh[1]
-    scale = torch.stack([original_width / width, original_height / height] * 2)
-    limits = clipped.new_tensor([original_width, original_height] * 2)
-    return torch.minimum((clipped * scale).clamp(min=0), limits)
-
-
 def select_detections(
     pred_logits: Tensor,
-    pred_boxes: Tensor,
+    pred_boxes: Boxes,
     pred_actions: Tensor,
     image_whwh: Tensor,
     original_size: tuple[int, int],
     person_threshold: float,
 ) -> Detections:
-    """Spec §6.1 for one clip: keep proposals with person prob >= threshold (all of them if none passes)."""
+    """Spec §6.1 for one clip: keep the proposals with person probability >= threshold (all of them if none passes).
+
+    (P, 2) logits, P boxes in `BoxMode.INPUT_XYXY_ABS`, (P, A) action logits and the clip's unpadded [W, H, W, H];
+    the detection boxes come out clipped, in `BoxMode.ORIGINAL_XYXY_REL` of the original (H, W) frame.
+    """
     person_scores = pred_logits.softmax(-1)[:, 0]
     selected = torch.nonzero(person_scores >= person_threshold).squeeze(1)
     if selected.numel() == 0:
         selected = torch.arange(len(person_scores), device=person_scores.device)
-    original_height, original_width = original_size
-    boxes = boxes_to_original_frame(pred_boxes[selected], image_whwh, original_size)
+    boxes = pred_boxes[selected].convert(
+        BoxMode.ORIGINAL_XYXY_REL, image_whwh=image_whwh, original_size=original_size
+    )
     return Detections(
-        boxes=boxes / boxes.new_tensor([original_width, original_height] * 2),
+        boxes=boxes,
         person_scores=person_scores[selected],
         action_scores=pred_actions[selected].sigmoid(),
         proposal_indices=selected,
@@ -108,52 +107,15 @@ class DetectionHead(nn.Module):
     """`det_head` of the released checkpoints: the Sparse R-CNN stages (`s0_headseries`) and the CRD together
     with its token projection (`encoder_to_decoder`) and `mask_token`."""
 
-    def __init__(
-        self,
-        *,
-        embed_dim: int,
-        num_stages: int,
-        hidden_dim: int,
-        stage_num_heads: int,
-        dim_feedforward: int,
-        num_dynamic: int,
-        dim_dynamic: int,
-        num_cls_layers: int,
-        num_reg_layers: int,
-        crd_embed_dim: int,
-        crd_depth: int,
-        crd_num_heads: int,
-        crd_drop_path_rate: float,
-        roi_extension: tuple[float, float],
-        act_fc_dim: int,
-        num_actions: int,
-        token_order: str,
-    ):
+    def __init__(self, config: EVADConfig):
+        """Stages, token projection and CRD of `config`."""
         super().__init__()
-        self.roi_extension = roi_extension
-        self.token_order = token_order
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, crd_embed_dim))
-        self.s0_headseries = nn.ModuleList(
-            SparseRCNNStage(
-                hidden_dim,
-                stage_num_heads,
-                dim_feedforward,
-                num_dynamic=num_dynamic,
-                dim_dynamic=dim_dynamic,
-                num_cls_layers=num_cls_layers,
-                num_reg_layers=num_reg_layers,
-            )
-            for _ in range(num_stages)
-        )
-        self.encoder_to_decoder = nn.Linear(embed_dim, crd_embed_dim, bias=False)
-        self.decoder = ContextRefinementDecoder(
-            crd_embed_dim,
-            crd_depth,
-            crd_num_heads,
-            drop_path_rate=crd_drop_path_rate,
-            act_fc_dim=act_fc_dim,
-            num_actions=num_actions,
-        )
+        self.roi_extension = config.roi_extension
+        self.token_order = config.token_order
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.crd_embed_dim))
+        self.s0_headseries = nn.ModuleList(SparseRCNNStage(config) for _ in range(config.num_stages))
+        self.encoder_to_decoder = nn.Linear(config.embed_dim, config.crd_embed_dim, bias=False)
+        self.decoder = ContextRefinementDecoder(config)
         # The released head re-initialises every matrix-shaped parameter (the mask token included) this way.
         for parameter in self.parameters():
             if parameter.dim() > 1:
@@ -172,7 +134,7 @@ class DetectionHead(nn.Module):
     def classify(
         self, backbone: BackboneOutput, actor_boxes: Tensor, images_whwh: Tensor
     ) -> ClassifierOutput:
-        """Action logits of each decoder block for the (B, P, 4) actor boxes."""
+        """Action logits of each decoder block for the (B, P, 4) actor boxes (`BoxMode.INPUT_XYXY_ABS`)."""
         inputs = build_decoder_inputs(
             self.encoder_to_decoder(backbone.tokens),
             token_grid_positions(backbone.nonkey_idx, self.token_order),
@@ -199,97 +161,30 @@ class EVAD(KeyframeViT):
     loss `criterion`. `forward` takes a list of normalised (3, T, H_b, W_b) clips of any sizes.
     """
 
-    def __init__(
-        self,
-        *,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        drop_path_rate: float = 0.1,
-        fpn_indices: Sequence[int] = (2, 5, 8, 11),
-        keep_rates: Sequence[float] | None = None,
-        enhanced_weight: float = 1.0,
-        token_order: str = "released",
-        num_frames: int = 16,
-        num_proposals: int = 100,
-        hidden_dim: int = 256,
-        num_stages: int = 6,
-        stage_num_heads: int = 8,
-        dim_feedforward: int = 2048,
-        num_dynamic: int = 2,
-        dim_dynamic: int = 64,
-        num_cls_layers: int = 1,
-        num_reg_layers: int = 3,
-        crd_embed_dim: int = 384,
-        crd_depth: int = 6,
-        crd_num_heads: int = 6,
-        crd_drop_path_rate: float = 0.1,
-        roi_extension: tuple[float, float] = (0.4, 0.2),
-        act_fc_dim: int = 2048,
-        num_actions: int = 80,
-        class_weight: float = 2.0,
-        l1_weight: float = 5.0,
-        giou_weight: float = 2.0,
-        action_weight: float = 12.0,
-        no_object_weight: float = 0.1,
-        person_threshold: float = 0.7,
-        grad_checkpointing: bool = False,
-    ):
-        _validate_head_args(num_proposals, num_stages, crd_depth, roi_extension, person_threshold)
-        super().__init__(
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            drop_path_rate=drop_path_rate,
-            fpn_indices=fpn_indices,
-            keep_rates=keep_rates,
-            enhanced_weight=enhanced_weight,
-            token_order=token_order,
-            num_frames=num_frames,
-        )
-        self.person_threshold = person_threshold
-        self.det_head = DetectionHead(
-            embed_dim=embed_dim,
-            num_stages=num_stages,
-            hidden_dim=hidden_dim,
-            stage_num_heads=stage_num_heads,
-            dim_feedforward=dim_feedforward,
-            num_dynamic=num_dynamic,
-            dim_dynamic=dim_dynamic,
-            num_cls_layers=num_cls_layers,
-            num_reg_layers=num_reg_layers,
-            crd_embed_dim=crd_embed_dim,
-            crd_depth=crd_depth,
-            crd_num_heads=crd_num_heads,
-            crd_drop_path_rate=crd_drop_path_rate,
-            roi_extension=tuple(roi_extension),
-            act_fc_dim=act_fc_dim,
-            num_actions=num_actions,
-            token_order=token_order,
-        )
+    def __init__(self, config: EVADConfig | None = None):
+        """The detector `config` describes (None: released ViT-B without pruning); `self.config` keeps it.
+
+        Raises TypeError for anything but an EVADConfig (its values were validated when it was built).
+        """
+        super().__init__(config)
+        config = self.config
+        self.det_head = DetectionHead(config)
         # Top-level names (fpn_lateral2 ...) because that is where the released checkpoints keep them.
-        for name, conv in build_fpn_convs(embed_dim, hidden_dim).items():
+        for name, conv in build_fpn_convs(config.embed_dim, config.hidden_dim).items():
             self.add_module(name, conv)
-        self.init_proposal_features = nn.Embedding(num_proposals, hidden_dim)
-        self.init_proposal_boxes = nn.Embedding(num_proposals, 4)
+        self.init_proposal_features = nn.Embedding(config.num_proposals, config.hidden_dim)
+        self.init_proposal_boxes = nn.Embedding(config.num_proposals, 4)
         # Every proposal starts as the whole image: normalised (cx, cy, w, h) = (0.5, 0.5, 1, 1).
         nn.init.constant_(self.init_proposal_boxes.weight[:, :2], 0.5)
         nn.init.constant_(self.init_proposal_boxes.weight[:, 2:], 1.0)
-        self.criterion = SetCriterion(
-            num_stages=num_stages,
-            num_decoder_blocks=crd_depth,
-            class_weight=class_weight,
-            l1_weight=l1_weight,
-            giou_weight=giou_weight,
-            action_weight=action_weight,
-            no_object_weight=no_object_weight,
-        )
-        self.set_grad_checkpointing(grad_checkpointing)
+        self.criterion = SetCriterion(config)
+        self.set_grad_checkpointing(config.grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute backbone attention/MLP and decoder blocks in backward instead of storing their activations."""
+        """Recompute backbone attention/MLP and decoder blocks in backward instead of storing their activations.
+
+        Starts as `config.grad_checkpointing`; the (frozen) config is not updated when this is called later.
+        """
         for block in [*self.blocks, *self.det_head.decoder.blocks]:
             block.grad_checkpointing = enable
 
@@ -299,7 +194,7 @@ class EVAD(KeyframeViT):
         return laterals, outputs
 
     def initial_proposals(self, images_whwh: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, P, 4) whole-image-relative learned boxes in absolute xyxy, and (B, P, hidden) learned features."""
+        """(B, P, 4) learned boxes in `BoxMode.INPUT_XYXY_ABS` (stored image-relative) and (B, P, hidden) features."""
         boxes = box_cxcywh_to_xyxy(self.init_proposal_boxes.weight)[None] * images_whwh[:, None, :]
         features = self.init_proposal_features.weight[None].expand(len(images_whwh), -1, -1)
         return boxes, features
@@ -338,8 +233,8 @@ class EVAD(KeyframeViT):
     def forward(self, clips: list[Tensor], targets: list[dict] | None = None) -> dict[str, Tensor]:
         """Training with targets: {"loss": mean of the weighted terms, "loss_ce": weighted term, ...}.
 
-        Otherwise the raw head outputs: pred_logits (B, P, 2), pred_boxes (B, P, 4) absolute and unclipped,
-        pred_actions (B, P, num_actions) logits of the last decoder block, and images_whwh (B, 4).
+        Otherwise the raw head outputs: pred_logits (B, P, 2), pred_boxes (B, P, 4) in `BoxMode.INPUT_XYXY_ABS`,
+        unclipped, pred_actions (B, P, num_actions) logits of the last decoder block, and images_whwh (B, 4).
         """
         computes_loss = self.training and targets is not None
         trace = self.forward_trace(clips, targets if computes_loss else None)
@@ -355,7 +250,10 @@ class EVAD(KeyframeViT):
 
     @torch.no_grad()
     def predict(self, clips: list[Tensor], ori_sizes: Sequence[tuple[int, int]]) -> list[Detections]:
-        """Detections of each clip in its original (H, W) video frame, computed in eval mode (spec §6.1)."""
+        """Detections of each (3, T, H_b, W_b) clip, boxes relative to its original (H, W) video frame (spec §6.1).
+
+        Runs in eval mode and restores the caller's mode. Raises ValueError when the counts of clips and sizes differ.
+        """
         if len(ori_sizes) != len(clips):
             raise ValueError(f"got {len(ori_sizes)} original sizes for {len(clips)} clips")
         was_training = self.training
@@ -365,7 +263,9 @@ class EVAD(KeyframeViT):
         finally:
             self.train(was_training)
         return [
-            select_detections(logits, boxes, actions, whwh, tuple(size), self.person_threshold)
+            select_detections(
+                logits, Boxes(boxes, BoxMode.INPUT_XYXY_ABS), actions, whwh, tuple(size), self.config.person_threshold
+            )
             for logits, boxes, actions, whwh, size in zip(
                 outputs["pred_logits"],
                 outputs["pred_boxes"],
@@ -374,20 +274,3 @@ class EVAD(KeyframeViT):
                 ori_sizes,
             )
         ]
-
-
-def _validate_head_args(
-    num_proposals: int,
-    num_stages: int,
-    crd_depth: int,
-    roi_extension: Sequence[float],
-    person_threshold: float,
-) -> None:
-    if num_proposals < 1 or num_stages < 1 or crd_depth < 1:
-        raise ValueError(
-            f"num_proposals, num_stages and crd_depth must be >= 1, got {num_proposals}, {num_stages}, {crd_depth}"
-        )
-    if len(roi_extension) != 2 or any(extension < 0 for extension in roi_extension):
-        raise ValueError(f"roi_extension must be two non-negative (x, y) factors, got {roi_extension}")
-    if not 0.0 <= person_threshold <= 1.0:
-        raise ValueError(f"person_threshold must be a probability, got {person_threshold}")

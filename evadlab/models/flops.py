@@ -18,7 +18,6 @@ ViT-L, about 0.2 %): the spec's CRD numbers include only the last block's head, 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from .config import EVADConfig
 from .evad import EVAD
 
 # The input of the published table: 16 frames, short side 288, square.
@@ -83,10 +83,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def flops_report(model_kwargs: dict[str, Any], input_size: tuple[int, int, int]) -> dict[str, float | int]:
-    """GFLOPs at ``input_size`` and at the paper's 16x288x288, and the parameter count, of ``EVAD(**model_kwargs)``."""
+def flops_report(config: EVADConfig, input_size: tuple[int, int, int]) -> dict[str, float | int]:
+    """GFLOPs of ``EVAD(config)`` at ``input_size`` = (frames, height, width) and at the paper's 16x288x288, and its
+    parameter count, as ``{"gflops", "gflops_16x288x288", "params"}``. Builds the model on the meta device (no
+    weights); the keep rates counted are ``config.keep_rates``."""
     with torch.device("meta"):
-        model = EVAD(**model_kwargs)
+        model = EVAD(config)
     return {
         "gflops": count_flops(model, input_size) / 1e9,
         "gflops_16x288x288": count_flops(model, REFERENCE_INPUT_SIZE) / 1e9,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from .config import EVADConfig
 from .structures import StageOutput
 
 PYRAMID_LEVELS = (2, 3, 4, 5)
@@ -103,7 +104,10 @@ def multilevel_roi_align(pyramid: list[Tensor], boxes: Tensor) -> Tensor:
 
 
 def decode_box_deltas(deltas: Tensor, boxes: Tensor) -> Tensor:
-    """Apply (dx, dy, dw, dh) deltas, weighted by (2, 2, 1, 1), to absolute xyxy boxes; no clipping."""
+    """Apply (K, 4) deltas (dx, dy, dw, dh), weighted by (2, 2, 1, 1), to (K, 4) `BoxMode.INPUT_XYXY_ABS` boxes.
+
+    The result is not clipped.
+    """
     deltas = deltas.to(boxes.dtype)
     widths = boxes[:, 2] - boxes[:, 0]
     heights = boxes[:, 3] - boxes[:, 1]
@@ -145,15 +149,13 @@ class DynamicConv(nn.Module):
     """Sparse R-CNN instance interaction: each proposal's features generate two 1x1 "conv" kernels
     (hidden -> dim_dynamic -> hidden) that are applied to its own pooled RoI features."""
 
-    def __init__(self, hidden_dim: int = 256, dim_dynamic: int = 64, num_dynamic: int = 2):
+    def __init__(self, config: EVADConfig):
+        """Kernels of `config.hidden_dim` x `config.dim_dynamic`, generated from each proposal's features."""
         super().__init__()
-        if num_dynamic != 2:
-            raise ValueError(
-                f"DynamicConv generates exactly 2 kernels (hidden->dynamic->hidden); got num_dynamic={num_dynamic}"
-            )
+        hidden_dim, dim_dynamic = config.hidden_dim, config.dim_dynamic
         self.hidden_dim = hidden_dim
         self.dim_dynamic = dim_dynamic
-        self.dynamic_layer = nn.Linear(hidden_dim, num_dynamic * hidden_dim * dim_dynamic)
+        self.dynamic_layer = nn.Linear(hidden_dim, config.num_dynamic * hidden_dim * dim_dynamic)
         self.norm1 = nn.LayerNorm(dim_dynamic, eps=HEAD_LAYERNORM_EPS)
         self.norm2 = nn.LayerNorm(hidden_dim, eps=HEAD_LAYERNORM_EPS)
         self.out_layer = nn.Linear(hidden_dim * POOLER_RESOLUTION**2, hidden_dim)
@@ -174,31 +176,24 @@ class SparseRCNNStage(nn.Module):
     """One iterative refinement stage: pool, self-attend among proposals, dynamic conv, FFN, then
     classify (person vs no-object) and regress box deltas."""
 
-    def __init__(
-        self,
-        hidden_dim: int = 256,
-        num_heads: int = 8,
-        dim_feedforward: int = 2048,
-        num_dynamic: int = 2,
-        dim_dynamic: int = 64,
-        num_cls_layers: int = 1,
-        num_reg_layers: int = 3,
-    ):
+    def __init__(self, config: EVADConfig):
+        """Width `config.hidden_dim`, `stage_num_heads` proposal self-attention heads, FFN `dim_feedforward`."""
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True)
-        self.inst_interact = DynamicConv(hidden_dim, dim_dynamic, num_dynamic)
-        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
+        hidden_dim = config.hidden_dim
+        self.self_attn = nn.MultiheadAttention(hidden_dim, config.stage_num_heads, batch_first=True)
+        self.inst_interact = DynamicConv(config)
+        self.linear1 = nn.Linear(hidden_dim, config.dim_feedforward)
+        self.linear2 = nn.Linear(config.dim_feedforward, hidden_dim)
         self.norm1 = nn.LayerNorm(hidden_dim, eps=HEAD_LAYERNORM_EPS)
         self.norm2 = nn.LayerNorm(hidden_dim, eps=HEAD_LAYERNORM_EPS)
         self.norm3 = nn.LayerNorm(hidden_dim, eps=HEAD_LAYERNORM_EPS)
-        self.cls_module = linear_norm_relu_layers(hidden_dim, num_cls_layers)
-        self.reg_module = linear_norm_relu_layers(hidden_dim, num_reg_layers)
+        self.cls_module = linear_norm_relu_layers(hidden_dim, config.num_cls_layers)
+        self.reg_module = linear_norm_relu_layers(hidden_dim, config.num_reg_layers)
         self.class_logits = nn.Linear(hidden_dim, 2)
         self.bboxes_delta = nn.Linear(hidden_dim, 4)
 
     def forward(self, pyramid: list[Tensor], boxes: Tensor, proposal_features: Tensor) -> StageOutput:
-        """Refine (B, P, 4) boxes with (B, P, hidden) proposal features on the FPN levels p2..p5."""
+        """Refine (B, P, 4) `BoxMode.INPUT_XYXY_ABS` boxes with (B, P, hidden) proposal features on FPN p2..p5."""
         batch, num_proposals, hidden = proposal_features.shape
         roi_features = multilevel_roi_align(pyramid, boxes).flatten(2).transpose(1, 2)
 

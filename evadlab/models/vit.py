@@ -8,7 +8,7 @@ the original non-key index of every such token (see `KTPTrace` for the numbering
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,13 +17,9 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .config import PATCH_SIZE, POSITION_TABLE_GRID, TUBELET_SIZE, EVADConfig
 from .structures import KTPTrace
 
-TOKEN_ORDERS = ("released", "position")
-TUBELET_SIZE = 2
-PATCH_SIZE = 16
-# VideoMAE's fixed position table covers 16 frames / tubelet 2 = 8 slices of a 224/16 = 14x14 grid.
-POSITION_TABLE_GRID = (8, 14, 14)
 VIT_LAYERNORM_EPS = 1e-6
 # Queries per chunk of a pruning block's explicit attention: small enough for the chunk's probabilities to stay in cache.
 QUERY_CHUNK = 128
@@ -242,43 +238,39 @@ class BackboneOutput:
 class KeyframeViT(nn.Module):
     """VideoMAE ViT whose keyframe tokens feed an FPN and whose other tokens may be pruned by KTP."""
 
-    def __init__(
-        self,
-        *,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        drop_path_rate: float = 0.1,
-        fpn_indices: Sequence[int] = (2, 5, 8, 11),
-        keep_rates: Sequence[float] | None = None,
-        enhanced_weight: float = 1.0,
-        token_order: str = "released",
-        num_frames: int = 16,
-    ):
+    def __init__(self, config: EVADConfig | None = None):
+        """Backbone of `config` (None: released ViT-B): width, depth, heads, drop path, FPN taps and KTP settings.
+
+        Raises TypeError for anything but an EVADConfig.
+        """
         super().__init__()
-        keep_rates = [1.0] * depth if keep_rates is None else [float(rate) for rate in keep_rates]
-        _validate_backbone_args(depth, fpn_indices, keep_rates, enhanced_weight, token_order, num_frames)
-        self.fpn_indices = tuple(fpn_indices)
-        self.patch_embed = PatchEmbed(embed_dim)
+        if config is None:
+            config = EVADConfig()
+        if not isinstance(config, EVADConfig):
+            raise TypeError(
+                f"{type(self).__name__} takes an EVADConfig (EVADConfig.vit_b(...), or cfg.model.evad of an "
+                f"experiment), got {type(config).__name__}"
+            )
+        self.config = config
+        self.patch_embed = PatchEmbed(config.embed_dim)
         # On the CPU explicitly, so that building the model under torch.device("meta") (shape-only) still works.
-        drop_path_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        drop_path_rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             KTPBlock(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
+                config.embed_dim,
+                config.num_heads,
+                mlp_ratio=config.mlp_ratio,
                 drop_path=block_drop_path,
                 keep_rate=keep_rate,
-                enhanced_weight=enhanced_weight,
-                token_order=token_order,
+                enhanced_weight=config.enhanced_weight,
+                token_order=config.token_order,
             )
-            for block_drop_path, keep_rate in zip(drop_path_rates, keep_rates)
+            for block_drop_path, keep_rate in zip(drop_path_rates, config.keep_rates, strict=True)
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=VIT_LAYERNORM_EPS)
+        self.norm = nn.LayerNorm(config.embed_dim, eps=VIT_LAYERNORM_EPS)
         # A fixed table: recomputed, never saved, exactly as the released checkpoints expect.
         self.register_buffer(
-            "pos_embed", sinusoid_position_table(math.prod(POSITION_TABLE_GRID), embed_dim), persistent=False
+            "pos_embed", sinusoid_position_table(math.prod(POSITION_TABLE_GRID), config.embed_dim), persistent=False
         )
         self.apply(_init_vit_weights)
 
@@ -314,7 +306,7 @@ class KeyframeViT(nn.Module):
             ktp.nonkey_idx_after_block.append(nonkey_idx)
             if record_intermediates:
                 block_tokens.append(x)
-            if index in self.fpn_indices:
+            if index in self.config.fpn_indices:
                 keyframe = x[:, :num_key_tokens].transpose(1, 2)
                 keyframe_maps.append(keyframe.reshape(x.shape[0], -1, height, width))
         return BackboneOutput(
@@ -329,36 +321,6 @@ class KeyframeViT(nn.Module):
 
     def forward(self, images: Tensor) -> BackboneOutput:
         return self.forward_features(images)
-
-
-def _validate_backbone_args(
-    depth: int,
-    fpn_indices: Sequence[int],
-    keep_rates: list[float],
-    enhanced_weight: float,
-    token_order: str,
-    num_frames: int,
-) -> None:
-    if len(keep_rates) != depth:
-        raise ValueError(f"keep_rates needs one rate per block: got {len(keep_rates)} for depth {depth}")
-    if any(not 0.0 < rate <= 1.0 for rate in keep_rates):
-        raise ValueError(f"every keep rate must be in (0, 1], got {keep_rates}")
-    if len(fpn_indices) != 4 or any(not 0 <= index < depth for index in fpn_indices):
-        raise ValueError(f"fpn_indices needs 4 block indices in [0, {depth}), got {list(fpn_indices)}")
-    if list(fpn_indices) != sorted(set(fpn_indices)):
-        raise ValueError(
-            f"fpn_indices must be strictly increasing (fine to coarse levels), got {list(fpn_indices)}"
-        )
-    if enhanced_weight <= 0:
-        raise ValueError(f"enhanced_weight must be positive, got {enhanced_weight}")
-    if token_order not in TOKEN_ORDERS:
-        raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {token_order!r}")
-    table_frames = POSITION_TABLE_GRID[0] * TUBELET_SIZE
-    if num_frames != table_frames:
-        raise ValueError(
-            f"num_frames must be {table_frames}: the fixed position table has {POSITION_TABLE_GRID[0]} temporal "
-            f"slices of {TUBELET_SIZE} frames (got {num_frames})"
-        )
 
 
 def _init_vit_weights(module: nn.Module) -> None:

@@ -37,7 +37,7 @@ def plot_map_vs_gflops(rows: list[dict[str, Any]], path: Path, title: str) -> Pa
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["gflops"])
     axis.plot([r["gflops"] for r in front], [r["mAP"] for r in front], "o-", color="tab:red", label="Pareto front")
     for row in rows:
-        axis.annotate(f"k={row['keep_rate']:g}, ew={row['enhanced_weight']:g}", (row["gflops"], row["mAP"]),
+        axis.annotate(f"k={row['keep_rate']}, ew={row['enhanced_weight']:g}", (row["gflops"], row["mAP"]),
                       fontsize=7, xytext=(4, 4), textcoords="offset points")
     axis.set_xlabel("GFLOPs (16x288x288)")
     axis.set_ylabel("frame-mAP@0.5")
@@ -51,16 +51,19 @@ def plot_map_vs_gflops(rows: list[dict[str, Any]], path: Path, title: str) -> Pa
 
 
 def trade_off_table(runs) -> list[dict[str, Any]]:
-    """One row per finished MLflow run that has both GFLOPs and mAP, Pareto-optimal ones marked."""
+    """One row per finished MLflow run that has both GFLOPs and mAP, Pareto-optimal ones marked.
+
+    ``keep_rate`` is the run's ``evadlab.keep_rate`` tag, the label of the rates its model really used (runs logged
+    before that tag existed fall back to the ``model.keep_rate`` param)."""
     rows = []
     for run in runs:
-        metrics, params = run.data.metrics, run.data.params
+        metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
         if "model/gflops" not in metrics or "val/mAP" not in metrics:
             continue
         rows.append({
             "run_id": run.info.run_id,
-            "run_name": run.data.tags.get("mlflow.runName", ""),
-            "keep_rate": float(params.get("model.keep_rate", "nan")),
+            "run_name": tags.get("mlflow.runName", ""),
+            "keep_rate": tags.get("evadlab.keep_rate") or params.get("model.keep_rate", "?"),
             "enhanced_weight": float(params.get("model.enhanced_weight", "nan")),
             "gflops": metrics["model/gflops"],
             "mAP": metrics["val/mAP"],
@@ -75,7 +78,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     header = f"{'keep':>5} {'EW':>4} {'GFLOPs':>8} {'mAP':>7} {'clips/s':>8}  pareto  run_id"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['keep_rate']:>5g} {r['enhanced_weight']:>4g} {r['gflops']:>8.2f} {r['mAP']:>7.4f} "
+        lines.append(f"{r['keep_rate']:>5} {r['enhanced_weight']:>4g} {r['gflops']:>8.2f} {r['mAP']:>7.4f} "
                      f"{r['clips_per_s']:>8.2f}  {'*' if r['pareto'] else ' ':^6}  {r['run_id']}")
     return "\n".join(lines)
 

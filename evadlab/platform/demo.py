@@ -56,10 +56,8 @@ def detect_keyframes(model, frames: VideoFileFrames, times: np.ndarray, cfg: Exp
         clip = resize_short_side(frames.read(frames.clip_indices(float(time_s))), cfg.data.short_side,
                                  cfg.data.max_long_side)
         (found,) = model.predict([to_model_input(clip, cfg.data.mean, cfg.data.std).to(device)], [(height, width)])
-        keep = found.person_scores >= cfg.model.person_threshold
-        detections.append(Detections(boxes=found.boxes[keep].cpu(), person_scores=found.person_scores[keep].cpu(),
-                                     action_scores=found.action_scores[keep].float().cpu(),
-                                     proposal_indices=found.proposal_indices[keep].cpu()))
+        # predict falls back to every proposal when none passes; the demo draws only real persons.
+        detections.append(found[found.person_scores >= cfg.model.person_threshold].to("cpu", torch.float32))
     return detections
 
 
@@ -67,7 +65,7 @@ def draw(frame: np.ndarray, found: Detections) -> np.ndarray:
     image = Image.fromarray(frame)
     canvas = ImageDraw.Draw(image)
     height, width = frame.shape[:2]
-    for index, (box, scores) in enumerate(zip(found.boxes.tolist(), found.action_scores)):
+    for index, (box, scores) in enumerate(zip(found.boxes.tensor.tolist(), found.action_scores)):
         colour = BOX_COLOURS[index % len(BOX_COLOURS)]
         x1, y1, x2, y2 = box[0] * width, box[1] * height, box[2] * width, box[3] * height
         canvas.rectangle([x1, y1, x2, y2], outline=colour, width=max(2, width // 320))
@@ -106,7 +104,7 @@ def detections_table(video_id: str, times: np.ndarray, detections: list[Detectio
                                                        "score")}
     actions = np.arange(1, 81)
     for time_s, found in zip(times, detections):
-        for box, scores in zip(found.boxes.numpy(), found.action_scores.numpy()):
+        for box, scores in zip(found.boxes.tensor.numpy(), found.action_scores.numpy()):
             columns["video_id"] += [video_id] * len(actions)
             columns["timestamp"] += [int(time_s)] * len(actions)
             for axis, name in enumerate(("x1", "y1", "x2", "y2")):

@@ -50,7 +50,7 @@ def detect_clips(model, rows: list[dict[str, Any]], cfg: ExperimentConfig, class
         frames, _ = decode_clip(row, flip=False)
         clip = to_model_input(frames, cfg.data.mean, cfg.data.std).to(device)
         (detections,) = model.predict([clip], [(int(row["orig_height"]), int(row["orig_width"]))])
-        boxes = detections.boxes.float().cpu().numpy()
+        boxes = detections.boxes.tensor.float().cpu().numpy()
         scores = detections.action_scores.float().cpu().numpy()[:, class_ids - 1]
         num_boxes = len(boxes)
         columns["video_id"].append(np.full(num_boxes * len(class_ids), str(row["video_id"]), dtype=object))

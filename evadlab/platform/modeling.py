@@ -10,7 +10,7 @@ from evadlab.models.checkpoints import load_evad_checkpoint, load_pretrained_bac
 def build_model(model_cfg: ModelConfig, checkpoint: str | None = None) -> EVAD:
     """EVAD from its config. ``checkpoint`` (or ``model.checkpoint``) is a full EVAD checkpoint, released or
     ours; otherwise ``model.pretrained`` initialises the backbone from a VideoMAE file."""
-    model = EVAD(**model_cfg.evad_kwargs())
+    model = EVAD(model_cfg.evad)
     checkpoint = checkpoint or model_cfg.checkpoint
     if checkpoint:
         load_evad_checkpoint(model, checkpoint)

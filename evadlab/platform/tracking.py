@@ -42,7 +42,10 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def trade_off_tags(cfg: ExperimentConfig, gflops: float | None = None) -> dict[str, str]:
-    tags = {"evadlab.keep_rate": str(cfg.model.keep_rate), "evadlab.enhanced_weight": str(cfg.model.enhanced_weight),
+    """The run's trade-off tags; the keep rate is the label of the rates the model really uses (per-block
+    ``model.keep_rates`` included), not the scalar ``model.keep_rate``."""
+    evad = cfg.model.evad
+    tags = {"evadlab.keep_rate": evad.keep_rate_label, "evadlab.enhanced_weight": str(evad.enhanced_weight),
             "evadlab.variant": cfg.model.variant}
     if gflops is not None:
         tags["evadlab.gflops"] = f"{gflops:.1f}"

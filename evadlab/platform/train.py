@@ -298,7 +298,7 @@ def set_up_run(cfg: ExperimentConfig, parent_run_id: str | None) -> RunSetup:
         check_tracking_uri(tracking_uri)
     location = storage.absolute(cfg.train.storage_path)
     run_name = run_name_for(cfg, location)
-    report = flops_report(cfg.model.evad_kwargs(), (cfg.model.num_frames, cfg.data.short_side, cfg.data.short_side))
+    report = flops_report(cfg.model.evad, (cfg.model.num_frames, cfg.data.short_side, cfg.data.short_side))
     model_metrics = {"model/gflops": report["gflops_16x288x288"], "model/gflops_input": report["gflops"],
                      "model/params": report["params"]}
     setup = RunSetup(run_name=run_name, storage=location, mlflow_run_id="", tracking_uri=tracking_uri,
