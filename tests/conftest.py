@@ -29,9 +29,14 @@ def mini_ava(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The project's shared folder (spec, reference samples); EVADLAB_SHARED overrides its location."""
-    return Path(os.environ.get("EVADLAB_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+def test_data() -> Path:
+    """tests/data: the golden fixture, the released key listings and real AVA-format samples (see its README)."""
+    return Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_dir(test_data) -> Path:
+    return test_data
 
 
 @pytest.fixture(scope="session")

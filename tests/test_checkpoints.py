@@ -53,14 +53,14 @@ def target_model() -> EVAD:
     ("variant", "key_file", "num_keys"),
     [("vit_b", "evad_vit_b_state_dict.txt", 529), ("vit_l", "evad_vit_l_state_dict.txt", 793)],
 )
-def test_state_dict_equals_the_released_key_list(shared_dir, variant, key_file, num_keys):
+def test_state_dict_equals_the_released_key_list(test_data, variant, key_file, num_keys):
     with torch.device("meta"):
         model = EVAD(EVADConfig.from_variant(variant, keep_rate=0.7))
     ours = {
         name: (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
         for name, tensor in model.state_dict().items()
     }
-    released = read_key_list(shared_dir / "spec" / key_file)
+    released = read_key_list(test_data / "spec" / key_file)
     assert len(released) == num_keys
     assert sorted(set(ours) - set(released)) == []
     assert sorted(set(released) - set(ours)) == []

@@ -4,7 +4,6 @@ validation, and the released state_dict layout of the full-size configs."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import torch
 from evadlab.models import EVAD, BoxMode, EVADConfig, SetCriterion
 from evadlab.models.vit import attend_and_score
 
-SHARED_DIR = Path(os.environ.get("EVADLAB_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-SPEC_DIR = SHARED_DIR / "spec"
+SPEC_DIR = Path(__file__).resolve().parent / "data" / "spec"
 
 TINY_CONFIG = {
     "embed_dim": 96,
