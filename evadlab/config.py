@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evadlab.storage import absolute
+
 AVA_ANNOTATIONS = {
     "train_annotations": "ava_train_v2.2.csv",
     "val_annotations": "ava_val_v2.2.csv",
@@ -283,8 +285,8 @@ class ExperimentConfig(Section):
         for section, key in _LOCAL_PATHS:
             owner = getattr(self, section) if section else self
             value = getattr(owner, key)
-            if value and "://" not in value and not Path(value).is_absolute():
-                object.__setattr__(owner, key, str(Path(value).resolve()))
+            if value:
+                object.__setattr__(owner, key, absolute(value))
         object.__setattr__(self.tracking, "uri", self.tracking.resolved_uri())
         return self
 
