@@ -33,7 +33,8 @@ from reference_frame_map import (
     rows_by_key_from_table,
 )
 
-from evadlab.pipelines.ava_map import evaluate_files, frame_map, write_detections_csv
+from evadlab.pipelines.ava import write_detections_csv
+from evadlab.pipelines.ava_map import evaluate_files, frame_map
 
 # The 60 evaluated AVA ids (ActivityNet 2018/2019 label map).
 AVA_CLASS_IDS = (1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 20, 22, 24, 26, 27, 28, 29, 30, 34, 36, 37,

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from evadlab.models.config import VARIANTS, EVADConfig, EVADConfigError, keep_rates_at
 
+from evadlab.storage import absolute
+
 AVA_ANNOTATIONS = {
     "train_annotations": "ava_train_v2.2.csv",
     "val_annotations": "ava_val_v2.2.csv",
@@ -233,8 +235,8 @@ class ExperimentConfig(Section):
         for section, key in _LOCAL_PATHS:
             owner = getattr(self, section) if section else self
             value = getattr(owner, key)
-            if value and "://" not in value and not Path(value).is_absolute():
-                object.__setattr__(owner, key, str(Path(value).resolve()))
+            if value:
+                object.__setattr__(owner, key, absolute(value))
         object.__setattr__(self.tracking, "uri", self.tracking.resolved_uri())
         return self
 

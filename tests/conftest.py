@@ -1,4 +1,4 @@
-"""Generic session fixtures: a local Ray, the synthetic mini-AVA, the shared reference folder, an MLflow server."""
+"""Generic session fixtures: a local Ray, the synthetic mini-AVA, the test data folder, an MLflow server."""
 
 from __future__ import annotations
 
@@ -33,10 +33,6 @@ def test_data() -> Path:
     """tests/data: the golden fixture, the released key listings and real AVA-format samples (see its README)."""
     return Path(__file__).resolve().parent / "data"
 
-
-@pytest.fixture(scope="session")
-def shared_dir(test_data) -> Path:
-    return test_data
 
 
 @pytest.fixture(scope="session")

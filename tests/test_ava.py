@@ -1,3 +1,5 @@
+import dataclasses
+import re
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -8,18 +10,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from evadlab.pipelines import ava
 from evadlab.pipelines.ava import (
+    ALL_ACTION_IDS,
     AVA_ACTION_NAMES,
+    DETECTION_ROW_COLUMNS,
     EVALUATED_ACTION_IDS,
+    DroppedRowsWarning,
     clip_frame_indices,
     clip_sample_times,
+    detection_rows,
     group_keyframes,
     keyframe_frame_index,
     nearest_frame_indices,
     read_annotations,
+    read_boxes_csv,
     read_exclusions,
     read_frame_list,
     read_label_map,
+    stack_detection_rows,
+    write_detections_csv,
 )
 
 ACTIVITYNET_PBTXT = "activitynet_evaluation_ava/ava_action_list_v2.1_for_activitynet_2018.pbtxt.txt"
@@ -27,8 +37,8 @@ MMACTION_LABEL_MAP = "mmaction2_tools_data_ava/label_map.txt"
 MMACTION_FRAMES = "mmaction2_tests_data_imgs"
 
 
-def test_the_released_label_maps_give_the_60_evaluated_classes(tmp_path, shared_dir):
-    samples = shared_dir / "ava_samples"
+def test_the_released_label_maps_give_the_60_evaluated_classes(tmp_path, test_data):
+    samples = test_data / "ava_samples"
     label_id_form = tmp_path / "ava_action_list_v2.2_for_activitynet_2019.pbtxt"
     label_id_form.write_text((samples / ACTIVITYNET_PBTXT).read_text().replace("  id:", "  label_id:"))
     one_line_items = tmp_path / "one_line.pbtxt"
@@ -124,6 +134,124 @@ def test_detections_read_the_eighth_column_as_a_score(tmp_path):
     assert group_keyframes(table)[0].person_ids == [-1]
 
 
+GOOD_DETECTION = "vid,0902,0.1,0.2,0.3,0.4,12,0.5"
+GOOD_GROUNDTRUTH = "vid,0902,0.1,0.2,0.3,0.4,12,1"
+
+
+@pytest.mark.parametrize(("line", "is_detection", "prepare_reason", "official"), [
+    # Zero extent: rounding made a thin box flat. The official reader reads it; its metric never matches such
+    # ground truth and leaves such a detection out.
+    ("vid,0902,0.3,0.2,0.3,0.4,12,1", False, "x2 0.3 <= x1 0.3: the box has no width", "keep"),
+    ("vid,0902,0.1,0.4,0.3,0.4,12,0.5", True, "y2 0.4 <= y1 0.4: the box has no height", "keep"),
+    ("vid,0902,0.3,0.2,0.1,0.4,12,0.5", True, "x2 0.1 <= x1 0.3: the box has no width", "refuse"),
+    ("vid,0902,0.3,0.2,0.1,0.4,12,1", False, "x2 0.1 <= x1 0.3: the box has no width", "refuse"),
+    (",0902,0.1,0.2,0.3,0.4,12,1", False, "empty video id", "keep"),
+    ("vid,0902,0.1,0.2,0.3,0.4,81,1", False, "action id 81 outside 1..80", "keep"),
+    ("vid,-1,0.1,0.2,0.3,0.4,12,0.5", True, "timestamp -1 outside 0..2147483647", "refuse"),
+    ("vid,09o2,0.1,0.2,0.3,0.4,12,0.5", True, "timestamp '09o2' is not an integer", "refuse"),
+    ("vid,0902,nan,0.2,0.3,0.4,12,0.5", True, "x1 nan outside [0, 1]", "refuse"),
+    ("vid,0902,0.1,0.2,0.3,1.2,12,0.5", True, "y2 1.2 outside [0, 1]", "refuse"),
+    ("vid,0902,0.1,0.2,0.3,0.4,12,inf", True, "score inf is not a finite number", "refuse"),
+    ("vid,0902,0.1,0.2,0.3,0.4,12", True, "7 fields, expected 8: 'vid,0902,0.1,0.2,0.3,0.4,12'", "refuse"),
+    ("", True, None, "refuse"),  # a blank line holds no data: prepare skips it
+])
+def test_one_rule_set_read_in_two_modes(tmp_path, line, is_detection, prepare_reason, official):
+    path = tmp_path / "boxes.csv"
+    path.write_text((GOOD_DETECTION if is_detection else GOOD_GROUNDTRUTH) + "\n" + line + "\n")
+
+    table, rejections = read_annotations(path, is_detection=is_detection, mode="prepare")
+    assert table["line"].to_pylist() == [1]
+    if prepare_reason is None:
+        assert rejections == []
+    else:
+        assert [str(rejection) for rejection in rejections] == [f"{path}:2: {prepare_reason}"]
+
+    if official == "refuse":
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:2: "):
+            read_annotations(path, is_detection=is_detection, mode="official")
+        return
+    table, dropped = read_annotations(path, is_detection=is_detection, mode="official")
+    assert table["line"].to_pylist() == [1, 2] and dropped == []
+
+
+def test_leaving_flat_detections_out_in_official_mode_is_one_table_entry(tmp_path, monkeypatch):
+    """What the official evaluator does with detections without extent, moved into the reader: the rows go, and one
+    warning gives their count and the first of them."""
+    rules = [dataclasses.replace(rule, official=ava._Action.REJECT)
+             if rule.check is ava._flat_box and rule.files == (ava.DETECTIONS,) else rule for rule in ava._RULES]
+    monkeypatch.setattr(ava, "_RULES", tuple(rules))
+    path = tmp_path / "detections.csv"
+    path.write_text(f"{GOOD_DETECTION}\nvid,0902,0.3,0.2,0.3,0.4,12,0.9\nvid,0902,0.3,0.2,0.3,0.4,14,0.9\n")
+    with pytest.warns(DroppedRowsWarning, match=r"2 row\(s\) left out.*first, line 2: x2 0.3 <= x1 0.3"):
+        table = read_boxes_csv(path, is_detection=True)
+    assert table.column("score").to_pylist() == [0.5]
+
+
+@pytest.mark.parametrize("field", ["0.25", ".25", "2.5e-1", "+0.25", " 0.25 ", "0x1", "1_0", "abc", "", "0,25", "--1"])
+def test_both_modes_read_a_number_alike(tmp_path, field):
+    """Prepare reads text and converts it field by field, official mode reads typed columns: one syntax for both."""
+    path = tmp_path / "detections.csv"
+    path.write_text(f"vid,0902,{field},0.2,0.5,0.4,12,0.5\n")
+    table, rejections = read_annotations(path, is_detection=True, mode="prepare")
+    try:
+        official, _ = read_annotations(path, is_detection=True, mode="official")
+    except ValueError:
+        official = None
+    assert (official is not None) == (table.num_rows == 1) == (not rejections)
+    if official is not None:
+        assert official["x1"].to_pylist() == table["x1"].to_pylist() == [0.25]
+
+
+def test_a_column_of_bad_fields_is_reported_line_by_line(tmp_path):
+    path = tmp_path / "gt.csv"
+    lines = [f"vid,{902 + index},0.1,0.2,0.3,0.4,12,{'p' if index % 2 else index}" for index in range(2000)]
+    path.write_text("\n".join(lines) + "\n")
+    table, rejections = read_annotations(path)
+    assert table["person_id"].to_pylist() == list(range(0, 2000, 2))
+    assert [rejection.line for rejection in rejections] == list(range(2, 2001, 2))
+    assert {rejection.reason for rejection in rejections} == {"person id 'p' is not an integer"}
+
+
+def test_detection_rows_of_one_keyframe():
+    boxes = np.array([[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.9, 1.0]], np.float32)
+    scores = np.arange(2 * 80, dtype=np.float32).reshape(2, 80) / 1000
+    rows = detection_rows("vid", 902, boxes, scores, [12, 1, 80])
+
+    assert tuple(rows) == DETECTION_ROW_COLUMNS
+    assert rows["video_id"].tolist() == ["vid"] * 6 and rows["timestamp"].tolist() == [902] * 6
+    assert rows["box_index"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert rows["action_id"].tolist() == [12, 1, 80] * 2
+    box_of_row = [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(rows["score"], scores[box_of_row, [11, 0, 79, 11, 0, 79]])
+    np.testing.assert_array_equal(np.stack([rows[name] for name in ("x1", "y1", "x2", "y2")], 1), boxes[box_of_row])
+    assert rows["x1"].dtype == np.float32 and rows["score"].dtype == np.float32
+
+    none = detection_rows("vid", 903, np.zeros((0, 4)), np.zeros((0, 80)), ALL_ACTION_IDS)
+    assert all(len(values) == 0 for values in none.values())
+    with pytest.raises(ValueError, match="boxes must be"):
+        detection_rows("vid", 902, boxes[:, :3], scores, [1])
+    with pytest.raises(ValueError, match="class ids"):
+        detection_rows("vid", 902, boxes, scores[:, :60], [80])
+
+
+def test_detection_rows_written_and_read_back(tmp_path):
+    boxes = np.array([[0.1, 0.2, 0.3, 0.4]])
+    parts = [detection_rows("b", 903, boxes, np.full((1, 80), 0.25), EVALUATED_ACTION_IDS),
+             detection_rows("a", 902, np.zeros((0, 4)), np.zeros((0, 80)), EVALUATED_ACTION_IDS),
+             detection_rows("a", 1800, boxes * 2, np.full((1, 80), 0.75), ALL_ACTION_IDS)]
+    stacked = stack_detection_rows(parts)
+    assert len(stacked["score"]) == 60 + 80 and stack_detection_rows([])["score"].shape == (0,)
+    path = tmp_path / "out" / "detections.csv"
+    write_detections_csv(path, stacked)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "b,0903,0.100,0.200,0.300,0.400,1,0.2500"
+    assert lines[-1] == "a,1800,0.200,0.400,0.600,0.800,80,0.7500"
+    table = read_boxes_csv(path, is_detection=True, class_ids=EVALUATED_ACTION_IDS)
+    assert table.column("key").to_pylist() == ["b,0903"] * 60 + ["a,1800"] * 60
+    assert table.column("score").to_pylist() == [0.25] * 60 + [0.75] * 60
+    assert [p.name for p in path.parent.iterdir()] == ["detections.csv"]
+
+
 def test_keyframes_group_boxes_by_their_text_like_the_released_reader(tmp_path):
     path = tmp_path / "gt.csv"
     path.write_text(
@@ -182,8 +310,8 @@ def test_keyframe_and_clip_frame_indices():
     np.testing.assert_allclose(times, np.array(clip) / 30)
 
 
-def test_frame_list_round_trip_with_real_jpegs(tmp_path, shared_dir):
-    images = sorted((shared_dir / "ava_samples" / MMACTION_FRAMES).glob("img_*.jpg"))
+def test_frame_list_round_trip_with_real_jpegs(tmp_path, test_data):
+    images = sorted((test_data / "ava_samples" / MMACTION_FRAMES).glob("img_*.jpg"))
     assert len(images) == 10
     video_id = "-mmaction2xx"
     (tmp_path / "frames" / video_id).mkdir(parents=True)

@@ -11,15 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from evadlab.pipelines.ava import read_annotations, read_boxes_csv, read_exclusions, write_detections_csv
 from evadlab.pipelines.ava_map import (
     STRICT_IOU_THRESHOLDS,
     ava_map_command,
     evaluate_files,
     frame_map,
     parse_iou_thresholds,
-    read_boxes_csv,
-    read_exclusions,
-    write_detections_csv,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -237,6 +235,20 @@ def test_zero_extent_boxes_are_accepted_and_treated_as_the_official_code_does(tm
     assert (result.num_groundtruth, result.num_detections) == (2, 1)
 
 
+def test_a_zero_width_box_in_both_modes(tmp_path, labelmap):
+    """One rule set: prepare mode rejects the flat boxes by file and line; official mode reads them, and the metric
+    scores them exactly as the official evaluator (the ground truth is never matched, the detection is left out)."""
+    gt = write(tmp_path / "gt.csv", GT_ONE_BOX + "v,0902,0.7,0.7,0.7,0.9,1,0\n")
+    det = write(tmp_path / "det.csv", "v,0902,0.0,0.0,0.5,0.5,1,0.9\nv,0902,0.7,0.7,0.7,0.9,1,0.95\n")
+    for path, is_detection in ((gt, False), (det, True)):
+        _, rejections = read_annotations(path, is_detection=is_detection, mode="prepare")
+        assert [str(rejection) for rejection in rejections] == [f"{path}:2: x2 0.7 <= x1 0.7: the box has no width"]
+    assert read_boxes_csv(det, is_detection=True).num_rows == 2
+    result = evaluate_files(labelmap, gt, det)
+    assert (result.num_groundtruth, result.num_detections) == (2, 1)
+    assert_matches_reference(result, reference_evaluate_files(labelmap, gt, det), (0.5,))
+
+
 def test_empty_detections_give_zero_ap(tmp_path, labelmap):
     result = evaluate_text(tmp_path, labelmap, GT_ONE_BOX, "")
     assert result.per_class[1] == 0.0 and result.mAP == 0.0 and result.num_detections == 0
@@ -261,19 +273,19 @@ def test_strict_thresholds_are_evads_linspace_and_average_per_class(tmp_path, la
 @pytest.mark.parametrize("text, is_detection, line, message", [
     ("v,0902,0.1,0.1,0.5,0.5,1,0.9\nv,0902,0.1,0.1,0.5,0.5,1\n", True, 2, "expected 8"),
     ("v,0902,0.1,0.1,0.5,0.5,1,0.9\nv,0902,0.1,0.1,0.5,0.5,1,0.9\nv,0902,abc,0.1,0.5,0.5,1,0.9\n", True, 3, "x1"),
-    ("v,0902,0.1,0.1,0.5,0.5,1.5,0.9\n", True, 1, "action_id"),
+    ("v,0902,0.1,0.1,0.5,0.5,1.5,0.9\n", True, 1, "action id"),
     ("v,0902,0.5,0.1,0.4,0.5,1,0.9\n", True, 1, "x2"),
     ("v,0902,0.1,0.6,0.5,0.5,1,0.9\n", True, 1, "y2"),
     ("v,0902,0.1,0.1,0.5,1.2,1,0.9\n", True, 1, "outside"),
     ("v,0902,0.1,0.1,0.5,0.5,1,nan\n", True, 1, "score"),
-    ("v,0902,0.1,0.1,0.5,0.5,1,0.9\n\nv,0902,0.1,0.1,0.5,0.5,1,0.9\n", True, 2, "timestamp"),
+    ("v,0902,0.1,0.1,0.5,0.5,1,0.9\n\nv,0902,0.1,0.1,0.5,0.5,1,0.9\n", True, 2, "blank line"),
     ("v,-1,0.1,0.1,0.5,0.5,1,0.9\n", True, 1, "timestamp"),
     ("v,0902,0.1,0.1,0.5,0.5,1,3\nv,0902,0.1,0.1,0.5,0.5,1,3,9\n", False, 2, "expected 8"),
-    ("v,0902,0.1,0.1,0.5,0.5,1\nv,0902,0.1,0.1,0.5,0.5,x\n", False, 2, "action_id"),
+    ("v,0902,0.1,0.1,0.5,0.5,1\nv,0902,0.1,0.1,0.5,0.5,x\n", False, 2, "action id"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, text, is_detection, line, message):
     path = write(tmp_path / "boxes.csv", text)
-    with pytest.raises(ValueError, match=rf"boxes\.csv, line {line}: .*{message}"):
+    with pytest.raises(ValueError, match=rf"boxes\.csv:{line}: .*{message}"):
         read_boxes_csv(path, is_detection=is_detection)
 
 
@@ -286,14 +298,17 @@ def test_read_boxes_keeps_file_order_and_scores(tmp_path):
     assert table.column("x2").to_pylist() == [0.3, 1.0]
 
 
-def test_read_exclusions_gives_official_keys(tmp_path):
+def test_exclusions_match_official_keys(tmp_path):
     excluded = write(tmp_path / "excluded.csv", "abc,902\nabc,0903\n")
-    assert read_exclusions(excluded) == {"abc,0902", "abc,0903"}
+    assert read_exclusions(excluded) == {("abc", 902), ("abc", 903)}
     assert read_exclusions(write(tmp_path / "none.csv", "")) == set()
+    boxes = write(tmp_path / "gt.csv", "abc,0902,0,0,1,1,1\nabc,903,0,0,1,1,1\nabc,0904,0,0,1,1,1\n")
+    table = read_boxes_csv(boxes, is_detection=False, excluded=read_exclusions(excluded))
+    assert table.column("key").to_pylist() == ["abc,0904"]
 
 
-def test_official_label_map_selects_its_60_classes(tmp_path, shared_dir):
-    labelmap = shared_dir / "ava_samples/activitynet_evaluation_ava/ava_action_list_v2.1_for_activitynet_2018.pbtxt.txt"
+def test_official_label_map_selects_its_60_classes(tmp_path, test_data):
+    labelmap = test_data / "ava_samples/activitynet_evaluation_ava/ava_action_list_v2.1_for_activitynet_2018.pbtxt.txt"
     if not labelmap.is_file():
         pytest.skip("shared AVA samples are not available")
     rng = np.random.default_rng(5)

@@ -12,7 +12,7 @@ import yaml
 from evadlab.cli import main
 from evadlab.config import load_config
 from evadlab.models.checkpoints import save_training_checkpoint
-from evadlab.pipelines.ava_map import read_boxes_csv
+from evadlab.pipelines.ava import read_boxes_csv
 from evadlab.platform.modeling import build_model
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"

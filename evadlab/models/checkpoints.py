@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from evadlab.storage import atomic_write
 
 # Keys under which a checkpoint file keeps the weights, in the order the original loaders look for them.
 _WEIGHT_KEYS = ("model", "module", "model_state")
@@ -166,20 +166,8 @@ def save_training_checkpoint(
         "format": TRAINING_CHECKPOINT_FORMAT,
         "extra": dict(extra or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary: Path | None = None
-    try:
-        # In the target folder, so that the final rename stays on one file system and is atomic.
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as file:
-            temporary = Path(file.name)
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as file:
+        torch.save(payload, file)
     return path
 
 

@@ -1,22 +1,45 @@
-"""AVA files and keyframe arithmetic.
+"""AVA files: one reader and one writer per format, and the keyframe arithmetic of the clips.
 
-Readers for the official annotation CSVs (ground truth and detections), the label map (pbtxt or
-mmaction2's ``id: name`` text), the excluded-timestamps CSV and the LFB frame lists, plus the maths that
-maps a keyframe second to the frames of its clip, following PySlowFast's ``ava_helper`` and
-``utils.get_sequence``. Every reader names the file and the 1-based line of anything it cannot accept.
+Formats: the box CSVs (ground truth ``video_id,timestamp,x1,y1,x2,y2,action_id,person_id`` and detections
+``...,action_id,score``, no header), the excluded-timestamps CSV (``video_id,timestamp``), the label map (pbtxt or
+mmaction2's ``id: name`` text) and the LFB frame lists. Detection rows are built from a model's arrays by
+``detection_rows`` and written by ``write_detections_csv``.
+
+What makes a CSV line malformed is written once, in ``_RULES``; a *mode* says what is done with such a line:
+
+* ``mode="prepare"`` (building training data, following PySlowFast's ``ava_helper.load_boxes_and_labels``): a bad
+  line becomes a ``Rejection`` naming the file and the 1-based line, and every other line is kept. Blank lines hold
+  no data and are skipped.
+* ``mode="official"`` (scoring, following the official ActivityNet / SlowFast evaluator,
+  ``slowfast/utils/ava_eval_helper.py`` ``read_csv`` / ``read_exclusions`` and the TF Object Detection API's
+  ``PerImageEvaluation``): what the official code reads the same way is read as it is (any action id, an empty
+  video id, zero-extent boxes, which the metric then treats as ``_remove_invalid_boxes`` does); a line that cannot
+  be right (inverted or out-of-frame boxes, non-finite numbers, negative timestamps, a wrong number of fields, a
+  blank line) refuses the whole file with a ValueError naming the file and line. The official code is laxer there
+  (it reads whatever ``float()`` / ``int()`` accept) and would score a broken file without a word. A rule may also
+  leave rows out in official mode: ``read_boxes_csv`` then announces them with a DroppedRowsWarning.
+
+The keyframe arithmetic maps a keyframe second to the frames of its clip, following PySlowFast's ``ava_helper`` and
+``utils.get_sequence``.
 """
 
 from __future__ import annotations
 
+import csv
+import enum
 import re
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+
+from evadlab import storage
 
 # The full AVA v2.2 action vocabulary; the 60 evaluated ids are those of the label map file.
 AVA_ACTION_NAMES: dict[int, str] = {
@@ -106,20 +129,33 @@ NUM_ACTIONS = len(AVA_ACTION_NAMES)
 # The 20 ids the official evaluation leaves out; the remaining 60 form the released label map.
 UNEVALUATED_ACTION_IDS = frozenset({2, 16, 18, 19, 21, 23, 25, 31, 32, 33, 35, 39, 40, 42, 44, 50, 53, 55, 71, 75})
 EVALUATED_ACTION_IDS = tuple(sorted(set(AVA_ACTION_NAMES) - UNEVALUATED_ACTION_IDS))
+ALL_ACTION_IDS = tuple(AVA_ACTION_NAMES)
 
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 GROUNDTRUTH_COLUMNS = ("video_id", "timestamp", *BOX_COLUMNS, "action_id", "person_id")
 DETECTION_COLUMNS = ("video_id", "timestamp", *BOX_COLUMNS, "action_id", "score")
+EXCLUSION_COLUMNS = ("video_id", "timestamp")
+# ``detection_rows`` adds the box's position among its keyframe's boxes, so that rows can be put in box order.
+DETECTION_ROW_COLUMNS = (*DETECTION_COLUMNS, "box_index")
 
 # Released annotations round to 3 decimals, so a corner may sit a rounding step outside the frame.
 COORDINATE_TOLERANCE = 1e-3
+# The evaluator packs a timestamp next to a video code into one int64 image id.
+MAX_TIMESTAMP = 2**31 - 1
 
 AVA_FPS = 30
 AVA_VIDEO_OFFSET_SEC = 900.0
 
-# Patterns of the values pyarrow's cast accepts; anything else is reported instead of failing the cast.
-_INTEGER_PATTERN = r"^-?\d{1,18}$"
-_NUMBER_PATTERN = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,3})?$"
+Mode = Literal["prepare", "official"]
+MODES: tuple[Mode, ...] = ("prepare", "official")
+GROUNDTRUTH, DETECTIONS, EXCLUSIONS = "ground truth", "detections", "exclusions"
+_BOX_FILES = (GROUNDTRUTH, DETECTIONS)
+_ALL_FILES = (GROUNDTRUTH, DETECTIONS, EXCLUSIONS)
+
+_VIDEO_ID_TYPE = pa.dictionary(pa.int32(), pa.string())
+_FIELD_TYPES = {"video_id": _VIDEO_ID_TYPE, "timestamp": pa.int64(), **dict.fromkeys(BOX_COLUMNS, pa.float64()),
+                "action_id": pa.int64(), "score": pa.float64(), "person_id": pa.int64()}
+_FIELD_WORDS = {"video_id": "video id", "action_id": "action id", "person_id": "person id"}
 # A separator that never occurs in a text file, so that each physical line arrives as one field.
 _NO_SEPARATOR = "\x1f"
 
@@ -135,6 +171,10 @@ class Rejection:
     def __str__(self) -> str:
         where = self.source if self.line is None else f"{self.source}:{self.line}"
         return f"{where}: {self.reason}"
+
+
+class DroppedRowsWarning(UserWarning):
+    """Rows of a file that official mode leaves out, as the official evaluator does."""
 
 
 @dataclass
@@ -155,140 +195,422 @@ def _require_file(path: str | Path, what: str) -> Path:
     return path
 
 
-def _read_string_columns(path: Path, names: Sequence[str]) -> tuple[pa.Table, np.ndarray, list[Rejection]]:
-    """A header-less CSV with every field as a (whitespace-trimmed) string.
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
-    Returns the table, the 1-based line of each of its rows, and the lines with the wrong number of
-    fields. Blank lines hold no data and are left out without a report.
+
+# ----------------------------------------------------------------------------------------------------------------
+# What makes a line malformed, once, and what each mode does with it
+
+
+class _Action(enum.Enum):
+    """What a mode does with a line that breaks a rule, from mildest to strictest."""
+
+    KEEP = "keep"  # read as it is
+    SKIP = "skip"  # left out without a word: the line holds no data
+    REJECT = "reject"  # left out and reported as a Rejection naming the file and line
+    REFUSE = "refuse"  # the whole file is refused: ValueError naming the file and line
+
+
+@dataclass
+class _Rows:
+    """The lines of a CSV that hold the expected number of fields, converted field by field."""
+
+    path: Path
+    video_ids: pa.DictionaryArray
+    values: dict[str, np.ndarray]  # the numeric fields; 0 where a field did not convert
+    unconverted: dict[str, np.ndarray]  # for the columns where some field did not convert: True there
+    text: dict[str, pa.Array]  # every field as written, when the file was read as text
+    lines: np.ndarray  # the 1-based line of each row
+    other_lines: list[tuple[int, _Rule, str]]  # blank lines and lines with the wrong number of fields, and why
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def among_converted(self, failing: np.ndarray, *names: str) -> np.ndarray:
+        """``failing`` where the fields ``names`` converted (elsewhere their values are placeholders)."""
+        for name in names:
+            if name in self.unconverted:
+                failing = failing & ~self.unconverted[name]
+        return failing
+
+
+# Rows that break a rule in one way (one field, one pair of fields), and a description of one such row.
+_Finding = tuple[np.ndarray, Callable[[int], str]]
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One way a line can be malformed, the files it concerns and what each mode does about it."""
+
+    prepare: _Action
+    official: _Action
+    files: tuple[str, ...]
+    # The row-wise check; None for the two rules applied while lines are split into fields.
+    check: Callable[[_Rows], list[_Finding]] | None = None
+
+    def action(self, mode: Mode) -> _Action:
+        return self.prepare if mode == "prepare" else self.official
+
+
+def _unconverted_fields(rows: _Rows) -> list[_Finding]:
+    def describe(name: str) -> Callable[[int], str]:
+        kind = "an integer" if pa.types.is_integer(_FIELD_TYPES[name]) else "a number"
+        return lambda row: f"{_FIELD_WORDS.get(name, name)} {rows.text[name][row].as_py()!r} is not {kind}"
+
+    return [(failing, describe(name)) for name, failing in rows.unconverted.items()]
+
+
+def _empty_video_id(rows: _Rows) -> list[_Finding]:
+    empty = pc.equal(rows.video_ids.dictionary, "").to_numpy(zero_copy_only=False)
+    return [(empty[rows.video_ids.indices.to_numpy(zero_copy_only=False)], lambda row: "empty video id")]
+
+
+def _timestamp_outside(rows: _Rows) -> list[_Finding]:
+    timestamps = rows.values["timestamp"]
+    outside = rows.among_converted((timestamps < 0) | (timestamps > MAX_TIMESTAMP), "timestamp")
+    return [(outside, lambda row: f"timestamp {timestamps[row]} outside 0..{MAX_TIMESTAMP}")]
+
+
+def _outside_frame(rows: _Rows) -> list[_Finding]:
+    """Coordinates beyond the rounding tolerance of [0, 1]; NaN too."""
+    findings = []
+    for name in BOX_COLUMNS:
+        value = rows.values[name]
+        inside = (value >= -COORDINATE_TOLERANCE) & (value <= 1 + COORDINATE_TOLERANCE)
+        findings.append((rows.among_converted(~inside, name),
+                         lambda row, name=name, value=value: f"{name} {value[row]} outside [0, 1]"))
+    return findings
+
+
+def _extent_findings(rows: _Rows, compare: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> list[_Finding]:
+    findings = []
+    for low, high, extent in (("x1", "x2", "width"), ("y1", "y2", "height")):
+        first, second = rows.values[low], rows.values[high]
+        failing = rows.among_converted(compare(second, first), low, high)
+        findings.append((failing, lambda row, low=low, high=high, first=first, second=second, extent=extent:
+                         f"{high} {second[row]} <= {low} {first[row]}: the box has no {extent}"))
+    return findings
+
+
+def _inverted_box(rows: _Rows) -> list[_Finding]:
+    return _extent_findings(rows, np.less)
+
+
+def _flat_box(rows: _Rows) -> list[_Finding]:
+    return _extent_findings(rows, np.equal)
+
+
+def _unknown_action(rows: _Rows) -> list[_Finding]:
+    actions = rows.values["action_id"]
+    unknown = rows.among_converted((actions < 1) | (actions > NUM_ACTIONS), "action_id")
+    return [(unknown, lambda row: f"action id {actions[row]} outside 1..{NUM_ACTIONS}")]
+
+
+def _score_not_finite(rows: _Rows) -> list[_Finding]:
+    scores = rows.values["score"]
+    not_finite = rows.among_converted(~np.isfinite(scores), "score")
+    return [(not_finite, lambda row: f"score {scores[row]} is not a finite number")]
+
+
+# A blank line holds no data, so training skips it (PySlowFast's reader would fail on it); the official reader
+# asserts 2, 7 or 8 fields on every line.
+_BLANK_LINE = _Rule(prepare=_Action.SKIP, official=_Action.REFUSE, files=_ALL_FILES)
+_WRONG_WIDTH = _Rule(prepare=_Action.REJECT, official=_Action.REFUSE, files=_ALL_FILES)
+_RULES = (
+    _BLANK_LINE,
+    _WRONG_WIDTH,
+    # A field its column's type cannot hold, as pyarrow's CSV reader parses numbers (blanks around them ignored).
+    _Rule(prepare=_Action.REJECT, official=_Action.REFUSE, files=_ALL_FILES, check=_unconverted_fields),
+    # The official key "%s,%04d" takes any video id; training needs one to find the video.
+    _Rule(prepare=_Action.REJECT, official=_Action.KEEP, files=_ALL_FILES, check=_empty_video_id),
+    _Rule(prepare=_Action.REJECT, official=_Action.REFUSE, files=_ALL_FILES, check=_timestamp_outside),
+    _Rule(prepare=_Action.REJECT, official=_Action.REFUSE, files=_BOX_FILES, check=_outside_frame),
+    # The official evaluation treats boxes without extent apart for ground truth (kept, never matched) and
+    # detections (left out by ``PerImageEvaluation._remove_invalid_boxes``), so their rules are listed apart; leaving
+    # such detections out here, with a warning, is official=REJECT on the two detection rules. Zero extent is what
+    # rounding to 3 decimals makes of a thin box; an inverted box means a broken writer.
+    _Rule(prepare=_Action.REJECT, official=_Action.REFUSE, files=(GROUNDTRUTH,), check=_inverted_box),
+    _Rule(prepare=_Action.REJECT, official=_Action.REFUSE, files=(DETECTIONS,), check=_inverted_box),
+    _Rule(prepare=_Action.REJECT, official=_Action.KEEP, files=(GROUNDTRUTH,), check=_flat_box),
+    _Rule(prepare=_Action.REJECT, official=_Action.KEEP, files=(DETECTIONS,), check=_flat_box),
+    # The official reader leaves ids the label map does not list out of the evaluation, whatever they are.
+    _Rule(prepare=_Action.REJECT, official=_Action.KEEP, files=_BOX_FILES, check=_unknown_action),
+    _Rule(prepare=_Action.REJECT, official=_Action.REFUSE, files=(DETECTIONS,), check=_score_not_finite),
+)
+
+
+def _enforce(rows: _Rows, file: str, mode: Mode) -> tuple[np.ndarray, list[Rejection]]:
+    """Applies the rules for ``file`` in ``mode``: the mask of the rows kept and the rejections (in line order).
+
+    Raises ValueError naming the file and line of the first line a rule refuses. A row that breaks several rules
+    gets the strictest action, and its reason lists every rule it breaks with that action.
     """
-    skipped_lines: list[int] = []
-    wrong_width: list[Rejection] = []
+    found: dict[_Action, list[_Finding]] = {_Action.SKIP: [], _Action.REJECT: [], _Action.REFUSE: []}
+    for rule in _RULES:
+        action = rule.action(mode)
+        if rule.check is not None and file in rule.files and action is not _Action.KEEP:
+            found[action] += [finding for finding in rule.check(rows) if finding[0].any()]
+    other_lines: dict[_Action, list[tuple[int, str]]] = {action: [] for action in _Action}
+    for line, rule, reason in rows.other_lines:
+        other_lines[rule.action(mode)].append((line, reason))
+    _refuse_first(rows, found[_Action.REFUSE], other_lines[_Action.REFUSE])
+    rejected = _flagged(found[_Action.REJECT], len(rows))
+    rejections = [Rejection(str(rows.path), int(rows.lines[row]), _reason(found[_Action.REJECT], row))
+                  for row in np.flatnonzero(rejected)]
+    rejections += [Rejection(str(rows.path), line, reason) for line, reason in other_lines[_Action.REJECT]]
+    rejections.sort(key=lambda rejection: rejection.line)
+    return ~(rejected | _flagged(found[_Action.SKIP], len(rows))), rejections
 
-    def skip_invalid(row: pacsv.InvalidRow) -> str:
-        skipped_lines.append(row.number)
+
+def _flagged(findings: list[_Finding], num_rows: int) -> np.ndarray:
+    flagged = np.zeros(num_rows, bool)
+    for failing, _ in findings:
+        flagged |= failing
+    return flagged
+
+
+def _reason(findings: list[_Finding], row: int) -> str:
+    return "; ".join(describe(row) for failing, describe in findings if failing[row])
+
+
+def _refuse_first(rows: _Rows, findings: list[_Finding], other_lines: list[tuple[int, str]]) -> None:
+    refused = list(other_lines)
+    if findings:
+        row = min(int(np.argmax(failing)) for failing, _ in findings)
+        refused.append((int(rows.lines[row]), _reason(findings, row)))
+    if refused:
+        line, reason = min(refused)
+        raise ValueError(f"{rows.path}:{line}: {reason}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Splitting a CSV into typed fields
+
+
+def _split_rows(path: Path, names: Sequence[str], parsed: Sequence[str], *, as_text: bool) -> _Rows:
+    """The lines of a header-less CSV whose lines hold the fields ``names``, with the fields ``parsed`` converted.
+
+    Typed reading is the fast path. A file that does not read that way, or ``as_text``, is read as text and
+    converted field by field, which finds every line and field that is wrong.
+    """
+    if path.stat().st_size == 0:
+        return _Rows(path, pa.array([], _VIDEO_ID_TYPE), {name: np.zeros(0, _numpy_type(name)) for name in parsed[1:]},
+                     {}, {name: pa.array([], pa.string()) for name in parsed}, np.zeros(0, np.int64), [])
+    if not as_text:
+        try:
+            return _read_typed(path, names, parsed)
+        except pa.ArrowInvalid:
+            pass  # the text reading finds and names what is wrong
+    return _read_text(path, names, parsed)
+
+
+def _numpy_type(name: str) -> np.dtype:
+    return np.dtype(_FIELD_TYPES[name].to_pandas_dtype())
+
+
+def _convert_options(column_types: Mapping[str, pa.DataType]) -> pacsv.ConvertOptions:
+    # No null spellings: an empty or "NA" field is malformed, not missing.
+    return pacsv.ConvertOptions(column_types=dict(column_types), include_columns=list(column_types), null_values=[],
+                                quoted_strings_can_be_null=False, strings_can_be_null=False)
+
+
+def _read_typed(path: Path, names: Sequence[str], parsed: Sequence[str]) -> _Rows:
+    """Raises ArrowInvalid at the first line that does not split or convert (a blank line fails its timestamp)."""
+    table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=list(names)),
+                           parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
+                           convert_options=_convert_options({name: _FIELD_TYPES[name] for name in parsed}))
+    values = {name: table.column(name).to_numpy() for name in parsed[1:]}
+    return _Rows(path, table.column("video_id").combine_chunks(), values, {}, {}, np.arange(1, table.num_rows + 1), [])
+
+
+def _read_text(path: Path, names: Sequence[str], parsed: Sequence[str]) -> _Rows:
+    other_lines: list[tuple[int, _Rule, str]] = []
+
+    def set_aside(row: pacsv.InvalidRow) -> str:
         if row.text.strip():
-            wrong_width.append(Rejection(
-                str(path), row.number,
-                f"{row.actual_columns} fields, expected {row.expected_columns}: {row.text!r}",
-            ))
+            reason = f"{row.actual_columns} fields, expected {row.expected_columns}: {row.text!r}"
+            other_lines.append((row.number, _WRONG_WIDTH, reason))
+        else:
+            other_lines.append((row.number, _BLANK_LINE, "blank line"))
         return "skip"
 
-    if path.stat().st_size == 0:
-        empty = pa.table({name: pa.array([], pa.string()) for name in names})
-        return empty, np.zeros(0, np.int64), []
-    try:
-        table = pacsv.read_csv(
-            path,
-            # Single-threaded so that every skipped row reports its line number.
-            read_options=pacsv.ReadOptions(column_names=list(names), use_threads=False),
-            # Blank lines become rows (not skipped) so that row order maps to line numbers.
-            parse_options=pacsv.ParseOptions(invalid_row_handler=skip_invalid, ignore_empty_lines=False),
-            convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.string() for name in names}, strings_can_be_null=False,
-            ),
-        )
-    except pa.ArrowInvalid as error:
-        raise ValueError(f"{path}: cannot read as CSV: {error}") from error
-    table = pa.table({name: pc.utf8_trim_whitespace(table[name]) for name in names})
-    every_line = np.arange(1, table.num_rows + len(skipped_lines) + 1)
-    lines = np.setdiff1d(every_line, np.asarray(skipped_lines, np.int64), assume_unique=True)
+    table = pacsv.read_csv(
+        path,
+        # Single-threaded so that every line set aside reports its number.
+        read_options=pacsv.ReadOptions(column_names=list(names), use_threads=False),
+        # A blank line becomes a row of empty fields (not skipped), so that row order maps to line numbers.
+        parse_options=pacsv.ParseOptions(ignore_empty_lines=False, invalid_row_handler=set_aside),
+        convert_options=_convert_options(dict.fromkeys(parsed, pa.string())),
+    )
+    set_aside_lines = np.asarray([line for line, _, _ in other_lines], np.int64)
+    lines = np.setdiff1d(np.arange(1, table.num_rows + len(set_aside_lines) + 1), set_aside_lines, assume_unique=True)
     blank = np.ones(table.num_rows, bool)
-    for name in names:
-        blank &= pc.equal(table[name], "").to_numpy(zero_copy_only=False)
-    return table.filter(pa.array(~blank)), lines[~blank], wrong_width
+    for name in parsed:
+        blank &= pc.equal(table.column(name), "").to_numpy(zero_copy_only=False)
+    other_lines += [(int(line), _BLANK_LINE, "blank line") for line in lines[blank]]
+    text = {name: table.column(name).filter(pa.array(~blank)).combine_chunks() for name in parsed}
+    values, unconverted = {}, {}
+    for name in parsed[1:]:
+        values[name], failing = _convert(text[name], _FIELD_TYPES[name])
+        if failing.any():
+            unconverted[name] = failing
+    return _Rows(path, pc.dictionary_encode(text["video_id"]), values, unconverted, text, lines[~blank], other_lines)
 
 
-def _parse_column(column: pa.ChunkedArray, pattern: str, type_: pa.DataType) -> tuple[np.ndarray, np.ndarray]:
-    """Values of a string column as ``type_`` and a mask of the rows that parsed (the others hold 0)."""
-    parsed = pc.match_substring_regex(column, pattern)
-    values = pc.cast(pc.if_else(parsed, column, "0"), type_)
-    return values.to_numpy(zero_copy_only=False), parsed.to_numpy(zero_copy_only=False)
+def _convert(text: pa.Array, value_type: pa.DataType) -> tuple[np.ndarray, np.ndarray]:
+    """The fields as ``value_type`` (0 where they do not convert) and the mask of those that do not.
 
-
-class _RowChecks:
-    """Vectorised row checks that remember, for the failing rows only, a readable reason."""
-
-    def __init__(self, num_rows: int) -> None:
-        self.failed = np.zeros(num_rows, bool)
-        self._checks: list[tuple[np.ndarray, Callable[[int], str]]] = []
-
-    def add(self, failing: np.ndarray, describe: Callable[[int], str]) -> None:
-        self.failed |= failing
-        self._checks.append((failing, describe))
-
-    def rejections(self, source: Path, lines: np.ndarray) -> list[Rejection]:
-        return [
-            Rejection(str(source), int(lines[row]),
-                      "; ".join(describe(row) for failing, describe in self._checks if failing[row]))
-            for row in np.flatnonzero(self.failed)
-        ]
-
-
-def read_annotations(path: str | Path, *, is_detection: bool = False) -> tuple[pa.Table, list[Rejection]]:
-    """An official AVA annotation CSV (8 columns, no header), validated row by row.
-
-    Ground truth ends with ``action_id, person_id``; detections (``is_detection``) with
-    ``action_id, score``. The returned table holds the good rows with the columns ``video_id``,
-    ``timestamp``, ``x1``, ``y1``, ``x2``, ``y2`` (float64), ``box_key`` (the box as written, which is
-    what the released reader groups by), ``action_id``, ``person_id`` or ``score``, and ``line``
-    (1-based line in the file). Every other line comes back as a Rejection.
+    Converts like the typed CSV reader: blanks around a field are ignored. The distinct values that fail are found
+    by halving, so a column with many bad fields costs a few conversions per distinct bad value.
     """
+    trimmed = pc.utf8_trim_whitespace(text)
+    try:
+        return pc.cast(trimmed, value_type).to_numpy(zero_copy_only=False), np.zeros(len(text), bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    distinct = pc.unique(trimmed)
+    failing = pc.is_in(trimmed, value_set=distinct.filter(pa.array(_unconvertible(distinct, value_type))))
+    values = pc.cast(pc.if_else(failing, "0", trimmed), value_type)
+    return values.to_numpy(zero_copy_only=False), failing.to_numpy(zero_copy_only=False)
+
+
+def _unconvertible(values: pa.Array, value_type: pa.DataType) -> np.ndarray:
+    """Which of ``values`` do not cast to ``value_type``; a slice that casts as a whole holds none."""
+    failing = np.zeros(len(values), bool)
+    pending = [(0, len(values))]
+    while pending:
+        start, stop = pending.pop()
+        try:
+            pc.cast(values.slice(start, stop - start), value_type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            middle = (start + stop) // 2
+            if stop - start == 1:
+                failing[start] = True
+            else:
+                pending += [(start, middle), (middle, stop)]
+    return failing
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Readers
+
+
+def read_annotations(path: str | Path, *, is_detection: bool = False,
+                     mode: Mode = "prepare") -> tuple[pa.Table, list[Rejection]]:
+    """An AVA box CSV (no header), checked line by line against ``_RULES`` in ``mode``.
+
+    Ground truth ends with ``action_id, person_id``; detections (``is_detection``) with ``action_id, score``. In
+    official mode ground truth may have 7 fields (the first line decides) and its person id is not read, as the
+    official ``read_csv`` does not read it.
+
+    Returns the rows kept, in file order, with the columns ``video_id`` (dictionary-encoded string), ``timestamp``
+    (int64, AVA seconds), ``x1``, ``y1``, ``x2``, ``y2`` (float64, normalised to [0, 1]), ``action_id`` (int64),
+    ``person_id`` (int64, prepare-mode ground truth) or ``score`` (float64, detections), ``line`` (int64, 1-based)
+    and, in prepare mode, ``box_key``: the box as written, which is what PySlowFast's ``load_boxes_and_labels``
+    groups by. The Rejections are the lines left out and why, in line order. Raises FileNotFoundError, and
+    ValueError naming the file and line of a line official mode refuses.
+    """
+    _check_mode(mode)
     path = _require_file(path, "annotation")
-    names = DETECTION_COLUMNS if is_detection else GROUNDTRUTH_COLUMNS
-    raw, lines, rejections = _read_string_columns(path, names)
-    checks = _RowChecks(raw.num_rows)
+    file = DETECTIONS if is_detection else GROUNDTRUTH
+    names, parsed = _box_fields(path, file, mode)
+    rows = _split_rows(path, names, parsed, as_text=mode == "prepare")
+    keep, rejections = _enforce(rows, file, mode)
+    return _box_table(rows, parsed, keep, with_box_key=mode == "prepare"), rejections
 
-    def quoted(name: str, row: int) -> str:
-        return repr(raw[name][int(row)].as_py())
 
-    checks.add(pc.equal(raw["video_id"], "").to_numpy(zero_copy_only=False), lambda row: "empty video id")
-    timestamps, ok = _parse_column(raw["timestamp"], _INTEGER_PATTERN, pa.int64())
-    checks.add(~ok, lambda row: f"timestamp {quoted('timestamp', row)} is not an integer")
+def _box_fields(path: Path, file: str, mode: Mode) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The fields every line holds and those that are read."""
+    if file == DETECTIONS:
+        return DETECTION_COLUMNS, DETECTION_COLUMNS
+    if mode == "prepare":
+        return GROUNDTRUTH_COLUMNS, GROUNDTRUTH_COLUMNS
+    without_person = GROUNDTRUTH_COLUMNS[:-1]
+    return (GROUNDTRUTH_COLUMNS if _first_line_width(path) == len(GROUNDTRUTH_COLUMNS) else without_person,
+            without_person)
 
-    coordinates: dict[str, np.ndarray] = {}
-    coordinate_ok: dict[str, np.ndarray] = {}
-    for name in BOX_COLUMNS:
-        coordinates[name], coordinate_ok[name] = _parse_column(raw[name], _NUMBER_PATTERN, pa.float64())
-        checks.add(~coordinate_ok[name], lambda row, name=name: f"{name} {quoted(name, row)} is not a number")
-        value = coordinates[name]
-        outside = coordinate_ok[name] & ((value < -COORDINATE_TOLERANCE) | (value > 1 + COORDINATE_TOLERANCE))
-        checks.add(outside, lambda row, name=name: f"{name} {coordinates[name][row]} outside [0, 1]")
-    for low, high in (("x1", "x2"), ("y1", "y2")):
-        both = coordinate_ok[low] & coordinate_ok[high]
-        checks.add(both & (coordinates[high] <= coordinates[low]),
-                   lambda row, low=low, high=high: f"{high} {coordinates[high][row]} <= {low} {coordinates[low][row]}")
 
-    action_ids, ok = _parse_column(raw["action_id"], _INTEGER_PATTERN, pa.int64())
-    checks.add(~ok, lambda row: f"action id {quoted('action_id', row)} is not an integer")
-    checks.add(ok & ((action_ids < 1) | (action_ids > NUM_ACTIONS)),
-               lambda row: f"action id {action_ids[row]} outside 1..{NUM_ACTIONS}")
+def _first_line_width(path: Path) -> int:
+    with open(path, newline="", encoding="utf-8") as lines:
+        return len(next(csv.reader(lines), []))
 
-    last = names[-1]
-    if is_detection:
-        last_values, ok = _parse_column(raw[last], _NUMBER_PATTERN, pa.float64())
-        checks.add(~ok, lambda row: f"score {quoted(last, row)} is not a number")
-    else:
-        last_values, ok = _parse_column(raw[last], _INTEGER_PATTERN, pa.int64())
-        checks.add(~ok, lambda row: f"person id {quoted(last, row)} is not an integer")
 
-    keep = ~checks.failed
+def _box_table(rows: _Rows, parsed: Sequence[str], keep: np.ndarray, *, with_box_key: bool) -> pa.Table:
+    every_row = bool(keep.all())
     mask = pa.array(keep)
-    table = pa.table({
-        "video_id": raw["video_id"].filter(mask),
-        "timestamp": timestamps[keep],
-        **{name: coordinates[name][keep] for name in BOX_COLUMNS},
-        "box_key": pc.binary_join_element_wise(*(raw[name] for name in BOX_COLUMNS), ",").filter(mask),
-        "action_id": action_ids[keep],
-        last: last_values[keep],
-        "line": lines[keep],
-    })
-    rejections += checks.rejections(path, lines)
-    rejections.sort(key=lambda rejection: rejection.line or 0)
-    return table, rejections
+    columns = {"video_id": rows.video_ids if every_row else rows.video_ids.filter(mask)}
+    columns.update({name: rows.values[name] if every_row else rows.values[name][keep] for name in parsed[1:]})
+    columns["line"] = rows.lines if every_row else rows.lines[keep]
+    if with_box_key:
+        columns["box_key"] = pc.binary_join_element_wise(*(rows.text[name] for name in BOX_COLUMNS), ",").filter(mask)
+    return pa.table(columns)
+
+
+def read_boxes_csv(path: str | Path, *, is_detection: bool, class_ids: Iterable[int] | None = None,
+                   excluded: Iterable[tuple[str, int]] = ()) -> pa.Table:
+    """A box CSV as the official evaluator reads it: ``read_annotations(mode="official")`` shaped for ``frame_map``.
+
+    Columns, in file order: ``key`` (the official image key ``"%s,%04d" % (video_id, timestamp)``,
+    dictionary-encoded), ``x1``, ``y1``, ``x2``, ``y2``, ``class_id`` and ``score`` (1.0 for ground truth). Only rows
+    of ``class_ids`` (all when None) outside the ``excluded`` keyframes (``read_exclusions``) are kept, as
+    ``ava_eval_helper.read_csv`` and ``run_evaluation`` keep them. The rows official mode leaves out are announced
+    by one DroppedRowsWarning giving their count and the first. Raises as ``read_annotations``.
+    """
+    table, dropped = read_annotations(path, is_detection=is_detection, mode="official")
+    if dropped:
+        warnings.warn(f"{path}: {len(dropped)} row(s) left out, as the official evaluator leaves them out; the "
+                      f"first, line {dropped[0].line}: {dropped[0].reason}", DroppedRowsWarning, stacklevel=2)
+    keys = _row_image_keys(table.column("video_id").combine_chunks(), table.column("timestamp").to_numpy())
+    score = table.column("score") if is_detection else pa.repeat(pa.scalar(1.0), table.num_rows)
+    boxes = pa.table({"key": keys, **{name: table.column(name) for name in BOX_COLUMNS},
+                      "class_id": table.column("action_id"), "score": score})
+    keep = _kept_rows(table.column("action_id").to_numpy(), keys, class_ids, excluded)
+    return boxes if pc.all(keep).as_py() else boxes.filter(keep)
+
+
+def _row_image_keys(videos: pa.DictionaryArray, timestamps: np.ndarray) -> pa.DictionaryArray:
+    """Per-row ``"video,%04d"`` key, dictionary-encoded so each distinct key is formatted once."""
+    video_codes = videos.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    images = pc.dictionary_encode(pa.array((video_codes << 32) | timestamps))
+    packed = images.dictionary.to_numpy()
+    key_strings = _image_key_strings(videos.dictionary.take(pa.array(packed >> 32)), packed & 0xFFFFFFFF)
+    return pa.DictionaryArray.from_arrays(images.indices, key_strings)
+
+
+def _image_key_strings(videos: pa.Array, timestamps: np.ndarray) -> pa.Array:
+    """``"%s,%04d" % (video, timestamp)`` (the official ``make_image_key``) for non-negative timestamps, vectorised."""
+    seconds = pc.utf8_lpad(pc.cast(pa.array(timestamps, pa.int64()), pa.string()), width=4, padding="0")
+    return pc.binary_join_element_wise(videos, seconds, ",")
+
+
+def _kept_rows(class_of_row: np.ndarray, image_keys: pa.DictionaryArray, class_ids: Iterable[int] | None,
+               excluded: Iterable[tuple[str, int]]) -> pa.Array:
+    keep = np.ones(len(class_of_row), dtype=bool) if class_ids is None else np.isin(class_of_row, list(class_ids))
+    excluded = list(excluded)
+    videos, timestamps = zip(*excluded) if excluded else ((), ())
+    excluded_keys = _image_key_strings(pa.array(videos, pa.string()), np.asarray(timestamps, np.int64))
+    if len(excluded_keys) and len(class_of_row):
+        excluded_image = pc.is_in(image_keys.dictionary, value_set=excluded_keys).to_numpy(zero_copy_only=False)
+        keep &= ~excluded_image[image_keys.indices.to_numpy()]
+    return pa.array(keep)
+
+
+def read_exclusions(path: str | Path) -> set[tuple[str, int]]:
+    """The (video_id, timestamp) keyframes of an excluded-timestamps CSV (``video_id,timestamp`` lines).
+
+    Read in official mode, as the official ``read_exclusions`` (2 fields a line). Raises FileNotFoundError, and
+    ValueError naming the file and line of a malformed line.
+    """
+    path = _require_file(path, "exclusions")
+    rows = _split_rows(path, EXCLUSION_COLUMNS, EXCLUSION_COLUMNS, as_text=False)
+    keep, _ = _enforce(rows, EXCLUSIONS, "official")
+    return set(zip(rows.video_ids.filter(pa.array(keep)).to_pylist(), rows.values["timestamp"][keep].tolist()))
 
 
 def group_keyframes(table: pa.Table) -> list[Keyframe]:
-    """Rows of ``read_annotations`` grouped by (video, second, box text), like ``parse_bboxes_file``.
+    """Rows of prepare-mode ``read_annotations`` grouped by (video, second, box text), like ``parse_bboxes_file``.
 
     Keyframes come sorted by video then timestamp; boxes keep their first-seen order, and each box lists
     its action ids once, in file order.
@@ -323,6 +645,7 @@ def group_keyframes(table: pa.Table) -> list[Keyframe]:
     return keyframes
 
 
+
 _PBTXT_TOKEN = re.compile(
     r"""(?P<space>\s+)
       | (?P<comment>\#[^\n]*)
@@ -335,7 +658,7 @@ _TEXT_LABEL = re.compile(r"^\s*(\d+)\s*:\s*(\S.*?)\s*$")
 
 
 def read_label_map(path: str | Path) -> dict[int, str]:
-    """Action id -> name from a label map: the pbtxt (``item {`` or, as the official v2.2 file,
+    """_Action id -> name from a label map: the pbtxt (``item {`` or, as the official v2.2 file,
     ``label {`` blocks; ``name:`` with ``id:`` or ``label_id:``, one
     field per line or several items on one line) or mmaction2's ``id: name`` text file."""
     path = _require_file(path, "label map")
@@ -407,22 +730,6 @@ def _add_label(labels: dict[int, str], action_id: int, name: str, path: Path, li
     labels[action_id] = name
 
 
-def read_exclusions(path: str | Path) -> set[tuple[str, int]]:
-    """The (video_id, timestamp) keyframes listed in an excluded-timestamps CSV."""
-    path = _require_file(path, "exclusions")
-    raw, lines, wrong_width = _read_string_columns(path, ("video_id", "timestamp"))
-    if wrong_width:
-        raise ValueError(str(wrong_width[0]))
-    timestamps, ok = _parse_column(raw["timestamp"], _INTEGER_PATTERN, pa.int64())
-    empty_id = pc.equal(raw["video_id"], "").to_numpy(zero_copy_only=False)
-    bad = np.flatnonzero(~ok | empty_id)
-    if bad.size:
-        row = int(bad[0])
-        raise ValueError(f"{path}:{lines[row]}: expected 'video_id,timestamp', got "
-                         f"{raw['video_id'][row].as_py()!r}, {raw['timestamp'][row].as_py()!r}")
-    return set(zip(raw["video_id"].to_pylist(), timestamps.tolist()))
-
-
 def read_frame_list(path: str | Path) -> dict[str, list[str]]:
     """An LFB frame list: video -> frame paths (relative to ``frames/``) in file order.
 
@@ -477,6 +784,115 @@ def _group_runs(keys: pa.Array, values: pa.Array) -> dict[str, list[str]]:
     for start, end in zip(starts.tolist(), ends.tolist()):
         grouped.setdefault(keys[start].as_py(), []).extend(values[start:end].to_pylist())
     return grouped
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Detection rows and the detections writer
+
+
+def detection_rows(video_id: str, timestamp: int, boxes: np.ndarray, action_scores: np.ndarray,
+                   class_ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+    """The detection rows of one keyframe: one per box and class id, box by box, classes in the order given.
+
+    ``boxes`` is (n, 4): normalised x1, y1, x2, y2. ``action_scores`` is (n, A), the score of AVA action id ``j`` in
+    column ``j - 1`` (A = NUM_ACTIONS for EVAD's head). ``class_ids`` are the action ids to emit: the label map's,
+    or ALL_ACTION_IDS. Returns the DETECTION_ROW_COLUMNS, n * len(class_ids) values each: ``video_id`` (object),
+    ``timestamp``, ``action_id`` and ``box_index`` (int64), coordinates and ``score`` in the dtype given. Raises
+    ValueError when the shapes disagree or a class id has no score column.
+    """
+    boxes, action_scores = np.asarray(boxes), np.asarray(action_scores)
+    class_ids = np.asarray(class_ids, np.int64).reshape(-1)
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or action_scores.ndim != 2 or len(action_scores) != len(boxes):
+        raise ValueError(f"boxes must be (n, 4) and action scores (n, num_actions), got {boxes.shape} and "
+                         f"{action_scores.shape}")
+    if class_ids.size and (class_ids.min() < 1 or class_ids.max() > action_scores.shape[1]):
+        raise ValueError(f"class ids must lie in 1..{action_scores.shape[1]} (the score columns), got "
+                         f"{class_ids.min()}..{class_ids.max()}")
+    num_rows, per_box = len(boxes) * len(class_ids), len(class_ids)
+    return {
+        "video_id": np.full(num_rows, video_id, dtype=object),
+        "timestamp": np.full(num_rows, timestamp, dtype=np.int64),
+        **{name: np.repeat(boxes[:, axis], per_box) for axis, name in enumerate(BOX_COLUMNS)},
+        "action_id": np.tile(class_ids, len(boxes)),
+        "score": action_scores[:, class_ids - 1].reshape(-1),
+        "box_index": np.repeat(np.arange(len(boxes), dtype=np.int64), per_box),
+    }
+
+
+def stack_detection_rows(parts: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The rows of several ``detection_rows`` results as one set of columns, in the order given."""
+    parts = list(parts) or [detection_rows("", 0, np.zeros((0, 4)), np.zeros((0, NUM_ACTIONS)), ())]
+    return {name: np.concatenate([part[name] for part in parts]) for name in DETECTION_ROW_COLUMNS}
+
+
+def write_detections_csv(path: str | Path, detections: pa.Table | Mapping) -> None:
+    """Writes detections in the official format ``video_id,%04d,x1,y1,x2,y2,action_id,score`` (``%.3f``
+    coordinates, ``%.4f`` score, as SlowFast's ``write_results``), atomically (``storage.atomic_write``).
+
+    ``detections`` has the DETECTION_COLUMNS (others are ignored), one row per line in that order; ``path`` may be a
+    storage URI. Raises ValueError for a missing column, a video id with a comma, quote or line break, a timestamp
+    outside 0..MAX_TIMESTAMP or a number that is not finite.
+    """
+    table = detections if isinstance(detections, pa.Table) else pa.table(dict(detections))
+    missing = [name for name in DETECTION_COLUMNS if name not in table.column_names]
+    if missing:
+        raise ValueError(f"detections lack column(s) {missing}; they have {table.column_names}")
+    lines = _detection_lines(table)
+    with storage.atomic_write(path) as out:
+        _write_strings(out, lines)
+
+
+def _detection_lines(table: pa.Table) -> pa.Array:
+    videos = pc.cast(table.column("video_id"), pa.string()).combine_chunks()
+    if pc.any(pc.match_substring_regex(videos, r'[,"\r\n]')).as_py():
+        raise ValueError("video ids must not contain commas, quotes or line breaks")
+    timestamps = table.column("timestamp").to_numpy().astype(np.int64)
+    if ((timestamps < 0) | (timestamps > MAX_TIMESTAMP)).any():
+        raise ValueError(f"timestamps must be whole seconds between 0 and {MAX_TIMESTAMP}")
+    columns = [_image_key_strings(videos, timestamps)]
+    columns += [_fixed_point_strings(table.column(name).to_numpy().astype(np.float64), 3) for name in BOX_COLUMNS]
+    columns.append(pc.cast(pa.array(table.column("action_id").to_numpy().astype(np.int64)), pa.string()))
+    columns.append(_fixed_point_strings(table.column("score").to_numpy().astype(np.float64), 4))
+    return pc.binary_join_element_wise(*columns, ",")
+
+
+def _fixed_point_strings(values: np.ndarray, decimals: int) -> pa.Array:
+    """``"%.{decimals}f" % value`` for every value, vectorised.
+
+    Rounding ``value * 10**decimals`` to an integer agrees with Python's exact decimal rounding except within
+    the product's rounding error of a half-way point; those few values (and huge ones, where that error grows)
+    are formatted by Python itself.
+    """
+    if not np.isfinite(values).all():
+        raise ValueError("detections contain a coordinate or score that is not a finite number")
+    scale = 10**decimals
+    scaled = np.abs(values) * scale
+    rounded = np.rint(scaled)
+    exact_only = (np.abs(scaled - np.floor(scaled) - 0.5) < 1e-6) | (scaled >= 1e9)
+    rounded = np.where(exact_only, 0, rounded).astype(np.int64)
+    whole = pc.cast(pa.array(rounded // scale), pa.string())
+    fraction = pc.utf8_lpad(pc.cast(pa.array(rounded % scale), pa.string()), width=decimals, padding="0")
+    text = pc.binary_join_element_wise(whole, fraction, ".")
+    text = pc.if_else(pa.array(np.signbit(values)), pc.binary_join_element_wise("-", text, ""), text)
+    if exact_only.any():
+        exact = pa.array([f"{value:.{decimals}f}" for value in values[exact_only]], pa.string())
+        text = pc.replace_with_mask(text, pa.array(exact_only), exact)
+    return text
+
+
+def _write_strings(out: IO[bytes], lines: pa.Array) -> None:
+    """Writes each string followed by a newline, straight from the Arrow buffers."""
+    terminated = pc.cast(pc.binary_join_element_wise(lines, "", "\n"), pa.large_string())
+    if len(terminated) == 0:
+        return
+    offsets = np.frombuffer(terminated.buffers()[1], dtype=np.int64)[terminated.offset:]
+    data = terminated.buffers()[2]
+    out.write(memoryview(data)[offsets[0]:offsets[len(terminated)]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Keyframe arithmetic
 
 
 def keyframe_frame_index(timestamp: int, fps: int = AVA_FPS, video_offset_sec: float = AVA_VIDEO_OFFSET_SEC) -> int:

@@ -21,26 +21,21 @@ This module reproduces its results (to the last bit on the same machine) with co
 * Several IoU thresholds (EVAD's strict mode, ``np.linspace(0.5, 0.95, 10)``): the mAP is the mean of the
   per-threshold mAPs, as EVAD reports ``AP``; per-class values are the mean over thresholds.
 
-The file readers are stricter than the official ones, which accept anything ``float()``/``int()`` parse: rows
-that cannot be right (inverted or out-of-frame boxes, non-finite numbers, negative timestamps, a wrong column
-count) stop the evaluation with the file and line. The label map is read by ``evadlab.pipelines.ava``.
+The files are read by ``evadlab.pipelines.ava`` in its official mode: rows that cannot be right (inverted or
+out-of-frame boxes, non-finite numbers, negative timestamps, a wrong number of fields) stop the evaluation with the
+file and line, where the official reader would score whatever ``float()`` / ``int()`` parse.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
-import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
 
 from evadlab.pipelines import ava
 
@@ -48,25 +43,7 @@ DEFAULT_IOU_THRESHOLDS = (0.5,)
 # EVAD's strict evaluation: the exact values of np.linspace matter when an IoU lands on a threshold.
 STRICT_IOU_THRESHOLDS = tuple(float(t) for t in np.linspace(0.5, 0.95, 10))
 
-# Boxes may poke slightly outside the frame after rounding; anything further out is a broken file.
-COORDINATE_TOLERANCE = 1e-3
-# Timestamps are packed next to a video code into one int64 image id.
-MAX_TIMESTAMP = 2**31 - 1
-
-_BOX_COLUMNS = ("video_id", "timestamp", "x1", "y1", "x2", "y2", "action_id")
-_DETECTION_COLUMNS = _BOX_COLUMNS + ("score",)
-_GROUNDTRUTH_EXTRA_COLUMN = "person_id"  # ignored, as in the official reader
-_COLUMN_TYPES = {
-    "video_id": pa.dictionary(pa.int32(), pa.string()),
-    "timestamp": pa.int64(),
-    "x1": pa.float64(),
-    "y1": pa.float64(),
-    "x2": pa.float64(),
-    "y2": pa.float64(),
-    "action_id": pa.int64(),
-    "score": pa.float64(),
-}
-_COORDINATES = ("x1", "y1", "x2", "y2")
+_COORDINATES = ava.BOX_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -82,198 +59,6 @@ class FrameMapResult:
     num_groundtruth: int
     num_detections: int
     mAP_per_iou: dict[float, float]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading
-
-
-def read_exclusions(path: str | os.PathLike) -> set[str]:
-    """Image keys (``"video,%04d"``) listed in an excluded-timestamps CSV (``video_id,timestamp`` rows)."""
-    return {f"{video_id},{timestamp:04d}" for video_id, timestamp in ava.read_exclusions(path)}
-
-
-def read_boxes_csv(path: str | os.PathLike, *, is_detection: bool, class_ids: Iterable[int] | None = None,
-                   excluded_keys: Iterable[str] = ()) -> pa.Table:
-    """Rows of an AVA box CSV as a table: key, x1, y1, x2, y2, class_id, score (file order kept).
-
-    Detections have 8 columns (the last is the score); ground truth has 7 or 8 in every row (the 8th, a person
-    id, is ignored; every ground-truth score is 1.0). Only classes in ``class_ids`` (all when None) and keys not
-    in ``excluded_keys`` are kept. ``key`` is dictionary-encoded. Malformed rows (wrong column count, values
-    that are not numbers or not integers where integers belong, non-finite values, coordinates outside [0, 1]
-    by more than ``COORDINATE_TOLERANCE``, x2 < x1 or y2 < y1, negative timestamps) raise ValueError naming
-    the file and 1-based line.
-    """
-    if is_detection:
-        names, kept = _DETECTION_COLUMNS, _DETECTION_COLUMNS
-    else:
-        has_person_id = _first_line_column_count(path) == len(_BOX_COLUMNS) + 1
-        names = _BOX_COLUMNS + ((_GROUNDTRUTH_EXTRA_COLUMN,) if has_person_id else ())
-        kept = _BOX_COLUMNS
-    table = _read_typed_csv(path, names, kept)
-    _check_box_rows(path, table, is_detection)
-    image_keys = _row_image_keys(table)
-    score = table.column("score") if is_detection else pa.repeat(pa.scalar(1.0), table.num_rows)
-    boxes = pa.table({"key": image_keys, **{name: table.column(name) for name in _COORDINATES},
-                      "class_id": table.column("action_id"), "score": score})
-    keep = _kept_rows(table.column("action_id").to_numpy(), image_keys, class_ids, excluded_keys)
-    return boxes if pc.all(keep).as_py() else boxes.filter(keep)
-
-
-def _first_line_column_count(path) -> int:
-    with open(path, newline="", encoding="utf-8") as lines:
-        first_row = next(csv.reader(lines), [])
-    return len(first_row)
-
-
-def _read_typed_csv(path, column_names: tuple[str, ...], kept_columns: tuple[str, ...]) -> pa.Table:
-    """The CSV parsed with explicit column types; on any parse problem, a ValueError naming the line."""
-    if os.path.getsize(path) == 0:
-        return pa.table({name: pa.array([], _COLUMN_TYPES[name]) for name in kept_columns})
-    try:
-        table = pcsv.read_csv(path, read_options=pcsv.ReadOptions(column_names=list(column_names)),
-                              parse_options=_parse_options(),
-                              convert_options=_convert_options({name: _COLUMN_TYPES[name] for name in kept_columns},
-                                                               kept_columns))
-    except pa.ArrowInvalid as error:
-        _raise_located_parse_error(path, column_names, kept_columns, error)
-    return table.combine_chunks()
-
-
-def _parse_options(invalid_row_handler=None) -> pcsv.ParseOptions:
-    # A blank line is a broken row for the official reader too, so it must not be skipped silently; this
-    # also keeps row i on line i + 1.
-    return pcsv.ParseOptions(ignore_empty_lines=False, invalid_row_handler=invalid_row_handler)
-
-
-def _convert_options(column_types: dict, kept_columns) -> pcsv.ConvertOptions:
-    # No null spellings: an empty or "NA" field is malformed, not missing.
-    return pcsv.ConvertOptions(column_types=column_types, include_columns=list(kept_columns), null_values=[],
-                               quoted_strings_can_be_null=False, strings_can_be_null=False)
-
-
-def _raise_located_parse_error(path, column_names, kept_columns, error: Exception):
-    """Re-reads the file as text to find the first line that did not parse, and raises a ValueError for it."""
-    bad_lines: list[tuple[int, int, str]] = []  # (line, column position, problem): the leftmost problem wins
-
-    def note_wrong_column_count(row) -> str:
-        problem = f"expected {row.expected_columns} comma-separated columns, found {row.actual_columns}"
-        bad_lines.append((row.number, -1, problem))
-        return "skip"
-
-    text = pcsv.read_csv(path, read_options=pcsv.ReadOptions(column_names=list(column_names), use_threads=False),
-                         parse_options=_parse_options(note_wrong_column_count),
-                         convert_options=_convert_options({name: pa.string() for name in kept_columns},
-                                                          kept_columns))
-    skipped_lines = sorted(number for number, _, _ in bad_lines)
-    for position, name in enumerate(kept_columns):
-        row = _first_unparsable_row(text.column(name).combine_chunks(), _COLUMN_TYPES[name])
-        if row is not None:
-            value = text.column(name)[row].as_py()
-            bad_lines.append((_line_of_parsed_row(row, skipped_lines), position,
-                              f"{name} {value!r} is not a valid {_type_words(_COLUMN_TYPES[name])}"))
-    if not bad_lines:
-        raise ValueError(f"{path}: {error}") from error
-    line, _, problem = min(bad_lines)
-    raise ValueError(f"{path}, line {line}: {problem}") from error
-
-
-def _first_unparsable_row(values: pa.Array, value_type: pa.DataType) -> int | None:
-    """Index of the first value the CSV reader cannot convert, by bisection (each half is converted once)."""
-    if pa.types.is_dictionary(value_type) or pa.types.is_string(value_type):
-        return None
-    values = pc.utf8_trim_whitespace(values)  # the CSV reader tolerates surrounding blanks
-
-    def parses(start: int, stop: int) -> bool:
-        try:
-            pc.cast(values.slice(start, stop - start), value_type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            return False
-        return True
-
-    start, stop = 0, len(values)
-    if parses(start, stop):
-        return None
-    while stop - start > 1:
-        middle = (start + stop) // 2
-        if parses(start, middle):
-            start = middle
-        else:
-            stop = middle
-    return start
-
-
-def _line_of_parsed_row(row: int, skipped_lines: list[int]) -> int:
-    line = row + 1
-    for skipped in skipped_lines:
-        if skipped <= line:
-            line += 1
-    return line
-
-
-def _type_words(value_type: pa.DataType) -> str:
-    return "integer" if pa.types.is_integer(value_type) else "number"
-
-
-def _check_box_rows(path, table: pa.Table, is_detection: bool) -> None:
-    column = {name: table.column(name).to_numpy() for name in table.column_names if name != "video_id"}
-    problems = [_timestamp_problems(column["timestamp"])]
-    for name in _COORDINATES:
-        value = column[name]
-        problems.append((~np.isfinite(value), lambda row, name=name: f"{name} is not a finite number"))
-        outside = (value < -COORDINATE_TOLERANCE) | (value > 1 + COORDINATE_TOLERANCE)
-        problems.append((outside, lambda row, name=name, value=value:
-                         f"{name} = {value[row]!r} is outside the normalised range [0, 1]"))
-    # Inverted corners mean a broken writer. A zero extent is legitimate output of rounding to 3 decimals and
-    # the official evaluator copes with it (such detections are dropped, such ground truth is never matched).
-    for low, high in (("x1", "x2"), ("y1", "y2")):
-        problems.append((column[high] < column[low], lambda row, low=low, high=high:
-                         f"{high} = {column[high][row]!r} is smaller than {low} = {column[low][row]!r}"))
-    if is_detection:
-        problems.append((~np.isfinite(column["score"]), lambda row: "score is not a finite number"))
-    _raise_first_bad_row(path, problems)
-
-
-def _timestamp_problems(timestamps: np.ndarray):
-    return ((timestamps < 0) | (timestamps > MAX_TIMESTAMP),
-            lambda row: f"timestamp {timestamps[row]} is not between 0 and {MAX_TIMESTAMP}")
-
-
-def _raise_first_bad_row(path, problems) -> None:
-    """Raises for the earliest row flagged by any (mask, describe) pair; the first rule wins on that row."""
-    first_rows = [int(np.argmax(mask)) if mask.any() else math.inf for mask, _ in problems]
-    row = min(first_rows, default=math.inf)
-    if row == math.inf:
-        return
-    describe = problems[first_rows.index(row)][1]
-    raise ValueError(f"{path}, line {row + 1}: {describe(row)}")
-
-
-def _row_image_keys(table: pa.Table) -> pa.DictionaryArray:
-    """Per-row ``"video,%04d"`` key, dictionary-encoded so each distinct key is formatted once."""
-    videos = table.column("video_id").combine_chunks() if table.num_rows else pa.array([], _COLUMN_TYPES["video_id"])
-    video_codes = videos.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    timestamps = table.column("timestamp").to_numpy()
-    images = pc.dictionary_encode(pa.array((video_codes << 32) | timestamps))
-    packed = images.dictionary.to_numpy()
-    key_strings = _image_key_strings(videos.dictionary.take(pa.array(packed >> 32)), packed & 0xFFFFFFFF)
-    return pa.DictionaryArray.from_arrays(images.indices, key_strings)
-
-
-def _image_key_strings(videos: pa.Array, timestamps: np.ndarray) -> pa.Array:
-    """``"%s,%04d" % (video, timestamp)`` for non-negative timestamps, vectorised."""
-    seconds = pc.utf8_lpad(pc.cast(pa.array(timestamps, pa.int64()), pa.string()), width=4, padding="0")
-    return pc.binary_join_element_wise(videos, seconds, ",")
-
-
-def _kept_rows(class_of_row: np.ndarray, image_keys: pa.DictionaryArray, class_ids: Iterable[int] | None,
-               excluded_keys: Iterable[str]) -> pa.Array:
-    keep = np.ones(len(class_of_row), dtype=bool) if class_ids is None else np.isin(class_of_row, list(class_ids))
-    excluded = pa.array(list(excluded_keys), pa.string())
-    if len(excluded) and len(class_of_row):
-        excluded_image = pc.is_in(image_keys.dictionary, value_set=excluded).to_numpy(zero_copy_only=False)
-        keep &= ~excluded_image[image_keys.indices.to_numpy()]
-    return pa.array(keep)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,7 +85,7 @@ class _Boxes:
 
 def frame_map(groundtruth, detections, class_ids: Iterable[int],
               iou_thresholds: Iterable[float] = DEFAULT_IOU_THRESHOLDS) -> FrameMapResult:
-    """Frame-mAP of detections against ground truth (tables shaped like ``read_boxes_csv`` output).
+    """Frame-mAP of detections against ground truth (tables shaped like ``ava.read_boxes_csv`` output).
 
     Row order matters exactly as file order does for the official evaluator. Rows of classes outside
     ``class_ids`` are ignored; exclusions are applied by the readers.
@@ -508,9 +293,9 @@ def evaluate_files(labelmap, groundtruth, detections, exclusions=None,
                    iou_thresholds: Iterable[float] = DEFAULT_IOU_THRESHOLDS) -> FrameMapResult:
     """Frame-mAP from the official files: label map, ground-truth CSV, detections CSV, optional exclusions CSV."""
     class_ids = list(ava.read_label_map(labelmap))
-    excluded = read_exclusions(exclusions) if exclusions else set()
-    truth = read_boxes_csv(groundtruth, is_detection=False, class_ids=class_ids, excluded_keys=excluded)
-    found = read_boxes_csv(detections, is_detection=True, class_ids=class_ids, excluded_keys=excluded)
+    excluded = ava.read_exclusions(exclusions) if exclusions else set()
+    truth = ava.read_boxes_csv(groundtruth, is_detection=False, class_ids=class_ids, excluded=excluded)
+    found = ava.read_boxes_csv(detections, is_detection=True, class_ids=class_ids, excluded=excluded)
     return frame_map(truth, found, class_ids, iou_thresholds)
 
 
@@ -565,73 +350,3 @@ def _table_report(result: FrameMapResult, names: dict[int, str], iou: str) -> st
         lines += [f"mAP@{t:.2f}: {value:.4f}" for t, value in result.mAP_per_iou.items()]
     lines.append(f"mAP: {result.mAP:.4f}")
     return "\n".join(lines)
-
-
-def write_detections_csv(path, detections: pa.Table | Mapping) -> None:
-    """Writes detections in the AVA format ``video_id,%04d,x1,y1,x2,y2,action_id,score`` (``%.3f`` coordinates,
-    ``%.4f`` score), through a temporary file renamed into place so readers never see half a file.
-
-    ``detections`` has the columns video_id, timestamp, x1, y1, x2, y2, action_id, score (others are ignored).
-    """
-    table = detections if isinstance(detections, pa.Table) else pa.table(dict(detections))
-    missing = [name for name in _DETECTION_COLUMNS if name not in table.column_names]
-    if missing:
-        raise ValueError(f"detections lack column(s) {missing}; they have {table.column_names}")
-    lines = _detection_lines(table)
-    target = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            _write_strings(out, lines)
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def _detection_lines(table: pa.Table) -> pa.Array:
-    videos = pc.cast(table.column("video_id"), pa.string()).combine_chunks()
-    if pc.any(pc.match_substring_regex(videos, r'[,"\r\n]')).as_py():
-        raise ValueError("video ids must not contain commas, quotes or line breaks")
-    timestamps = table.column("timestamp").to_numpy().astype(np.int64)
-    if ((timestamps < 0) | (timestamps > MAX_TIMESTAMP)).any():
-        raise ValueError(f"timestamps must be whole seconds between 0 and {MAX_TIMESTAMP}")
-    columns = [_image_key_strings(videos, timestamps)]
-    columns += [_fixed_point_strings(table.column(name).to_numpy().astype(np.float64), 3) for name in _COORDINATES]
-    columns.append(pc.cast(pa.array(table.column("action_id").to_numpy().astype(np.int64)), pa.string()))
-    columns.append(_fixed_point_strings(table.column("score").to_numpy().astype(np.float64), 4))
-    return pc.binary_join_element_wise(*columns, ",")
-
-
-def _fixed_point_strings(values: np.ndarray, decimals: int) -> pa.Array:
-    """``"%.{decimals}f" % value`` for every value, vectorised.
-
-    Rounding ``value * 10**decimals`` to an integer agrees with Python's exact decimal rounding except within
-    the product's rounding error of a half-way point; those few values (and huge ones, where that error grows)
-    are formatted by Python itself.
-    """
-    if not np.isfinite(values).all():
-        raise ValueError("detections contain a coordinate or score that is not a finite number")
-    scale = 10**decimals
-    scaled = np.abs(values) * scale
-    rounded = np.rint(scaled)
-    exact_only = (np.abs(scaled - np.floor(scaled) - 0.5) < 1e-6) | (scaled >= 1e9)
-    rounded = np.where(exact_only, 0, rounded).astype(np.int64)
-    whole = pc.cast(pa.array(rounded // scale), pa.string())
-    fraction = pc.utf8_lpad(pc.cast(pa.array(rounded % scale), pa.string()), width=decimals, padding="0")
-    text = pc.binary_join_element_wise(whole, fraction, ".")
-    text = pc.if_else(pa.array(np.signbit(values)), pc.binary_join_element_wise("-", text, ""), text)
-    if exact_only.any():
-        exact = pa.array([f"{value:.{decimals}f}" for value in values[exact_only]], pa.string())
-        text = pc.replace_with_mask(text, pa.array(exact_only), exact)
-    return text
-
-
-def _write_strings(out, lines: pa.Array) -> None:
-    """Writes each string followed by a newline, straight from the Arrow buffers."""
-    terminated = pc.cast(pc.binary_join_element_wise(lines, "", "\n"), pa.large_string())
-    if len(terminated) == 0:
-        return
-    offsets = np.frombuffer(terminated.buffers()[1], dtype=np.int64)[terminated.offset:]
-    data = terminated.buffers()[2]
-    out.write(memoryview(data)[offsets[0]:offsets[len(terminated)]])

@@ -31,7 +31,6 @@ other videos finish. Ray Data shows the progress; a one-line summary ends the ru
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -46,7 +45,6 @@ import ray
 import ray.data
 
 from evadlab.config import DataConfig, ExperimentConfig
-from evadlab.ray_session import ensure_ray
 from evadlab.pipelines.ava import (
     Keyframe,
     Rejection,
@@ -56,6 +54,8 @@ from evadlab.pipelines.ava import (
 )
 from evadlab.pipelines.clips import encode_jpegs, resize_short_side
 from evadlab.pipelines.video import FrameSource, error_reason, open_frames
+from evadlab.ray_session import ensure_ray
+from evadlab.storage import atomic_path, write_text
 
 SHARD_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -230,7 +230,8 @@ def shard_is_complete(path: Path, clip_spec: dict[str, Any], expected_rows: int)
 
 
 def remove_stale_temporaries(out: Path, splits: tuple[str, ...]) -> None:
-    """Temporary shards left by a killed run are never complete; nothing else removes them."""
+    """Temporary shards left by a killed run are never complete; nothing else removes them. ``atomic_path`` names
+    the temporary of ``part-<video>.parquet`` ``.part-<video>.parquet.<random>.tmp``."""
     for split in splits:
         for temporary in (out / split).glob(".part-*.tmp"):
             temporary.unlink(missing_ok=True)
@@ -280,10 +281,7 @@ def write_manifest(out: Path, data: DataConfig, splits: tuple[str, ...], tasks: 
         "videos": {split: {video: n for (s, video), n in sorted(rows.items()) if s == split} for split in splits},
         "rejected": [{"source": r.source, "line": r.line, "reason": r.reason} for r in rejected],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = out / f".{MANIFEST}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(temporary, out / MANIFEST)
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def source_record(task: VideoTask) -> dict[str, Any]:
@@ -336,22 +334,16 @@ def clip_rows(frames: FrameSource, item: dict[str, Any], data: DataConfig) -> It
 def write_shard(path: Path, rows: Iterator[dict[str, Any]], clip_spec: dict[str, Any]) -> int:
     """Streams rows into a hidden temporary file beside ``path`` and renames it into place once complete, so a
     shard is never visible half-written. Returns the number of rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     schema = SHARD_SCHEMA.with_metadata({CLIP_SPEC_KEY: json.dumps(clip_spec).encode()})
     count = 0
-    try:
-        with pq.ParquetWriter(temporary, schema, compression=SHARD_COMPRESSION) as writer:
-            group: list[dict[str, Any]] = []
-            for row in rows:
-                group.append(row)
-                if len(group) == ROWS_PER_GROUP:
-                    writer.write_table(pa.Table.from_pylist(group, schema=schema))
-                    count, group = count + len(group), []
-            if group:
+    with atomic_path(path) as temporary, pq.ParquetWriter(temporary, schema, compression=SHARD_COMPRESSION) as writer:
+        group: list[dict[str, Any]] = []
+        for row in rows:
+            group.append(row)
+            if len(group) == ROWS_PER_GROUP:
                 writer.write_table(pa.Table.from_pylist(group, schema=schema))
-                count += len(group)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+                count, group = count + len(group), []
+        if group:
+            writer.write_table(pa.Table.from_pylist(group, schema=schema))
+            count += len(group)
     return count

@@ -18,7 +18,7 @@ byte-identical CSVs and identical decoded frames.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +36,7 @@ from evadlab.pipelines.ava import (
     EVALUATED_ACTION_IDS,
     keyframe_frame_index,
 )
+from evadlab.storage import atomic_path, write_text
 
 FIRST_KEYFRAME_SEC = 902
 # The last keyframe is 2 s before the end of the file, like the first is 2 s after its start.
@@ -288,28 +289,16 @@ def _render_frames(scene: Scene, seconds: int) -> Iterator[np.ndarray]:
         yield np.clip(noisy, 0, 255).astype(np.uint8)
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary(path)
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def _write_video(scene: Scene, seconds: int, video_path: Path, frame_dir: Path | None) -> None:
     """Encode the scene as 30 fps H.264 and, if asked, write the same frames as JPEGs
     (``<id>_000001.jpg``, ...). Both appear under their final names only once complete."""
-    video_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary_video = _temporary(video_path)
-    temporary_frames = _temporary(frame_dir) if frame_dir is not None else None
-    if temporary_frames is not None:
-        shutil.rmtree(temporary_frames, ignore_errors=True)
-        temporary_frames.mkdir(parents=True)
     height, width = scene.background.shape[:2]
-    with av.open(str(temporary_video), mode="w", format="mp4") as container:
+    frames_written = atomic_path(frame_dir) if frame_dir is not None else contextlib.nullcontext()
+    # The temporary name ends in .tmp, so the container format is named rather than guessed from the name.
+    with (atomic_path(video_path) as temporary_video, frames_written as temporary_frames,
+          av.open(str(temporary_video), mode="w", format="mp4") as container):
+        if temporary_frames is not None:
+            temporary_frames.mkdir()
         stream = container.add_stream("libx264", rate=AVA_FPS)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": "20", "preset": "veryfast"}
@@ -319,10 +308,9 @@ def _write_video(scene: Scene, seconds: int, video_path: Path, frame_dir: Path |
                 name = f"{scene.video_id}_{frame_index + 1:06d}.jpg"
                 Image.fromarray(pixels).save(temporary_frames / name, quality=95)
         container.mux(stream.encode())
-    os.replace(temporary_video, video_path)
-    if frame_dir is not None and temporary_frames is not None:
-        shutil.rmtree(frame_dir, ignore_errors=True)
-        os.replace(temporary_frames, frame_dir)
+        if frame_dir is not None:
+            # A folder is renamed only onto a missing or empty one: the frames of an earlier run go first.
+            shutil.rmtree(frame_dir, ignore_errors=True)
 
 
 def _annotation_lines(scene: Scene, seconds: int, width: int, height: int) -> list[str]:
@@ -390,12 +378,12 @@ def generate_mini_ava(out_dir: str | Path, *, videos: int = 6, seconds: int = 12
     # The annotations go last, so that finding them means the videos and frames are complete.
     excluded = (splits["val"][0], keyframes[len(keyframes) // 2])
     annotations = out_dir / "annotations"
-    _write_text(annotations / AVA_ANNOTATIONS["train_annotations"], "\n".join(rows["train"]) + "\n")
-    _write_text(annotations / AVA_ANNOTATIONS["val_annotations"], "\n".join(rows["val"]) + "\n")
-    _write_text(annotations / AVA_ANNOTATIONS["exclusions"], f"{excluded[0]},{excluded[1]:04d}\n")
-    _write_text(annotations / AVA_ANNOTATIONS["label_map"], label_map_text())
+    write_text(annotations / AVA_ANNOTATIONS["train_annotations"], "\n".join(rows["train"]) + "\n")
+    write_text(annotations / AVA_ANNOTATIONS["val_annotations"], "\n".join(rows["val"]) + "\n")
+    write_text(annotations / AVA_ANNOTATIONS["exclusions"], f"{excluded[0]},{excluded[1]:04d}\n")
+    write_text(annotations / AVA_ANNOTATIONS["label_map"], label_map_text())
     for split, ids in splits.items():
-        _write_text(out_dir / "frame_lists" / f"{split}.csv", "\n".join(_frame_list_lines(ids, seconds)) + "\n")
+        write_text(out_dir / "frame_lists" / f"{split}.csv", "\n".join(_frame_list_lines(ids, seconds)) + "\n")
 
     return {
         "root": str(out_dir),

@@ -20,11 +20,17 @@ from tqdm import tqdm
 from evadlab.config import ExperimentConfig, build_config, load_config
 from evadlab.models.checkpoints import CheckpointError, read_checkpoint
 from evadlab.models.structures import Detections
-from evadlab.pipelines.ava import AVA_ACTION_NAMES
+from evadlab.pipelines.ava import (
+    ALL_ACTION_IDS,
+    AVA_ACTION_NAMES,
+    detection_rows,
+    stack_detection_rows,
+    write_detections_csv,
+)
 from evadlab.pipelines.clips import resize_short_side, to_model_input
-from evadlab.pipelines.ava_map import write_detections_csv
 from evadlab.pipelines.video import VideoFileFrames
 from evadlab.platform.modeling import build_model
+from evadlab.storage import atomic_path
 
 LABELS_PER_BOX = 3
 BOX_COLOURS = [(255, 64, 64), (64, 200, 255), (255, 210, 0), (120, 255, 120), (255, 120, 255), (255, 160, 60)]
@@ -79,13 +85,14 @@ def draw(frame: np.ndarray, found: Detections) -> np.ndarray:
 
 
 def write_annotated_video(frames: VideoFileFrames, times: np.ndarray, detections: list[Detections], out: Path) -> None:
-    """Every source frame, with the detections of the keyframe nearest in time, encoded with libx264."""
+    """Every source frame, with the detections of the keyframe nearest in time, encoded with libx264 as MP4
+    (whatever ``out`` is named) and written atomically."""
     reader = frames.reader
     fps = float(reader.get_avg_fps()) or 30.0
     height, width = reader[0].shape[:2]
     nearest = np.abs(frames.frame_times[:, None] - times[None, :]).argmin(axis=1)
-    temporary = out.with_name(f".{out.name}.tmp.mp4")
-    with av.open(str(temporary), mode="w") as container:
+    # The temporary name ends in .tmp, so the container format is named rather than guessed from the name.
+    with atomic_path(out) as temporary, av.open(str(temporary), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=round(fps))
         stream.width, stream.height = width - width % 2, height - height % 2
         stream.pix_fmt = "yuv420p"
@@ -95,23 +102,14 @@ def write_annotated_video(frames: VideoFileFrames, times: np.ndarray, detections
                 picture = draw(frame, detections[nearest[index]])[: stream.height, : stream.width]
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")))
         container.mux(stream.encode())
-    temporary.replace(out)
 
 
 def detections_table(video_id: str, times: np.ndarray, detections: list[Detections]) -> pa.Table:
     """One row per box and action (all 80), keyed by the keyframe's whole second in the file."""
-    columns: dict[str, list] = {name: [] for name in ("video_id", "timestamp", "x1", "y1", "x2", "y2", "action_id",
-                                                       "score")}
-    actions = np.arange(1, 81)
-    for time_s, found in zip(times, detections):
-        for box, scores in zip(found.boxes.tensor.numpy(), found.action_scores.numpy()):
-            columns["video_id"] += [video_id] * len(actions)
-            columns["timestamp"] += [int(time_s)] * len(actions)
-            for axis, name in enumerate(("x1", "y1", "x2", "y2")):
-                columns[name] += [float(box[axis])] * len(actions)
-            columns["action_id"] += actions.tolist()
-            columns["score"] += scores[actions - 1].tolist()
-    return pa.table(columns)
+    return pa.table(stack_detection_rows(
+        detection_rows(video_id, int(time_s), found.boxes.tensor.numpy(), found.action_scores.numpy(), ALL_ACTION_IDS)
+        for time_s, found in zip(times, detections)
+    ))
 
 
 def run_demo(video: str, *, checkpoint: str, config: str | None, out: str, fps: float) -> Path:

@@ -8,20 +8,20 @@ them with the official-equivalent evaluator.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from evadlab.config import ExperimentConfig
-from evadlab.pipelines.ava import read_label_map
+from evadlab.pipelines.ava import detection_rows, read_label_map, stack_detection_rows, write_detections_csv
+from evadlab.pipelines.ava_map import evaluate_files, parse_iou_thresholds
 from evadlab.pipelines.clips import decode_clip, iter_shard_rows, read_shards, to_model_input
-from evadlab.pipelines.ava_map import evaluate_files, parse_iou_thresholds, write_detections_csv
-
-DETECTION_COLUMNS = ("video_id", "timestamp", "box_index", "x1", "y1", "x2", "y2", "action_id", "score")
+from evadlab.storage import absolute, is_uri
 
 
 @dataclass
@@ -45,28 +45,21 @@ def detect_clips(model, rows: list[dict[str, Any]], cfg: ExperimentConfig, class
     Each clip runs on its own so its detections do not depend on which clips share its batch (padding
     and kernel choice would otherwise change the last digits)."""
     model.eval()
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in DETECTION_COLUMNS}
+    parts = []
     for row in rows:
         frames, _ = decode_clip(row, flip=False)
         clip = to_model_input(frames, cfg.data.mean, cfg.data.std).to(device)
         (detections,) = model.predict([clip], [(int(row["orig_height"]), int(row["orig_width"]))])
         boxes = detections.boxes.tensor.float().cpu().numpy()
-        scores = detections.action_scores.float().cpu().numpy()[:, class_ids - 1]
-        num_boxes = len(boxes)
-        columns["video_id"].append(np.full(num_boxes * len(class_ids), str(row["video_id"]), dtype=object))
-        columns["timestamp"].append(np.full(num_boxes * len(class_ids), int(row["timestamp"]), dtype=np.int64))
-        columns["box_index"].append(np.repeat(np.arange(num_boxes), len(class_ids)))
-        for axis, name in enumerate(("x1", "y1", "x2", "y2")):
-            columns[name].append(np.repeat(boxes[:, axis], len(class_ids)))
-        columns["action_id"].append(np.tile(class_ids, num_boxes))
-        columns["score"].append(scores.reshape(-1))
-    return {name: (np.concatenate(parts) if parts else np.array([])) for name, parts in columns.items()}
+        parts.append(detection_rows(str(row["video_id"]), int(row["timestamp"]), boxes,
+                                    detections.action_scores.float().cpu().numpy(), class_ids))
+    return stack_detection_rows(parts)
 
 
 def _sorted_table(parts: Iterable[dict[str, np.ndarray]]) -> pa.Table:
-    tables = [pa.table({name: part[name] for name in DETECTION_COLUMNS}) for part in parts if len(part["score"])]
+    tables = [pa.table(dict(part)) for part in parts if len(part["score"])]
     if not tables:
-        return pa.table({name: [] for name in DETECTION_COLUMNS})
+        return pa.table(stack_detection_rows([]))
     table = pa.concat_tables(tables, promote_options="permissive")
     return table.sort_by([("video_id", "ascending"), ("timestamp", "ascending"), ("box_index", "ascending"),
                           ("action_id", "ascending")])
@@ -131,7 +124,7 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
     checkpoint = checkpoint or cfg.model.checkpoint
     if not checkpoint:
         raise ValueError("evaluate needs a checkpoint: pass --checkpoint or set model.checkpoint")
-    if "://" not in checkpoint and not Path(checkpoint).exists():
+    if not is_uri(checkpoint) and not Path(checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     shards = cfg.data.shards_path
     if not (shards / "manifest.json").exists():
@@ -143,8 +136,7 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
     val_clips = read_shards(shards, "val").repartition(target_num_rows_per_block=cfg.eval.batch_size)
     detections = val_clips.map_batches(
         ClipDetector,
-        fn_constructor_kwargs={"experiment": cfg.model_dump(mode="json"), "checkpoint": str(Path(checkpoint).resolve())
-                               if "://" not in checkpoint else checkpoint},
+        fn_constructor_kwargs={"experiment": cfg.model_dump(mode="json"), "checkpoint": absolute(checkpoint)},
         batch_size=cfg.eval.batch_size, concurrency=cfg.eval.concurrency, num_gpus=cfg.eval.num_gpus,
         num_cpus=cfg.eval.cpus_per_actor,
         batch_format="numpy",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from evadlab.config import ExperimentConfig
+from evadlab.storage import write_text
 
 
 def _shards_ready(cfg: ExperimentConfig) -> bool:
@@ -51,10 +51,7 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
     summary = {"mAP": result.mAP, "gflops": trained.gflops, "wall_s": round(time.perf_counter() - start, 1),
                "mlflow_run_id": trained.mlflow_run_id, "tracking_uri": trained.tracking_uri}
     out_dir = (cfg.run_dir / trained.run_name).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    temporary = out_dir / "summary.json.tmp"
-    temporary.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(temporary, out_dir / "summary.json")
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     print(f"\nframe-mAP@0.5 (val, held-out videos): {result.mAP:.4f}")
     print(f"GFLOPs (16x288x288): {trained.gflops:.1f}")
     print(f"wall time: {summary['wall_s']:.0f} s")

@@ -6,6 +6,8 @@ so a Ray worker on any node can log into a run that the driver created.
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import tempfile
 import time
@@ -116,6 +118,16 @@ class RunLogger:
         return [m.value for m in sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.step)]
 
 
+def per_class_ap_csv(per_class: dict[str, float | None]) -> str:
+    """CSV text with the header ``class,ap`` and one row per class (AP with 6 decimals, empty where the class has
+    none), quoted as the csv module quotes, so that any class name reads back."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["class", "ap"])
+    writer.writerows([name, "" if ap is None else f"{ap:.6f}"] for name, ap in per_class.items())
+    return text.getvalue()
+
+
 def log_per_class_ap(logger: RunLogger, per_class: dict[str, float | None], prefix: str = "") -> None:
     """Per-class AP as a CSV and a bar chart, for the MLflow artifact view."""
     import matplotlib
@@ -123,8 +135,7 @@ def log_per_class_ap(logger: RunLogger, per_class: dict[str, float | None], pref
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = ["class,ap"] + [f"\"{name}\",{'' if ap is None else f'{ap:.6f}'}" for name, ap in per_class.items()]
-    logger.log_text("\n".join(rows) + "\n", f"{prefix}per_class_ap.csv")
+    logger.log_text(per_class_ap_csv(per_class), f"{prefix}per_class_ap.csv")
     scored = [(name, ap) for name, ap in per_class.items() if ap is not None]
     figure, axis = plt.subplots(figsize=(max(6, 0.25 * len(scored)), 4))
     axis.bar([name for name, _ in scored], [ap for _, ap in scored], color="tab:blue")

@@ -25,6 +25,7 @@ from evadlab.config import (
 )
 from evadlab.platform.compare import format_table, plot_map_vs_gflops, trade_off_table
 from evadlab.platform.tracking import RunLogger, start_run
+from evadlab.storage import absolute, exists, join, read_text, write_text
 
 
 class SearchDimension(BaseModel):
@@ -119,9 +120,8 @@ def run_sweep(sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = (
     from evadlab.ray_session import ensure_ray
 
     spec, base = load_sweep(sweep_path, overrides)
-    storage = str(Path(base.train.storage_path).resolve()) if "://" not in base.train.storage_path \
-        else base.train.storage_path
-    sweep_dir = f"{storage}/{spec.name}"
+    storage_path = absolute(base.train.storage_path)
+    sweep_dir = join(storage_path, spec.name)
     parent_run_id = _parent_run(spec, base, sweep_dir)
     ensure_ray()
     trainable = tune.with_resources(run_trial, {"cpu": spec.trial_cpus})
@@ -138,7 +138,7 @@ def run_sweep(sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = (
                                         num_samples=base.tune.num_samples,
                                         max_concurrent_trials=base.tune.max_concurrent_trials,
                                         scheduler=_scheduler(base)),
-            run_config=tune.RunConfig(name=spec.name, storage_path=storage),
+            run_config=tune.RunConfig(name=spec.name, storage_path=storage_path),
         )
     results = tuner.fit()
     errors = [str(r.error) for r in results if r.error]
@@ -150,13 +150,12 @@ def run_sweep(sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
 def _parent_run(spec: SweepSpec, base: ExperimentConfig, sweep_dir: str) -> str:
     """The sweep's MLflow parent run; a resumed sweep finds its id in the sweep folder."""
-    marker = Path(sweep_dir) / "mlflow_parent_run_id"
-    if base.tune.resume and marker.exists():
-        return marker.read_text().strip()
+    marker = join(sweep_dir, "mlflow_parent_run_id")
+    if base.tune.resume and exists(marker):
+        return read_text(marker).strip()
     run_id = start_run(base, run_name=spec.name, tags={"evadlab.job": "sweep",
                                                        "evadlab.search_space": ",".join(spec.search_space)})
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(run_id)
+    write_text(marker, run_id)
     RunLogger(base.tracking.resolved_uri(), run_id).log_text(yaml.safe_dump(spec.model_dump(mode="json")), "sweep.yaml")
     return run_id
 
