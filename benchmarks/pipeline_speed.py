@@ -41,7 +41,8 @@ from evadlab.pipelines.clips import (
     resize_short_side,
     to_model_input,
 )
-from evadlab.pipelines.prepare import VideoFileFrames, plan_tasks, prepare, shard_path, task_item, write_shard
+from evadlab.pipelines.prepare import PrepareHooks, plan_tasks, prepare, shard_path, task_item, write_shard
+from evadlab.pipelines.video import VideoFileFrames
 from evadlab.pipelines.synthetic import generate_mini_ava
 
 
@@ -60,6 +61,19 @@ def pinned_to_cores(count: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+class WarmedUp(Exception):
+    """Ends the warm-up prepare once every worker has handled a video."""
+
+
+class StopAfterVideos(PrepareHooks):
+    def __init__(self, videos: int):
+        self.videos = videos
+
+    def after_video(self, finished: int, pending: int) -> None:
+        if finished >= self.videos:
+            raise WarmedUp
+
+
 def timed_prepare(cfg: ExperimentConfig, cpus: int, warm_up: ExperimentConfig) -> tuple[int, float]:
     """Clips written and seconds of one prepare on a fresh local Ray with ``cpus`` CPUs, after a warm-up run
     of one video per worker (so that every worker has imported torch and decord). Ray, its workers and this
@@ -67,7 +81,8 @@ def timed_prepare(cfg: ExperimentConfig, cpus: int, warm_up: ExperimentConfig) -
     with pinned_to_cores(cpus):
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
         try:
-            prepare(warm_up, stop_after_videos=cpus)
+            with contextlib.suppress(WarmedUp):
+                prepare(warm_up, hooks=StopAfterVideos(cpus))
             start = time.perf_counter()
             summary = prepare(cfg)
             return summary.written, time.perf_counter() - start

@@ -204,6 +204,11 @@ class TuneConfig(Section):
     resume: bool = False
 
 
+def default_tracking_uri() -> str:
+    """Where runs are tracked when no ``mlflow server`` is named: ``mlflow.db`` in the working directory."""
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
 class TrackingConfig(Section):
     enabled: bool = True
     uri: str = ""
@@ -211,7 +216,7 @@ class TrackingConfig(Section):
 
     def resolved_uri(self) -> str:
         """An ``mlflow server`` URI when given, else a SQLite file under the working directory."""
-        return self.uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+        return self.uri or default_tracking_uri()
 
 
 _LOCAL_PATHS = (("data", "root"), ("data", "shards"), ("model", "pretrained"), ("model", "checkpoint"),

@@ -11,6 +11,7 @@ from evadlab.models.checkpoints import (
     load_evad_checkpoint,
     load_pretrained_backbone,
     load_training_checkpoint,
+    read_checkpoint,
     save_training_checkpoint,
 )
 
@@ -74,7 +75,7 @@ def test_released_format_loads_strictly(tmp_path, source_model, target_model, co
     path = tmp_path / "evad.pyth"
     torch.save({"epoch": 12, container: state, "optimizer_state": {}, "cfg": "MODEL:\n  ARCH: vit\n"}, path)
 
-    report = load_evad_checkpoint(target_model, path)
+    report = load_evad_checkpoint(target_model, read_checkpoint(path))
 
     assert sorted(report.loaded) == sorted(source_model.state_dict())
     assert report.ignored == {} and report.not_loaded == []
@@ -91,7 +92,7 @@ def test_missing_unexpected_and_wrong_shape_keys_are_all_listed(tmp_path, source
     before = {key: value.clone() for key, value in target_model.state_dict().items()}
 
     with pytest.raises(CheckpointError) as error:
-        load_evad_checkpoint(target_model, path)
+        load_evad_checkpoint(target_model, read_checkpoint(path))
 
     message = str(error.value)
     assert "2 missing keys: blocks.1.attn.q_bias, criterion.empty_weight" in message
@@ -104,9 +105,9 @@ def test_a_file_without_weights_is_refused(tmp_path, target_model):
     path = tmp_path / "empty.pyth"
     torch.save({"epoch": 3}, path)
     with pytest.raises(CheckpointError, match="has no weights"):
-        load_evad_checkpoint(target_model, path)
+        load_evad_checkpoint(target_model, read_checkpoint(path))
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_evad_checkpoint(target_model, tmp_path / "absent.pyth")
+        load_evad_checkpoint(target_model, read_checkpoint(tmp_path / "absent.pyth"))
 
 
 def test_videomae_finetuned_checkpoint_loads_the_backbone(tmp_path, source_model, target_model):
@@ -123,7 +124,7 @@ def test_videomae_finetuned_checkpoint_loads_the_backbone(tmp_path, source_model
     torch.save({"model": {**backbone, **classifier_extras}, "epoch": 34, "args": args}, path)
     untouched = {key: value.clone() for key, value in target_model.state_dict().items() if key not in backbone}
 
-    report = load_pretrained_backbone(target_model, path)
+    report = load_pretrained_backbone(target_model, read_checkpoint(path))
 
     assert sorted(report.loaded) == sorted(backbone)
     assert sorted(report.ignored) == sorted(classifier_extras)
@@ -161,7 +162,7 @@ def test_videomae_pretraining_checkpoint_loads_backbone_norm_and_first_decoder_b
     torch.save({"model": {"backbone." + key: value for key, value in checkpoint.items()}}, path)
     mask_token_before = target_model.det_head.mask_token.detach().clone()
 
-    report = load_pretrained_backbone(target_model, path)
+    report = load_pretrained_backbone(target_model, read_checkpoint(path))
 
     expected = {
         **encoder,
@@ -192,12 +193,13 @@ def test_backbone_of_another_width_fails_listing_the_keys(tmp_path, target_model
     torch.save({"model": wider.state_dict()}, path)
 
     with pytest.raises(CheckpointError) as error:
-        load_pretrained_backbone(target_model, path)
+        load_pretrained_backbone(target_model, read_checkpoint(path))
 
     message = str(error.value)
     assert "patch_embed.proj.weight (128, 3, 2, 16, 16) vs model patch_embed.proj.weight (96, 3, 2, 16, 16)" in message
-    assert "blocks.3.mlp.fc2.bias (128,) vs model blocks.3.mlp.fc2.bias (96,)" in message
-    assert "norm.weight (128,) vs model norm.weight (96,)" in message
+    # Every backbone tensor is counted (the final norm included); the first few are named with both shapes.
+    backbone = [key for key in wider.state_dict() if key.startswith((*BACKBONE_PREFIXES, "norm."))]
+    assert f"{len(backbone)} wrong shapes (checkpoint vs model)" in message
 
 
 def test_backbone_checkpoint_must_cover_every_block(tmp_path, source_model, target_model):
@@ -216,7 +218,7 @@ def test_backbone_checkpoint_must_cover_every_block(tmp_path, source_model, targ
     torch.save({"model": {**shallow, **extra_block}}, path)
 
     with pytest.raises(CheckpointError) as error:
-        load_pretrained_backbone(target_model, path)
+        load_pretrained_backbone(target_model, read_checkpoint(path))
 
     message = str(error.value)
     assert "missing keys: blocks.3.norm1.weight" in message
@@ -227,7 +229,7 @@ def test_checkpoint_without_any_backbone_fails(tmp_path, target_model):
     path = tmp_path / "head_only.pth"
     torch.save({"model": {"head.weight": torch.zeros(400, 96)}}, path)
     with pytest.raises(CheckpointError, match="missing keys: patch_embed.proj.weight, patch_embed.proj.bias, blocks.0"):
-        load_pretrained_backbone(target_model, path)
+        load_pretrained_backbone(target_model, read_checkpoint(path))
 
 
 def test_training_checkpoint_round_trip(tmp_path, source_model, target_model):
@@ -252,7 +254,7 @@ def test_training_checkpoint_round_trip(tmp_path, source_model, target_model):
     assert payload["extra"]["best_map"] == 0.25 and payload["extra"]["global_step"] == 120
     assert sorted(payload["model_state"]) == sorted(source_model.state_dict())
     torch.optim.AdamW(target_model.parameters(), lr=1e-4).load_state_dict(payload["optimizer_state"])
-    load_evad_checkpoint(target_model, path)
+    load_evad_checkpoint(target_model, read_checkpoint(path))
     assert_same_values(source_model.state_dict(), target_model.state_dict())
 
 
@@ -288,4 +290,35 @@ def test_arbitrary_pickled_objects_are_refused(tmp_path, target_model):
     path = tmp_path / "pickled.pth"
     torch.save({"model": target_model.state_dict(), "learning_rate": fractions.Fraction(1, 3)}, path)
     with pytest.raises(CheckpointError, match="weights_only"):
-        load_evad_checkpoint(target_model, path)
+        load_evad_checkpoint(target_model, read_checkpoint(path))
+
+
+def test_damaged_files_are_named_in_one_line_that_never_suggests_unsafe_loading(tmp_path, source_model):
+    valid = tmp_path / "valid.pt"
+    torch.save({"model_state": source_model.state_dict()}, valid)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(valid.read_bytes()[: valid.stat().st_size // 2])
+    text = tmp_path / "notes.pt"
+    text.write_text("these are not weights\n" * 20)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": source_model.state_dict(), "callback": argparse.ArgumentParser}, pickled)
+    for path, reason in ((truncated, "is not a PyTorch checkpoint or is truncated"),
+                         (text, "is not a PyTorch checkpoint"),
+                         (pickled, "holds Python objects that weights_only loading refuses (argparse.ArgumentParser)")):
+        with pytest.raises(CheckpointError) as error:
+            read_checkpoint(path)
+        message = str(error.value)
+        assert message.startswith(str(path)) and reason in message, message
+        assert "\n" not in message and "weights_only=False" not in message and "weights_only` set" not in message
+
+
+def test_a_misfit_names_the_first_keys_with_both_shapes_in_one_line(tmp_path, target_model):
+    wider = EVAD(EVADConfig.tiny(embed_dim=128))
+    path = tmp_path / "wider.pt"
+    torch.save({"model_state": wider.state_dict()}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_evad_checkpoint(target_model, read_checkpoint(path))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{path} does not fit the configured model")
+    assert "patch_embed.proj.weight (128, 3, 2, 16, 16) vs model (96, 3, 2, 16, 16)" in message
+    assert message.count(" vs model ") == 5 and ", ..." in message

@@ -16,7 +16,7 @@ import pytest
 from evadlab.config import DataConfig, ExperimentConfig
 from evadlab.pipelines.ava import group_keyframes, read_annotations
 from evadlab.pipelines.clips import decode_jpegs, iter_shard_rows, read_shards, resize_short_side, resized_size
-from evadlab.pipelines.prepare import prepare
+from evadlab.pipelines.prepare import PrepareHooks, prepare
 
 SHORT_SIDE = 64
 SPLITS = ("train", "val")
@@ -112,24 +112,37 @@ def test_frame_folders_and_videos_give_the_same_clips(video_shards, frame_shards
                 assert psnr(decode(a), decode(b)) >= 30
 
 
+class Killed(Exception):
+    """Stands for the job being killed."""
+
+
+class KillAfterFirstVideo(PrepareHooks):
+    def after_video(self, finished: int, pending: int) -> None:
+        raise Killed
+
+
 def test_an_interrupted_prepare_finishes_only_the_missing_videos(mini_ava, tmp_path, ray_local):
     cfg = config(mini_ava, tmp_path / "shards")
-    first = prepare(cfg, stop_after_videos=1)
-    (done,) = sorted(cfg.data.shards_path.glob("*/part-*.parquet"))
-    written_at = done.stat().st_mtime_ns
-    assert not json.loads((cfg.data.shards_path / "manifest.json").read_text())["complete"]
+    with pytest.raises(Killed):
+        prepare(cfg, hooks=KillAfterFirstVideo())
+    manifest = json.loads((cfg.data.shards_path / "manifest.json").read_text())
+    assert not manifest["complete"]
+    # The manifest counts the video it saw finish; tasks already running may have finished more shards since.
+    finished = {path: path.stat().st_mtime_ns for path in cfg.data.shards_path.glob("*/part-*.parquet")}
+    counted = sum(manifest["counts"].values())
+    assert counted > 0 and len(finished) >= 1
     # What a job killed mid-write leaves behind: a temporary shard no reader may see.
-    stale = done.parent / ".part-broken.parquet.123.tmp"
+    stale = next(iter(finished)).parent / ".part-broken.parquet.123.tmp"
     stale.write_bytes(b"half a shard")
 
     second = prepare(cfg)
-    assert second.skipped_videos == 1 and not stale.exists()
-    assert done.stat().st_mtime_ns == written_at
+    assert second.skipped_videos == len(finished) and not stale.exists()
+    assert all(path.stat().st_mtime_ns == written_at for path, written_at in finished.items())
     expected = {split: expected_keyframes(cfg, split) for split in SPLITS}
     for split in SPLITS:
         assert rows_by_key(cfg.data.shards_path, split).keys() == expected[split].keys()
-    assert first.written + second.written == sum(len(keys) for keys in expected.values())
-    assert json.loads((cfg.data.shards_path / "manifest.json").read_text())["complete"]
+    manifest = json.loads((cfg.data.shards_path / "manifest.json").read_text())
+    assert manifest["complete"] and sum(manifest["counts"].values()) == sum(len(keys) for keys in expected.values())
 
 
 def test_bad_inputs_are_named_and_the_good_ones_finish(mini_ava, tmp_path, ray_local):

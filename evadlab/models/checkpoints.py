@@ -1,5 +1,8 @@
 """Reading and writing EVAD checkpoints (always read with ``torch.load(..., weights_only=True)``).
 
+A file is read once, by :func:`read_checkpoint` (a local path or an open binary file; storage and MLflow URIs are
+resolved by ``evadlab.platform.modeling.open_checkpoint``), into a :class:`Checkpoint`; the loaders take that.
+
 - Complete detectors load strictly (:func:`load_evad_checkpoint`): the released files
   (``{"epoch", "model_state", "optimizer_state", "cfg", ...}``), files whose weights sit under ``model`` or ``module``
   (as the released test loader accepts), bare state_dicts and our own training checkpoints. No key map is needed:
@@ -14,12 +17,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -38,10 +43,42 @@ _PRETRAIN_HEAD_PREFIXES = ("decoder.", "encoder_to_decoder.")
 
 TRAINING_CHECKPOINT_FORMAT = "evadlab-training-1"
 _TRAINING_FIELDS = ("epoch", "model_state", "optimizer_state", "cfg")
+# Key lists in error messages stop after this many per kind; the count says how many there are.
+_KEYS_SHOWN = 5
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded into the model; the message lists the offending keys."""
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint, or does not fit the model; the one-line message names the file and,
+    for a misfit, the first offending keys with both shapes."""
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint file as read by :func:`read_checkpoint`: ``payload`` is its top-level dict (tensors on the
+    CPU), ``source`` where it came from (for messages)."""
+
+    source: str
+    payload: dict[str, Any]
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The state_dict inside (under ``model``, ``module`` or ``model_state``, or the file itself when it is a bare
+        state_dict), without a DDP ``module.`` prefix. Raises CheckpointError when there is none."""
+        return _strip_ddp_prefix(_weights_of(self.payload, self.source))
+
+    @property
+    def config_text(self) -> str | None:
+        """The evadlab experiment config stored with the weights (YAML), if the file is one of ours."""
+        text = self.payload.get("cfg")
+        return text if isinstance(text, str) and self.payload.get("format") == TRAINING_CHECKPOINT_FORMAT else None
+
+    @property
+    def epoch(self) -> int | None:
+        return self.payload.get("epoch")
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return dict(self.payload.get("extra") or {})
 
 
 @dataclass
@@ -66,9 +103,9 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def load_evad_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
+def load_evad_checkpoint(model: nn.Module, checkpoint: Checkpoint) -> LoadReport:
     """Load a complete EVAD checkpoint; any missing, unexpected or wrong-shape key raises :class:`CheckpointError`."""
-    state = _strip_ddp_prefix(_weights_of(read_checkpoint(path), path))
+    state, path = checkpoint.weights, checkpoint.source
     expected = model.state_dict()
     problems = _problem_lines(
         missing=[key for key in expected if key not in state],
@@ -80,12 +117,12 @@ def load_evad_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
         ],
     )
     if problems:
-        raise CheckpointError(f"{path} does not fit the model:\n" + "\n".join(problems))
+        raise CheckpointError(f"{path} does not fit the configured model: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
     return LoadReport(path=str(path), loaded=list(expected))
 
 
-def load_pretrained_backbone(model: nn.Module, path: str | Path) -> LoadReport:
+def load_pretrained_backbone(model: nn.Module, checkpoint: Checkpoint) -> LoadReport:
     """Initialise the backbone (and, from a pre-training file, the decoder) from a VideoMAE / VideoMAEv2 checkpoint.
 
     Keys are renamed to EVAD names (:func:`videomae_to_evad_key`) and loaded where the model has a tensor of that
@@ -93,9 +130,9 @@ def load_pretrained_backbone(model: nn.Module, path: str | Path) -> LoadReport:
     extra block or a wrong shape (say ViT-L weights for a ViT-B model) raises :class:`CheckpointError`, because a
     backbone left partly at random initialisation would only show up weeks later as a poor mAP.
     """
-    source = _weights_of(read_checkpoint(path), path)
+    source, path = checkpoint.weights, checkpoint.source
     expected = model.state_dict()
-    report = LoadReport(path=str(path))
+    report = LoadReport(path=path)
     loadable: dict[str, torch.Tensor] = {}
     unexpected_backbone: list[str] = []
     wrong_shape_backbone: list[str] = []
@@ -118,7 +155,7 @@ def load_pretrained_backbone(model: nn.Module, path: str | Path) -> LoadReport:
         wrong_shape=wrong_shape_backbone,
     )
     if problems:
-        raise CheckpointError(f"{path} does not fit the backbone of the model:\n" + "\n".join(problems))
+        raise CheckpointError(f"{path} does not fit the backbone of the configured model: " + "; ".join(problems))
 
     model.load_state_dict(loadable, strict=False)
     report.loaded = list(loadable)
@@ -173,26 +210,50 @@ def save_training_checkpoint(
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_training_checkpoint` (tensors on the CPU)."""
-    payload = read_checkpoint(path)
+    payload = read_checkpoint(path).payload
     absent = [name for name in _TRAINING_FIELDS if name not in payload]
     if absent:
         raise CheckpointError(f"{path} is not a training checkpoint: it lacks {', '.join(absent)}")
     return payload
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+def read_checkpoint(source: str | os.PathLike | IO[bytes], name: str | None = None) -> Checkpoint:
+    """Read a checkpoint file (a local path, or an open binary file called ``name`` in messages) with
+    ``weights_only=True``.
+
+    Raises CheckpointError, naming the file, when it does not exist, is not a PyTorch file or is truncated, holds
+    Python objects other than tensors and plain containers, or is not a dict.
+    """
+    name = name or str(source)
+    if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+        raise CheckpointError(f"checkpoint {name} does not exist")
     try:
         # VideoMAE's save_model stores its command-line arguments (an argparse.Namespace) under "args"; a Namespace
         # only holds attributes, so it is safe to allow next to the tensors and plain containers weights_only reads.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path} holds objects that weights_only loading refuses: {error}") from error
+        raise CheckpointError(_unpickling_problem(name, error)) from None
+    except Exception as error:  # noqa: BLE001 - a damaged file fails anywhere in torch's reader, in many ways
+        raise CheckpointError(f"{name} is not a PyTorch checkpoint or is truncated ({_first_sentence(error)})") from None
     if not isinstance(payload, dict):
-        raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a dict of weights")
-    return payload
+        raise CheckpointError(f"{name} holds a {type(payload).__name__}, not a dict of weights")
+    return Checkpoint(source=name, payload=payload)
+
+
+def _unpickling_problem(name: str, error: pickle.UnpicklingError) -> str:
+    """One line for a refused unpickle. torch's own message suggests ``weights_only=False``; evadlab never loads
+    arbitrary Python objects, so only the object that was refused is named."""
+    refused = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(error))
+    if refused:
+        return f"{name} holds Python objects that weights_only loading refuses ({refused[1]}); it is not a checkpoint"
+    return f"{name} is not a PyTorch checkpoint ({_first_sentence(error)})"
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The start of an exception's message; torch's errors go on for paragraphs."""
+    text = " ".join(str(error).split()).split(". ")[0]
+    return text if isinstance(error, RuntimeError) and text else f"{type(error).__name__} {text}".strip()
 
 
 def _weights_of(payload: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
@@ -210,8 +271,10 @@ def _strip_ddp_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _problem_lines(*, missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> list[str]:
+    """One phrase per kind of problem: the count and the first few keys."""
     named = {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes (checkpoint vs model)": wrong_shape}
-    return [f"{len(keys)} {what}: {', '.join(keys)}" for what, keys in named.items() if keys]
+    return [f"{len(keys)} {what}: {', '.join(keys[:_KEYS_SHOWN])}{', ...' if len(keys) > _KEYS_SHOWN else ''}"
+            for what, keys in named.items() if keys]
 
 
 def _why_unused(evad_key: str) -> str:

@@ -105,15 +105,23 @@ def shard_path(out: str | Path, split: str, video_id: str) -> Path:
     return Path(out) / split / f"part-{video_id}.parquet"
 
 
+class PrepareHooks:
+    """Called on the driver while ``prepare`` runs; this base class does nothing. Tests subclass it, e.g. to stop a
+    run part way through as a killed job would stop."""
+
+    def after_video(self, finished: int, pending: int) -> None:
+        """``finished`` of the ``pending`` videos of this run are written (or rejected) and in the manifest."""
+
+
 # --------------------------------------------------------------------------------------------- driver
 def prepare(cfg: ExperimentConfig, *, splits: tuple[str, ...] = ("train", "val"),
-            stop_after_videos: int | None = None) -> PrepareSummary:
+            hooks: PrepareHooks | None = None) -> PrepareSummary:
     """Writes the shards of ``splits`` and the manifest; videos already done by an earlier run are skipped.
-    The manifest describes the splits of this call.
 
-    ``stop_after_videos`` is a test hook that simulates an interrupted job: only the first N pending videos
-    are processed and the manifest is left with ``complete: false``, as a killed run would leave it (a killed
-    run writes no final manifest at all; a rerun treats both the same way)."""
+    The manifest describes the splits of this call. It is rewritten (atomically) as each video finishes, so its
+    counts are those of the shards on disk and ``complete`` turns true only at the end: a killed run leaves a
+    manifest that says how far it got.
+    """
     start = time.perf_counter()
     data, out = cfg.data, cfg.data.shards_path
     check_clip_spec(out, data.clip_spec)
@@ -122,23 +130,24 @@ def prepare(cfg: ExperimentConfig, *, splits: tuple[str, ...] = ("train", "val")
     for task in tasks:
         complete = shard_is_complete(shard_path(out, task.split, task.video_id), data.clip_spec, len(task.keyframes))
         (done if complete else pending).append(task)
-    interrupted = stop_after_videos is not None and stop_after_videos < len(pending)
-    if interrupted:
-        pending = pending[:stop_after_videos]
     remove_stale_temporaries(out, splits)
     rows = {(task.split, task.video_id): len(task.keyframes) for task in done}
     write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=False)
 
-    results = run_video_tasks(pending, data, out)
-    for task in pending:
-        result = results[(task.split, task.video_id)]
+    written = 0
+    sources = {(task.split, task.video_id): task.source for task in pending}
+    for finished, result in enumerate(run_video_tasks(pending, data, out), start=1):
+        key = (result["split"], result["video_id"])
         if result["error"]:
-            rejected.append(Rejection(str(task.source), None, result["error"]))
+            rejected.append(Rejection(str(sources[key]), None, result["error"]))
         else:
-            rows[(task.split, task.video_id)] = result["rows"]
-    write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=not interrupted)
+            rows[key] = result["rows"]
+            written += result["rows"]
+        write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=False)
+        if hooks:
+            hooks.after_video(finished, len(pending))
+    write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=True)
 
-    written = sum(result["rows"] for result in results.values() if not result["error"])
     seconds = time.perf_counter() - start
     summary = PrepareSummary(written=written, skipped_videos=len(done), rejected=rejected, seconds=seconds,
                              clips_per_s=written / seconds, shards_path=out)
@@ -237,11 +246,12 @@ def remove_stale_temporaries(out: Path, splits: tuple[str, ...]) -> None:
             temporary.unlink(missing_ok=True)
 
 
-def run_video_tasks(tasks: list[VideoTask], data: DataConfig, out: Path) -> dict[tuple[str, str], dict[str, Any]]:
+def run_video_tasks(tasks: list[VideoTask], data: DataConfig, out: Path) -> Iterator[dict[str, Any]]:
     """Runs one Ray task per video (``data.prepare_cpus`` CPUs each; Ray Data limits how many run at once to
-    what the cluster has) and returns each video's result row by (split, video id)."""
+    what the cluster has) and yields each video's result row (``split``, ``video_id``, ``rows``, ``error``) as it
+    finishes."""
     if not tasks:
-        return {}
+        return
     ensure_ray()
     items = [task_item(task) for task in tasks]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map(
@@ -249,7 +259,7 @@ def run_video_tasks(tasks: list[VideoTask], data: DataConfig, out: Path) -> dict
     # Ray Data reserves part of the CPUs for each operator; this job's only other operator (the item list)
     # does no work, and with the reservation on, one of 2 CPUs sits idle most of the time.
     dataset.context.op_resource_reservation_enabled = False
-    return {(row["split"], row["video_id"]): row for row in dataset.take_all()}
+    yield from dataset.iter_rows()
 
 
 def task_item(task: VideoTask) -> dict[str, Any]:

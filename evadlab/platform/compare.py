@@ -3,12 +3,15 @@ table, its Pareto front and a plot. Sweeps summarise their trials with the same 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from evadlab import storage
+from evadlab.config import default_tracking_uri
 from evadlab.platform.tracking import check_tracking_uri
 
 
@@ -25,8 +28,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     return front
 
 
-def plot_map_vs_gflops(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """mAP against GFLOPs, Pareto-optimal runs joined and marked."""
+def plot_map_vs_gflops(rows: list[dict[str, Any]], title: str) -> bytes:
+    """mAP against GFLOPs as a PNG image, Pareto-optimal runs joined and marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,10 +47,10 @@ def plot_map_vs_gflops(rows: list[dict[str, Any]], path: Path, title: str) -> Pa
     axis.set_title(title)
     axis.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=110)
     plt.close(figure)
-    return path
+    return image.getvalue()
 
 
 def trade_off_table(runs) -> list[dict[str, Any]]:
@@ -83,9 +86,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def compare_runs(experiment: str | None, tracking_uri: str | None, out_dir: Path) -> list[dict[str, Any]]:
+def compare_runs(experiment: str | None, tracking_uri: str | None, out_dir: str | Path) -> list[dict[str, Any]]:
     """``evadlab compare``: the trade-off table of every run with mAP and GFLOPs, and its plot."""
-    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    uri = tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)
     client = MlflowClient(uri)
     if experiment:
@@ -101,8 +104,8 @@ def compare_runs(experiment: str | None, tracking_uri: str | None, out_dir: Path
         print(f"no runs with both model/gflops and val/mAP in {experiment or 'any experiment'} at {uri}")
         return rows
     print(format_table(rows))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot = plot_map_vs_gflops(rows, out_dir / "map_vs_gflops.png", experiment or "all experiments")
-    (out_dir / "runs.json").write_text(json.dumps(rows, indent=1))
+    plot = storage.join(out_dir, "map_vs_gflops.png")
+    storage.write_bytes(plot, plot_map_vs_gflops(rows, experiment or "all experiments"))
+    storage.write_text(storage.join(out_dir, "runs.json"), json.dumps(rows, indent=1))
     print(f"plot: {plot}")
     return rows

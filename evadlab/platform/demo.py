@@ -13,12 +13,10 @@ import av
 import numpy as np
 import pyarrow as pa
 import torch
-import yaml
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from evadlab.config import ExperimentConfig, build_config, load_config
-from evadlab.models.checkpoints import CheckpointError, read_checkpoint
+from evadlab.config import ExperimentConfig, TrackingConfig, load_config
 from evadlab.models.structures import Detections
 from evadlab.pipelines.ava import (
     ALL_ACTION_IDS,
@@ -29,29 +27,13 @@ from evadlab.pipelines.ava import (
 )
 from evadlab.pipelines.clips import resize_short_side, to_model_input
 from evadlab.pipelines.video import VideoFileFrames
-from evadlab.platform.modeling import build_model
+from evadlab.platform.modeling import StartingWeights, build_model, open_checkpoint, stored_config
 from evadlab.storage import atomic_path
 
 LABELS_PER_BOX = 3
 BOX_COLOURS = [(255, 64, 64), (64, 200, 255), (255, 210, 0), (120, 255, 120), (255, 120, 255), (255, 160, 60)]
 # Frames decoded per call while writing the annotated video: bounds memory for long, large videos.
 WRITE_CHUNK = 64
-
-
-def demo_config(checkpoint: str, config: str | None) -> ExperimentConfig:
-    """The config given, else the one our training checkpoints carry. Released EVAD files store a yacs
-    config we do not read, so they need ``--config``."""
-    if config:
-        return load_config(config)
-    state = read_checkpoint(checkpoint)
-    text = state.get("cfg") if isinstance(state, dict) else None
-    try:
-        tree = yaml.safe_load(text) if text else None
-    except yaml.YAMLError:
-        tree = None
-    if not isinstance(tree, dict) or "model" not in tree:
-        raise CheckpointError(f"{checkpoint} carries no evadlab config; pass --config experiments/<the model>.yaml")
-    return build_config(tree, f"config stored in {checkpoint}")
 
 
 def detect_keyframes(model, frames: VideoFileFrames, times: np.ndarray, cfg: ExperimentConfig,
@@ -117,7 +99,8 @@ def run_demo(video: str, *, checkpoint: str, config: str | None, out: str, fps: 
         raise ValueError(f"--fps must be positive, got {fps}")
     if not Path(video).is_file():
         raise FileNotFoundError(f"video {video} does not exist")
-    cfg = demo_config(checkpoint, config)
+    start = StartingWeights(open_checkpoint(checkpoint, TrackingConfig().resolved_uri()), backbone_only=False)
+    cfg = load_config(config) if config else stored_config(start.checkpoint)
     # The file's own time line: second 0 is its first frame.
     data = cfg.data.model_copy(update={"video_offset_sec": 0.0})
     try:
@@ -127,7 +110,7 @@ def run_demo(video: str, *, checkpoint: str, config: str | None, out: str, fps: 
     duration = float(frames.frame_times[-1]) if len(frames.frame_times) else 0.0
     times = np.arange(0.0, duration + 1e-9, 1.0 / fps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg.model, checkpoint).to(device).eval()
+    model = build_model(cfg.model, start).to(device).eval()
     print(f"evadlab demo: {video}, {len(frames.frame_times)} frames, {len(times)} keyframes at {fps:g}/s")
     detections = detect_keyframes(model, frames, times, cfg, device)
     out_path = Path(out)

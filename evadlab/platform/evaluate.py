@@ -15,13 +15,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
 
 from evadlab.config import ExperimentConfig
 from evadlab.pipelines.ava import detection_rows, read_label_map, stack_detection_rows, write_detections_csv
 from evadlab.pipelines.ava_map import evaluate_files, parse_iou_thresholds
 from evadlab.pipelines.clips import decode_clip, iter_shard_rows, read_shards, to_model_input
-from evadlab.storage import absolute, is_uri
+from evadlab.platform.modeling import StartingWeights, build_model, complete_checkpoint
+from evadlab.ray_session import ensure_ray
 
 
 @dataclass
@@ -101,14 +103,14 @@ def evaluate_in_workers(model, cfg: ExperimentConfig, *, rank: int, world: int, 
 
 
 class ClipDetector:
-    """Ray Data actor: loads the model once, then turns batches of shard rows into detection rows."""
+    """Ray Data actor: builds the model once from the driver's weights, then turns batches of shard rows into
+    detection rows."""
 
-    def __init__(self, experiment: dict[str, Any], checkpoint: str | None):
-        from evadlab.platform.modeling import build_model
-
+    def __init__(self, experiment: dict[str, Any], start: StartingWeights | ray.ObjectRef):
         self.cfg = ExperimentConfig.model_validate(experiment)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = build_model(self.cfg.model, checkpoint).to(self.device).eval()
+        start = ray.get(start) if isinstance(start, ray.ObjectRef) else start
+        self.model = build_model(self.cfg.model, start).to(self.device).eval()
         self.class_ids = label_map_ids(self.cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -118,14 +120,16 @@ class ClipDetector:
 
 def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: Path | None = None,
              mlflow_run_id: str | None = None) -> EvalResult:
-    """``evadlab evaluate``: cluster-scale inference on the val shards with ``eval.concurrency`` actors."""
-    from evadlab.ray_session import ensure_ray
+    """``evadlab evaluate``: cluster-scale inference on the val shards with ``eval.concurrency`` actors.
 
-    checkpoint = checkpoint or cfg.model.checkpoint
-    if not checkpoint:
+    ``checkpoint`` (else ``model.checkpoint``) is read once here and checked against the configured model before
+    Ray starts; the actors get its weights from the object store. Raises ValueError without a checkpoint,
+    CheckpointError for one that cannot be read or does not fit, FileNotFoundError without prepared shards.
+    """
+    start_weights = complete_checkpoint(cfg.model, checkpoint, cfg.tracking.resolved_uri())
+    if start_weights is None:
         raise ValueError("evaluate needs a checkpoint: pass --checkpoint or set model.checkpoint")
-    if not is_uri(checkpoint) and not Path(checkpoint).exists():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    build_model(cfg.model, start_weights, device="meta")
     shards = cfg.data.shards_path
     if not (shards / "manifest.json").exists():
         raise FileNotFoundError(f"no prepared shards at {shards}; run 'evadlab prepare' first")
@@ -136,7 +140,7 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
     val_clips = read_shards(shards, "val").repartition(target_num_rows_per_block=cfg.eval.batch_size)
     detections = val_clips.map_batches(
         ClipDetector,
-        fn_constructor_kwargs={"experiment": cfg.model_dump(mode="json"), "checkpoint": absolute(checkpoint)},
+        fn_constructor_kwargs={"experiment": cfg.model_dump(mode="json"), "start": ray.put(start_weights)},
         batch_size=cfg.eval.batch_size, concurrency=cfg.eval.concurrency, num_gpus=cfg.eval.num_gpus,
         num_cpus=cfg.eval.cpus_per_actor,
         batch_format="numpy",
@@ -148,7 +152,7 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
     clips = len({(v, t) for v, t in zip(table["video_id"].to_pylist(), table["timestamp"].to_pylist())})
     result.metrics = {"val/mAP": result.mAP, "eval/seconds": seconds, "eval/clips_per_s": clips / seconds}
     if cfg.tracking.enabled:
-        _log_evaluation(cfg, result, checkpoint, mlflow_run_id)
+        _log_evaluation(cfg, result, start_weights.checkpoint.source, mlflow_run_id)
     print(f"evadlab evaluate: {clips} keyframes, {result.num_detections} detection rows in {seconds:.1f} s; "
           f"detections: {result.detections_path}")
     return result

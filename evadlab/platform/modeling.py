@@ -1,19 +1,113 @@
-"""Build the configured EVAD and load the weights the config (or the caller) names."""
+"""Build the configured EVAD and the weights it starts from; the one entry point that reads checkpoints.
+
+``evaluate``, ``demo``, training from ``model.checkpoint`` / ``model.pretrained`` and the Ray actors all go through
+:func:`starting_weights` (or :func:`open_checkpoint`), which reads each file once. The driver reads it; workers and
+actors receive the weights through Ray's object store instead of reading the file again.
+"""
 
 from __future__ import annotations
 
-from evadlab.config import ModelConfig
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from evadlab import storage
+from evadlab.config import ConfigError, ExperimentConfig, ModelConfig, build_config
 from evadlab.models import EVAD
-from evadlab.models.checkpoints import load_evad_checkpoint, load_pretrained_backbone
+from evadlab.models.checkpoints import Checkpoint, CheckpointError, load_evad_checkpoint, load_pretrained_backbone
+from evadlab.models.checkpoints import read_checkpoint as read_checkpoint_file
+
+# Artifact URIs that MLflow resolves: a run's artifact, a registered or logged model, a proxied artifact.
+MLFLOW_URI_PREFIXES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
-def build_model(model_cfg: ModelConfig, checkpoint: str | None = None) -> EVAD:
-    """EVAD from its config. ``checkpoint`` (or ``model.checkpoint``) is a full EVAD checkpoint, released or
-    ours; otherwise ``model.pretrained`` initialises the backbone from a VideoMAE file."""
-    model = EVAD(model_cfg.evad)
-    checkpoint = checkpoint or model_cfg.checkpoint
-    if checkpoint:
-        load_evad_checkpoint(model, checkpoint)
-    elif model_cfg.pretrained:
-        load_pretrained_backbone(model, model_cfg.pretrained)
+@dataclass
+class StartingWeights:
+    """The weights a model starts from: a complete EVAD checkpoint, or (``backbone_only``) a VideoMAE backbone."""
+
+    checkpoint: Checkpoint
+    backbone_only: bool
+
+
+def open_checkpoint(location: str, tracking_uri: str | None = None) -> Checkpoint:
+    """Read a checkpoint once, with ``weights_only=True``, from a local path, a storage URI (``file://``, ``s3://``,
+    ``gs://``, ... through pyarrow.fs) or an MLflow artifact URI (``runs:/<run_id>/<path>``, ``models:/...``, resolved
+    with ``mlflow.artifacts.download_artifacts`` against ``tracking_uri``).
+
+    Raises CheckpointError (one line naming ``location``) when it cannot be found or read.
+    """
+    if location.startswith(MLFLOW_URI_PREFIXES):
+        return _open_mlflow_artifact(location, tracking_uri)
+    if storage.is_local(location):
+        return read_checkpoint_file(storage.local_path(location), name=location)
+    try:
+        data = storage.read_bytes(location)
+    except (FileNotFoundError, OSError) as error:
+        raise CheckpointError(f"checkpoint {location} cannot be read: {error}") from None
+    return read_checkpoint_file(io.BytesIO(data), name=location)
+
+
+def _open_mlflow_artifact(location: str, tracking_uri: str | None) -> Checkpoint:
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder,
+                                                             tracking_uri=tracking_uri))
+        except (MlflowException, OSError) as error:
+            message = " ".join(str(error).split())[:300]
+            raise CheckpointError(f"checkpoint {location} cannot be downloaded from MLflow: {message}") from None
+        if local.is_dir():
+            # A logged model is a folder; its weights are the one checkpoint file inside.
+            files = sorted(local.rglob("*.pt")) + sorted(local.rglob("*.pth"))
+            if len(files) != 1:
+                raise CheckpointError(f"{location} is a folder with {len(files)} checkpoint files, expected one")
+            local = files[0]
+        return read_checkpoint_file(local, name=location)
+
+
+def complete_checkpoint(model_cfg: ModelConfig, checkpoint: str | None = None,
+                        tracking_uri: str | None = None) -> StartingWeights | None:
+    """``checkpoint``, else ``model.checkpoint``: a complete EVAD checkpoint (released or ours), read once; None when
+    neither is given."""
+    location = checkpoint or model_cfg.checkpoint
+    return StartingWeights(open_checkpoint(location, tracking_uri), backbone_only=False) if location else None
+
+
+def starting_weights(model_cfg: ModelConfig, tracking_uri: str | None = None) -> StartingWeights | None:
+    """What training starts from: ``model.checkpoint`` (complete), else ``model.pretrained`` (a VideoMAE backbone),
+    read once; None when the model starts from its initialisation."""
+    complete = complete_checkpoint(model_cfg, tracking_uri=tracking_uri)
+    if complete is None and model_cfg.pretrained:
+        return StartingWeights(open_checkpoint(model_cfg.pretrained, tracking_uri), backbone_only=True)
+    return complete
+
+
+def build_model(model_cfg: ModelConfig, start: StartingWeights | None = None, device: str | torch.device = "cpu") -> EVAD:
+    """The configured EVAD on ``device`` with its starting weights loaded (strictly for a complete checkpoint).
+    On the ``meta`` device this only checks that the weights fit, at no memory cost. Raises CheckpointError."""
+    with torch.device(device):
+        model = EVAD(model_cfg.evad)
+    if start is not None and start.backbone_only:
+        load_pretrained_backbone(model, start.checkpoint)
+    elif start is not None:
+        load_evad_checkpoint(model, start.checkpoint)
     return model
+
+
+def stored_config(checkpoint: Checkpoint) -> ExperimentConfig:
+    """The experiment config an evadlab checkpoint carries. Raises CheckpointError for files that carry none
+    (released EVAD files store a yacs config that evadlab does not read)."""
+    text = checkpoint.config_text
+    if text is None:
+        raise CheckpointError(f"{checkpoint.source} carries no evadlab config (a released EVAD file?); "
+                              f"pass --config experiments/<the model>.yaml")
+    try:
+        return build_config(yaml.safe_load(text), f"config stored in {checkpoint.source}")
+    except (yaml.YAMLError, ConfigError) as error:
+        raise CheckpointError(f"{checkpoint.source}: its stored config is not valid: {error}") from None

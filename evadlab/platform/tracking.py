@@ -99,11 +99,15 @@ class RunLogger:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_text(self, text: str, name: str) -> None:
+    def log_bytes(self, data: bytes, name: str) -> None:
+        """``data`` as the artifact ``name`` at the run's artifact root."""
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
-            path.write_text(text)
+            path.write_bytes(data)
             self.log_artifact(path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.log_bytes(text.encode("utf-8"), name)
 
     def log_figure(self, figure, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -36,7 +36,7 @@ from evadlab.platform.ingest import (
     epoch_batches,
     training_dataset,
 )
-from evadlab.platform.modeling import build_model
+from evadlab.platform.modeling import build_model, starting_weights
 from evadlab.platform.recipe import build_optimizer, learning_rate, set_learning_rate
 from evadlab.platform.tracking import RunLogger, check_tracking_uri, log_per_class_ap, start_run
 from evadlab.ray_session import ensure_ray
@@ -109,10 +109,11 @@ def start_worker(loop_config: dict[str, Any]) -> Worker:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
+    restored = ray.train.get_checkpoint()
+    start = loop_config["starting_weights"]
+    model = build_model(cfg.model, ray.get(start) if start is not None and not restored else None)
     optimizer = build_optimizer(model, cfg.train)
     progress = Progress()
-    restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as folder:
             state = load_training_checkpoint(Path(folder) / CHECKPOINT_FILE)
@@ -268,15 +269,19 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
     """``evadlab train``: fit EVAD on the prepared train shards, evaluating on val as configured.
 
     ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback``); ``hooks`` run inside the workers (tests).
-    Raises FileNotFoundError when the shards were never prepared and TrackingError when MLflow is unreachable,
-    both before Ray starts.
+    Raises FileNotFoundError when the shards were never prepared, TrackingError when MLflow is unreachable and
+    CheckpointError when ``model.checkpoint`` / ``model.pretrained`` cannot be read or do not fit, all before Ray
+    starts.
     """
     if not (cfg.data.shards_path / "manifest.json").exists():
         raise FileNotFoundError(f"no prepared shards at {cfg.data.shards_path}; run 'evadlab prepare' first")
+    start = starting_weights(cfg.model, cfg.tracking.resolved_uri())
+    build_model(cfg.model, start, device="meta")
     setup = set_up_run(cfg, parent_run_id)
     ensure_ray()
     warn_if_no_cpu_left_for_data(cfg)
-    result = build_trainer(cfg, setup, callbacks, hooks or []).fit()
+    start_ref = ray.put(start) if start is not None else None
+    result = build_trainer(cfg, setup, callbacks, hooks or [], start_ref).fit()
     checkpoint_path = None
     if result.checkpoint is not None:
         checkpoint_path = storage.join(storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path),
@@ -335,8 +340,8 @@ def mlflow_run_of(cfg: ExperimentConfig, setup: RunSetup, parent_run_id: str | N
     return run_id
 
 
-def build_trainer(cfg: ExperimentConfig, setup: RunSetup, callbacks: list | None,
-                  hooks: list[TrainingHooks]) -> ray.train.torch.TorchTrainer:
+def build_trainer(cfg: ExperimentConfig, setup: RunSetup, callbacks: list | None, hooks: list[TrainingHooks],
+                  starting_weights_ref: ray.ObjectRef | None) -> ray.train.torch.TorchTrainer:
     train_rows = count_rows(cfg, TRAIN_SPLIT)
     # Evaluation outputs are written by rank 0 with plain file I/O: beside the config's run folder when the
     # checkpoints go to remote storage.
@@ -350,6 +355,7 @@ def build_trainer(cfg: ExperimentConfig, setup: RunSetup, callbacks: list | None
             "run_path": str(storage.local_path(local_run_path)),
             "train_rows": train_rows,
             "hooks": hooks,
+            "starting_weights": starting_weights_ref,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),

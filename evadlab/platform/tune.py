@@ -25,7 +25,7 @@ from evadlab.config import (
 )
 from evadlab.platform.compare import format_table, plot_map_vs_gflops, trade_off_table
 from evadlab.platform.tracking import RunLogger, start_run
-from evadlab.storage import absolute, exists, join, read_text, write_text
+from evadlab.storage import absolute, exists, join, read_text, write_bytes, write_text
 
 
 class SearchDimension(BaseModel):
@@ -176,8 +176,9 @@ def summarise_sweep(spec: SweepSpec, base: ExperimentConfig, parent_run_id: str,
         print(table)
         logger.log_text(table + "\n", "trials.txt")
         logger.log_text(json.dumps(rows, indent=1), "trials.json")
-        plot = plot_map_vs_gflops(rows, Path(sweep_dir) / "map_vs_gflops.png", f"sweep {spec.name}")
-        logger.log_artifact(plot)
+        plot = plot_map_vs_gflops(rows, f"sweep {spec.name}")
+        write_bytes(join(sweep_dir, "map_vs_gflops.png"), plot)
+        logger.log_bytes(plot, "map_vs_gflops.png")
         best = max(rows, key=lambda r: r["mAP"] if base.tune.mode == "max" else -r["mAP"])
         best_params = client.get_run(best["run_id"]).data.params
         logger.log_text(yaml.safe_dump({k: best_params[k] for k in sorted(best_params)}), "best_config.yaml")
