@@ -8,7 +8,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from evadlab.config import load_config
-from evadlab.models.checkpoints import save_training_checkpoint
+from evadlab.models.checkpoints import CheckpointError, save_training_checkpoint
 from evadlab.pipelines.ava import read_annotations
 from evadlab.pipelines.ava_map import evaluate_files
 from evadlab.pipelines.prepare import prepare
@@ -76,6 +76,6 @@ def test_detections_do_not_depend_on_the_number_of_actors(evaluation_setup, mlfl
 
 def test_evaluate_names_a_missing_checkpoint(evaluation_setup):
     _, cfg, _ = evaluation_setup
-    with pytest.raises(FileNotFoundError, match="does_not_exist.pt"):
+    with pytest.raises(CheckpointError, match="checkpoint does_not_exist.pt does not exist"):
         evaluate(cfg, "does_not_exist.pt")
 
