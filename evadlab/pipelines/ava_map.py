@@ -21,15 +21,24 @@ This module reproduces its results (to the last bit on the same machine) with co
 * Several IoU thresholds (EVAD's strict mode, ``np.linspace(0.5, 0.95, 10)``): the mAP is the mean of the
   per-threshold mAPs, as EVAD reports ``AP``; per-class values are the mean over thresholds.
 
-The files are read by ``evadlab.pipelines.ava`` in its official mode: rows that cannot be right (inverted or
-out-of-frame boxes, non-finite numbers, negative timestamps, a wrong number of fields) stop the evaluation with the
-file and line, where the official reader would score whatever ``float()`` / ``int()`` parse.
+The files are read by ``evadlab.pipelines.ava`` in its official mode, which reads every line the official reader
+reads the same way (detections without extent are left out there, with a warning giving their count and first line;
+rows the official code scores although they look wrong are kept, with a warning) and stops, naming the file and
+line, at a line the official reader cannot read either (a wrong number of fields, a field ``int()`` / ``float()``
+refuses, a blank line) or at a timestamp outside 0..2**31-1.
+
+``evadlab ava-map --json`` prints one object: ``mAP`` (null without any class with ground truth), ``per_class``
+keyed by the class id as a string, each ``{"name": ..., "AP": ...}`` (AP null for a class without ground truth; two
+classes may share a name), ``num_groundtruth``, ``num_detections`` and, for several IoU thresholds, ``mAP_per_iou``
+keyed by the threshold with 2 decimals.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -315,18 +324,26 @@ def parse_iou_thresholds(spec: str) -> tuple[float, ...]:
 
 def ava_map_command(labelmap, groundtruth, detections, exclusions=None, as_json: bool = False,
                     iou: str = "0.5") -> FrameMapResult:
-    """The ``ava-map`` command: evaluates the files and prints one JSON object or a readable table."""
+    """The ``ava-map`` command: evaluates the files and prints one JSON object or a readable table on stdout, and
+    each warning of the reading (rows left out or kept as the official evaluator does) as one line on stderr."""
     thresholds = parse_iou_thresholds(iou)
     names = ava.read_label_map(labelmap)
-    result = evaluate_files(labelmap, groundtruth, detections, exclusions, thresholds)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate_files(labelmap, groundtruth, detections, exclusions, thresholds)
+    for warning in caught:
+        print(f"evadlab ava-map: warning: {warning.message}", file=sys.stderr)
     print(_json_report(result, names) if as_json else _table_report(result, names, iou))
     return result
 
 
 def _json_report(result: FrameMapResult, names: dict[int, str]) -> str:
+    """Classes keyed by id: label maps may give two ids the same name (mmaction2's sample names 79 and 80 both
+    "action3")."""
     report = {
         "mAP": _json_number(result.mAP),
-        "per_class": {names[class_id]: _json_number(ap) for class_id, ap in result.per_class.items()},
+        "per_class": {str(class_id): {"name": names[class_id], "AP": _json_number(ap)}
+                      for class_id, ap in result.per_class.items()},
         "num_groundtruth": result.num_groundtruth,
         "num_detections": result.num_detections,
     }
