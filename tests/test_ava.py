@@ -20,6 +20,7 @@ from evadlab.pipelines.ava import (
     clip_frame_indices,
     clip_sample_times,
     detection_rows,
+    distinct_class_names,
     group_keyframes,
     keyframe_frame_index,
     nearest_frame_indices,
@@ -55,6 +56,11 @@ def test_the_released_label_maps_give_the_60_evaluated_classes(tmp_path, test_da
                  official_v22_form):
         assert read_label_map(path) == expected, path
     assert len(AVA_ACTION_NAMES) == 80 and len(EVALUATED_ACTION_IDS) == 60
+
+
+def test_class_names_that_two_ids_share_are_told_apart_by_id():
+    labels = {1: "action1", 79: "action3", 80: "action3"}
+    assert distinct_class_names(labels) == {1: "action1", 79: "action3 (id 79)", 80: "action3 (id 80)"}
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ import csv
 import enum
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -697,6 +698,13 @@ def read_label_map(path: str | Path) -> dict[int, str]:
     if not labels:
         raise ValueError(f"{path}: no labels found")
     return labels
+
+
+def distinct_class_names(labels: Mapping[int, str]) -> dict[int, str]:
+    """The label map's names, each shared name followed by its id (``action3 (id 79)``): label maps may give two ids
+    one name (mmaction2's sample names 79 and 80 both "action3"), and results keyed by name would lose one."""
+    counts = Counter(labels.values())
+    return {class_id: name if counts[name] == 1 else f"{name} (id {class_id})" for class_id, name in labels.items()}
 
 
 def _parse_text_label_map(path: Path, text: str) -> dict[int, str]:

@@ -102,11 +102,9 @@ class PyAVDecoder:
 
     name = "PyAV"
 
-    def __init__(self, path: str):
-        self.path = path
-        self.container = av.open(path)
-        self.stream = self.container.streams.video[0]
-        self.stream.thread_type = "AUTO"
+    def __init__(self, path: str, threads: int = 1):
+        self.path, self.threads = path, threads
+        self.container, self.stream = self._open()
         self.pts, last_duration = _presentation_times(self.container, self.stream)
         start = self.stream.start_time if self.stream.start_time is not None else int(self.pts[0])
         seconds = float(self.stream.time_base)
@@ -119,6 +117,12 @@ class PyAVDecoder:
 
     def read(self, indices: list[int]) -> np.ndarray:
         return np.stack([self._frame_at(int(self.pts[index])) for index in indices])
+
+    def _open(self):
+        container = av.open(self.path)
+        stream = container.streams.video[0]
+        stream.thread_type, stream.thread_count = "AUTO", self.threads
+        return container, stream
 
     def _frame_at(self, pts: int) -> np.ndarray:
         """The frame shown at ``pts`` (a value of ``self.pts``) as (H, W, 3) uint8 RGB at the first frame's size."""
@@ -154,9 +158,7 @@ class PyAVDecoder:
             self.container.seek(0, stream=self.stream, backward=True)
         except av.FFmpegError:
             self.container.close()
-            self.container = av.open(self.path)
-            self.stream = self.container.streams.video[0]
-            self.stream.thread_type = "AUTO"
+            self.container, self.stream = self._open()
         self._frames = self.container.decode(self.stream)
 
 
@@ -180,7 +182,7 @@ def open_video(path: str, threads: int = 1) -> VideoDecoder:
         return DecordDecoder(path, threads)
     except _DECORD_ERRORS as decord_error:
         try:
-            return PyAVDecoder(path)
+            return PyAVDecoder(path, threads)
         except _PYAV_ERRORS as pyav_error:
             raise ValueError(f"cannot decode the video (decord: {error_reason(decord_error)}; PyAV: "
                              f"{error_reason(pyav_error)})") from None
