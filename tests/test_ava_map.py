@@ -80,7 +80,8 @@ def assert_matches_reference(result, reference, thresholds):
 
 def random_box(rng) -> tuple[float, float, float, float]:
     """Mostly boxes on a 1/8 grid (exact in binary, so IoU lands exactly on 0.5 and duplicates are common); a few
-    without extent (flat or inverted) or reaching out of the frame, which the official evaluator scores too."""
+    without extent (flat or inverted), reaching out of the frame or not finite, which the official evaluator scores
+    too."""
     if rng.random() < 0.7:
         x1, x2 = sorted(rng.choice(9, size=2, replace=False) / 8)
         y1, y2 = sorted(rng.choice(9, size=2, replace=False) / 8)
@@ -96,6 +97,8 @@ def random_box(rng) -> tuple[float, float, float, float]:
         y1, y2 = y2, y1
     elif odd < 0.08:
         x2 = x2 + 0.125  # past the frame's edge
+    elif odd < 0.09:
+        y2 = rng.choice([np.nan, np.inf])  # what float() reads from "nan" and "inf"
     return float(x1), float(y1), float(x2), float(y2)
 
 
@@ -130,6 +133,7 @@ def random_case(rng):
                 (video, second), box = keyframes[rng.integers(len(keyframes))], random_box(rng)
             class_id = rng.integers(1, 9)
             score = rng.choice(score_values) if rng.random() < 0.8 else round(float(rng.random()), 4)
+            score = score if rng.random() > 0.01 else np.inf
             det_lines.append(f"{video},{timestamp_text(second)},{','.join(map(str, box))},{class_id},{score}")
     excluded = [f"{video},{second}" for video, second in keyframes if rng.random() < 0.15]
     return ("\n".join(gt_lines) + "\n" if gt_lines else "", "\n".join(det_lines) + "\n" if det_lines else "",
@@ -256,15 +260,15 @@ def test_zero_extent_boxes_are_accepted_and_treated_as_the_official_code_does(tm
 
 
 def test_a_zero_width_box_in_both_modes(tmp_path, labelmap):
-    """One rule set: prepare mode rejects the flat boxes by file and line; official mode keeps the ground truth (never
-    matched) and leaves the detection out, as the official evaluator does, announcing both."""
+    """One rule set: prepare mode rejects the flat boxes by file and line; official mode reads both, as the official
+    reader does, and announces them: the metric never matches the ground truth and leaves the detection out."""
     gt = write(tmp_path / "gt.csv", GT_ONE_BOX + "v,0902,0.7,0.7,0.7,0.9,1,0\n")
     det = write(tmp_path / "det.csv", "v,0902,0.0,0.0,0.5,0.5,1,0.9\nv,0902,0.7,0.7,0.7,0.9,1,0.95\n")
     for path, is_detection in ((gt, False), (det, True)):
         _, rejections = read_annotations(path, is_detection=is_detection, mode="prepare")
         assert [str(rejection) for rejection in rejections] == [f"{path}:2: x2 0.7 <= x1 0.7: the box has no width"]
     with pytest.warns(DroppedRowsWarning, match=r"det\.csv: 1 row\(s\) left out.* line 2: x2 0\.7 <= x1 0\.7"):
-        assert read_boxes_csv(det, is_detection=True).num_rows == 1
+        assert read_boxes_csv(det, is_detection=True).num_rows == 2
     with pytest.warns(SuspectRowsWarning, match=r"gt\.csv: 1 row\(s\) kept.* line 2: x2 0\.7 <= x1 0\.7"):
         assert read_boxes_csv(gt, is_detection=False).num_rows == 2
     result = evaluate_files(labelmap, gt, det)
@@ -445,3 +449,18 @@ def test_ground_truth_without_extent_is_kept_as_the_official_evaluator_keeps_it(
     assert result.per_class == {12: 0.5, 14: 1.0} and result.num_groundtruth == 3
     assert f"{gt}: 1 row(s) kept and scored as the official evaluator scores them; the first, line 3" in captured.err
     assert_matches_reference(result, reference_evaluate_files(labels, gt, det), (0.5,))
+
+
+def test_a_keyframe_named_first_by_a_detection_without_extent_keeps_its_place_in_the_ranking(tmp_path, labelmap):
+    """The official reader adds keyframes in the order their first listed row appears, valid or not; the ranking of
+    tied scores follows that order. Here b,0902 appears first through an inverted detection of class 2, so class 1's
+    scores are concatenated as [b's miss, a's hit]; reversed argsort ranks the later of two ties first, the hit: AP
+    1.0 (0.5 if b,0902 counted from its first valid row, after a,0902)."""
+    groundtruth = "a,0902,0.0,0.0,0.5,0.5,1,0\nb,0902,0.0,0.0,0.5,0.5,2,0\n"
+    detections = ("b,0902,0.5,0.0,0.1,0.5,2,0.9\n"  # inverted: left out, but b,0902 is the first keyframe
+                  "a,0902,0.0,0.0,0.5,0.5,1,0.5\n"
+                  "b,0902,0.6,0.6,0.9,0.9,1,0.5\n")
+    result = evaluate_text(tmp_path, labelmap, groundtruth, detections)
+    assert result.per_class[1] == 1.0
+    assert_matches_reference(result, reference_evaluate_files(labelmap, tmp_path / "gt.csv", tmp_path / "det.csv"),
+                             (0.5,))

@@ -18,6 +18,7 @@ from evadlab.cli import main
 from evadlab.config import load_config
 from evadlab.models.checkpoints import save_training_checkpoint
 from evadlab.pipelines.ava import DroppedRowsWarning, read_boxes_csv
+from evadlab.pipelines.ava_map import frame_map
 from evadlab.platform.demo import nearest_keyframes, run_demo
 from evadlab.platform.modeling import build_model
 
@@ -60,11 +61,13 @@ def test_demo_annotates_a_video_of_any_size_and_rate(tmp_path, checkpoint):
     assert len(written) == 4 * 10 * 80, "10 proposals x 80 actions on each of 4 keyframes"
     # The untrained model finds some boxes without height; the official evaluation leaves their rows out.
     with_extent = (written[:, 2] > written[:, 0]) & (written[:, 3] > written[:, 1])
-    with pytest.warns(DroppedRowsWarning) if not with_extent.all() else contextlib.nullcontext():
+    dropped = int((~with_extent).sum())
+    with pytest.warns(DroppedRowsWarning, match=rf" {dropped} row") if dropped else contextlib.nullcontext():
         rows = read_boxes_csv(out.with_suffix(".csv"), is_detection=True)
     keys = set(rows["key"].to_pylist())
     assert keys == {"clip,0000", "clip,0001", "clip,0002", "clip,0003"}
-    assert rows.num_rows == with_extent.sum()
+    assert rows.num_rows == len(written)
+    assert frame_map(rows.slice(0, 0), rows, range(1, 81)).num_detections == with_extent.sum()
 
 
 def test_demo_names_an_unreadable_video(tmp_path, checkpoint, capsys):

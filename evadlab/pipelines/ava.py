@@ -12,15 +12,15 @@ What makes a CSV line malformed is written once, in ``_RULES``; a *mode* says wh
   no data and are skipped.
 * ``mode="official"`` (scoring, following the official ActivityNet / SlowFast evaluator,
   ``slowfast/utils/ava_eval_helper.py`` ``read_csv`` / ``read_exclusions`` and the TF Object Detection API's
-  ``PerImageEvaluation``): every line the official code reads is read and scored as it scores it, so that the metric
-  agrees with it on any file it accepts. Detections without extent (``x2 <= x1`` or ``y2 <= y1``, NaN included) are
-  left out, as ``PerImageEvaluation._remove_invalid_boxes`` leaves them out; ground truth is never filtered there, so
-  such ground truth is kept (it can never be matched). What the official code scores although it looks wrong (those
-  ground-truth boxes, coordinates outside [0, 1], non-finite scores) is kept and announced, and the rows left out are
-  announced too: ``read_annotations`` gives a SuspectRowsWarning or a DroppedRowsWarning with the count and the
-  first line. A line the official reader cannot read either (a wrong number of fields, a field ``int()`` /
-  ``float()`` refuses, a blank line) refuses the whole file with a ValueError naming the file and line, and so does
-  a timestamp outside 0..MAX_TIMESTAMP, which names no keyframe.
+  ``PerImageEvaluation``): every line the official reader reads is read as it reads it, so that the metric agrees
+  with the official evaluation on any file it accepts. Some such lines are announced by a warning giving their count
+  and first line: detections without extent (``x2 <= x1`` or ``y2 <= y1``, NaN included), which the metric leaves out
+  as ``PerImageEvaluation._remove_invalid_boxes`` does (DroppedRowsWarning; they stay in the table because their
+  keyframe's first appearance orders the official ranking), and what the official evaluation scores although it
+  looks wrong: ground truth without extent (never filtered there, never matched), coordinates outside [0, 1],
+  non-finite scores (SuspectRowsWarning). A line the official reader cannot read either (a wrong number of fields, a
+  field ``int()`` / ``float()`` refuses, a blank line) refuses the whole file with a ValueError naming the file and
+  line, and so does a timestamp outside 0..MAX_TIMESTAMP, which names no keyframe.
 
 Every text file may start with a UTF-8 byte-order mark and end its lines with CRLF, as Windows editors write them.
 
@@ -182,7 +182,7 @@ class Rejection:
 
 
 class DroppedRowsWarning(UserWarning):
-    """Rows of a file that official mode leaves out, as the official evaluator does."""
+    """Rows of a file that the official evaluation leaves out (official mode reads them, the metric drops them)."""
 
 
 class SuspectRowsWarning(UserWarning):
@@ -220,7 +220,7 @@ class _Action(enum.Enum):
     """What a mode does with a line that breaks a rule, from mildest to strictest."""
 
     KEEP = "keep"  # read as it is
-    WARN = "warn"  # read as it is, and announced
+    WARN = "warn"  # read as it is, and announced with the rule's warning
     SKIP = "skip"  # left out without a word: the line holds no data
     REJECT = "reject"  # left out and reported as a Rejection naming the file and line
     REFUSE = "refuse"  # the whole file is refused: ValueError naming the file and line
@@ -263,6 +263,8 @@ class _Rule:
     files: tuple[str, ...]
     # The row-wise check; None for the two rules applied while lines are split into fields.
     check: Callable[[_Rows], list[_Finding]] | None = None
+    # What announces the lines a WARN action keeps: DroppedRowsWarning when the metric leaves them out.
+    warning: type[UserWarning] = SuspectRowsWarning
 
     def action(self, mode: Mode) -> _Action:
         return self.prepare if mode == "prepare" else self.official
@@ -337,10 +339,11 @@ _RULES = (
     # The official evaluation takes coordinates as they are (IoU of the boxes as written, NaN included).
     _Rule(prepare=_Action.REJECT, official=_Action.WARN, files=_BOX_FILES, check=_outside_frame),
     # Ground truth without extent is kept by the official evaluation and never matched; such detections are left
-    # out before matching (``_remove_invalid_boxes``). Zero extent is what rounding to 3 decimals makes of a thin
-    # box; an inverted box means a broken writer.
+    # out before matching (``_remove_invalid_boxes``), which the metric does. Zero extent is what rounding to 3
+    # decimals makes of a thin box; an inverted box means a broken writer.
     _Rule(prepare=_Action.REJECT, official=_Action.WARN, files=(GROUNDTRUTH,), check=_no_extent),
-    _Rule(prepare=_Action.REJECT, official=_Action.REJECT, files=(DETECTIONS,), check=_no_extent),
+    _Rule(prepare=_Action.REJECT, official=_Action.WARN, files=(DETECTIONS,), check=_no_extent,
+          warning=DroppedRowsWarning),
     # The official reader leaves ids the label map does not list out of the evaluation, whatever they are.
     _Rule(prepare=_Action.REJECT, official=_Action.KEEP, files=_BOX_FILES, check=_unknown_action),
     # The official ranking sorts whatever float() read (np.argsort puts NaN last, so first once reversed).
@@ -354,20 +357,23 @@ class _Verdict:
 
     keep: np.ndarray  # bool, one per row
     rejected: list[Rejection]  # in line order
-    suspect: list[Rejection]  # rows kept but announced (WARN), in line order
+    announced: dict[type[UserWarning], list[Rejection]]  # rows kept by a WARN action, by warning, in line order
 
 
 def _enforce(rows: _Rows, file: str, mode: Mode) -> _Verdict:
     """Applies the rules for ``file`` in ``mode``.
 
     Raises ValueError naming the file and line of the first line a rule refuses. A row that breaks several rules
-    gets the strictest action, and its reason lists every rule it breaks with that action.
+    gets the strictest action, and its reason lists every rule it breaks with that action; a kept row is announced
+    once, by a DroppedRowsWarning rather than a SuspectRowsWarning.
     """
     found: dict[_Action, list[_Finding]] = {action: [] for action in _Action if action is not _Action.KEEP}
+    warned: dict[type[UserWarning], list[_Finding]] = {DroppedRowsWarning: [], SuspectRowsWarning: []}
     for rule in _RULES:
         action = rule.action(mode)
         if rule.check is not None and file in rule.files and action is not _Action.KEEP:
-            found[action] += [finding for finding in rule.check(rows) if finding[0].any()]
+            findings = [finding for finding in rule.check(rows) if finding[0].any()]
+            (warned[rule.warning] if action is _Action.WARN else found[action]).extend(findings)
     other_lines: dict[_Action, list[tuple[int, str]]] = {action: [] for action in _Action}
     for line, rule, reason in rows.other_lines:
         other_lines[rule.action(mode)].append((line, reason))
@@ -378,9 +384,13 @@ def _enforce(rows: _Rows, file: str, mode: Mode) -> _Verdict:
                   for row in np.flatnonzero(rejected)]
     rejections += [Rejection(str(rows.path), line, reason) for line, reason in other_lines[_Action.REJECT]]
     rejections.sort(key=lambda rejection: rejection.line)
-    suspect = [Rejection(str(rows.path), int(rows.lines[row]), _reason(found[_Action.WARN], row))
-               for row in np.flatnonzero(_flagged(found[_Action.WARN], len(rows)) & ~left_out)]
-    return _Verdict(~left_out, rejections, suspect)
+    announced, already = {}, left_out
+    for category, findings in warned.items():
+        flagged = _flagged(findings, len(rows)) & ~already
+        announced[category] = [Rejection(str(rows.path), int(rows.lines[row]), _reason(findings, row))
+                               for row in np.flatnonzero(flagged)]
+        already = already | flagged
+    return _Verdict(~left_out, rejections, announced)
 
 
 def _flagged(findings: list[_Finding], num_rows: int) -> np.ndarray:
@@ -529,10 +539,10 @@ def read_annotations(path: str | Path, *, is_detection: bool = False, mode: Mode
     (int64, AVA seconds), ``x1``, ``y1``, ``x2``, ``y2`` (float64, normalised to [0, 1]), ``action_id`` (int64),
     ``person_id`` (int64, prepare-mode ground truth) or ``score`` (float64, detections), ``line`` (int64, 1-based)
     and, in prepare mode, ``box_key``: the box as written, which is what PySlowFast's ``load_boxes_and_labels``
-    groups by. The Rejections are the lines left out and why, in line order. Official mode also announces them with
-    one DroppedRowsWarning, and the rows it keeps although they look wrong with one SuspectRowsWarning (each gives
-    the count and the first line). Raises FileNotFoundError, and ValueError naming the file and line of a line
-    official mode refuses.
+    groups by. The Rejections are the lines left out and why, in line order. Official mode keeps every line the
+    official reader reads and announces those the metric will leave out with one DroppedRowsWarning, those scored
+    although they look wrong with one SuspectRowsWarning (each gives the count and the first line). Raises
+    FileNotFoundError, and ValueError naming the file and line of a line official mode refuses.
     """
     _check_mode(mode)
     path = _require_file(path, "annotation")
@@ -541,18 +551,21 @@ def read_annotations(path: str | Path, *, is_detection: bool = False, mode: Mode
     rows = _split_rows(path, names, parsed, as_text=mode == "prepare")
     rows.num_actions = num_actions
     verdict = _enforce(rows, file, mode)
-    if mode == "official":
-        _announce(verdict.rejected, "left out, as the official evaluator leaves them out", DroppedRowsWarning)
-        _announce(verdict.suspect, "kept and scored as the official evaluator scores them", SuspectRowsWarning)
+    for category, announced in verdict.announced.items():
+        _announce(announced, category)
     return _box_table(rows, parsed, verdict.keep, with_box_key=mode == "prepare"), verdict.rejected
 
 
-def _announce(rows: list[Rejection], what: str, category: type[UserWarning]) -> None:
+_ANNOUNCEMENTS = {DroppedRowsWarning: "left out, as the official evaluator leaves them out",
+                  SuspectRowsWarning: "kept and scored as the official evaluator scores them"}
+
+
+def _announce(rows: list[Rejection], category: type[UserWarning]) -> None:
     """One warning for some rows of one file: how many, and the first of them."""
     if rows:
         first = rows[0]
-        warnings.warn(f"{first.source}: {len(rows)} row(s) {what}; the first, line {first.line}: {first.reason}",
-                      category, stacklevel=3)
+        warnings.warn(f"{first.source}: {len(rows)} row(s) {_ANNOUNCEMENTS[category]}; the first, line {first.line}: "
+                      f"{first.reason}", category, stacklevel=3)
 
 
 def _box_fields(path: Path, file: str, mode: Mode) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -7,7 +7,8 @@ This module reproduces its results (to the last bit on the same machine) with co
 
 * Rows are kept only for label-map classes; the image key is ``"%s,%04d" % (video_id, int(timestamp))``; keys in
   the exclusions file are dropped from ground truth and detections alike. Duplicate rows are all kept.
-* Detections with ``y1 >= y2`` or ``x1 >= x2`` are dropped (``PerImageEvaluation._remove_invalid_boxes``).
+* Detections with ``y1 >= y2`` or ``x1 >= x2`` are dropped (``PerImageEvaluation._remove_invalid_boxes``), after
+  their keyframe took its place in the order images are added (its first row of a label-map class, valid or not).
 * Per image and class, detections are visited in *file order* (the official code does not sort them by score;
   ActivityNet's own reader sorts and keeps 50 per image, SlowFast's does neither, and there is no cap here).
   Each one takes the ground-truth box with the largest IoU (``np.argmax``: the first box on ties, NaN wins); it
@@ -161,13 +162,16 @@ def _boxes_from_table(table, evaluated: np.ndarray, *, is_detection: bool, name:
     if is_detection:
         column["score"] = table.column("score").to_numpy().astype(np.float64, copy=False)
     class_of_row = table.column("class_id").to_numpy().astype(np.int64, copy=False)
-    keep = np.isin(class_of_row, evaluated)
+    listed = np.isin(class_of_row, evaluated)
+    # Images are numbered as the official reader adds them: at the first row of a listed class, valid or not.
+    image, image_keys = _first_appearance_codes(table.column("key"), None if listed.all() else np.flatnonzero(listed))
+    keep = listed
     if is_detection:
-        # The official per-image evaluation drops boxes with no extent (NaN coordinates included).
-        keep &= (column["y1"] < column["y2"]) & (column["x1"] < column["x2"])
+        # The official per-image evaluation then drops boxes with no extent (NaN coordinates included).
+        valid = (column["y1"] < column["y2"]) & (column["x1"] < column["x2"])
+        image, keep = image[valid[listed]], listed & valid
     rows = None if keep.all() else np.flatnonzero(keep)  # None: every row, without copying the columns
     kept = {column_name: values if rows is None else values[rows] for column_name, values in column.items()}
-    image, image_keys = _first_appearance_codes(table.column("key"), rows)
     return _Boxes(image=image, image_keys=image_keys,
                   class_index=np.searchsorted(evaluated, class_of_row if rows is None else class_of_row[rows]),
                   y1=kept["y1"], x1=kept["x1"], y2=kept["y2"], x2=kept["x2"],
