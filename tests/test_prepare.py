@@ -12,9 +12,11 @@ import av
 import decord
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from video_files import level, levels, write_numbered_video
 
+from evadlab.cli import main
 from evadlab.config import DataConfig, ExperimentConfig
 from evadlab.pipelines.ava import group_keyframes, read_annotations
 from evadlab.pipelines.clips import decode_jpegs, iter_shard_rows, read_shards, resize_short_side, resized_size
@@ -281,20 +283,33 @@ def test_keyframes_outside_the_media_are_rejected_not_frozen(tmp_path, ray_local
     assert json.loads(manifest_path.read_text())["rejected"] == manifest["rejected"]
 
 
-def test_a_split_without_rows_is_an_error_after_the_manifest(tmp_path, ray_local):
+def test_a_split_without_rows_is_an_error_after_the_manifest(tmp_path, ray_local, capsys):
     root = tmp_path / "ava"
     write_cut_short_video(root, frames=False)
     annotations = root / "annotations" / "ava_train_v2.2.csv"
     cfg = config(root, tmp_path / "shards", video_offset_sec=900.0)
     manifest_path = cfg.data.shards_path / "manifest.json"
-    for text, rejected in (("cut,0905,0.1,0.1,0.9,0.9,12,1\ncut,0906,0.1,0.1,0.9,0.9,12,1\n", 2), ("", 0)):
-        annotations.write_text(text)
-        with pytest.raises(ValueError) as error:
-            prepare(cfg, splits=("train",))
-        assert str(error.value) == (f"split(s) train have no rows: their annotations list no keyframe, or every "
-                                    f"keyframe was rejected (see 'rejected' in {manifest_path})")
-        manifest = json.loads(manifest_path.read_text())
-        assert manifest["complete"] and manifest["counts"] == {"train": 0} and len(manifest["rejected"]) == rejected
+    message = (f"split(s) train have no rows: their annotations list no keyframe, or every keyframe was rejected "
+               f"(see 'rejected' in {manifest_path})")
+    annotations.write_text("cut,0905,0.1,0.1,0.9,0.9,12,1\ncut,0906,0.1,0.1,0.9,0.9,12,1\n")
+    with pytest.raises(ValueError) as error:
+        prepare(cfg, splits=("train",))
+    assert str(error.value) == message
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["complete"] and manifest["counts"] == {"train": 0} and len(manifest["rejected"]) == 2
+
+    # The command: both splits, the val annotations empty. It ends with an error, not success.
+    annotations.write_text("cut,0902,0.1,0.1,0.9,0.9,12,1\n")
+    (root / "annotations" / "ava_val_v2.2.csv").write_text("")
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(yaml.safe_dump({"data": {"root": str(root), "shards": str(cfg.data.shards_path),
+                                                   "short_side": SHORT_SIDE}}))
+    capsys.readouterr()
+    assert main(["prepare", str(experiment)]) == 2
+    printed = capsys.readouterr()
+    assert "evadlab prepare: 1 keyframe clips written" in printed.out
+    assert printed.err == f"evadlab prepare: error: {message.replace('split(s) train', 'split(s) val')}\n"
+    assert json.loads(manifest_path.read_text())["counts"] == {"train": 1, "val": 0}
 
 
 def test_live_recordings_are_prepared_with_pyav(tmp_path, ray_local):
