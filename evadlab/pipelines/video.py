@@ -86,6 +86,8 @@ class DecordDecoder:
 
     def __init__(self, path: str, threads: int = 1):
         self.reader = decord.VideoReader(path, num_threads=threads)
+        if len(self.reader) == 0:
+            raise ValueError("decord finds no frames")
         stamps = self.reader.get_frame_timestamp(np.arange(len(self.reader)))
         # decord opens some files whose batches it cannot decode (some tiny widths): find out here, where PyAV can
         # still take over.
