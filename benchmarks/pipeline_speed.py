@@ -32,7 +32,7 @@ import ray
 import torch
 
 from evadlab.config import DataConfig, ExperimentConfig
-from evadlab.pipelines.ava import clip_frame_indices, keyframe_frame_index, read_frame_list
+from evadlab.pipelines.ava import NUM_ACTIONS, clip_frame_indices, keyframe_frame_index, read_frame_list
 from evadlab.pipelines.clips import (
     decode_clip,
     decode_jpegs,
@@ -93,13 +93,13 @@ def timed_prepare(cfg: ExperimentConfig, cpus: int, warm_up: ExperimentConfig) -
 def seek_per_keyframe(data: DataConfig, out: Path) -> tuple[int, float]:
     """The baseline: every clip decoded with its own decord ``get_batch`` (a seek), then the same resize,
     JPEG encoding and shard writing as ``prepare``."""
-    tasks, _ = plan_tasks(data, ("train", "val"))
+    tasks, _ = plan_tasks(data, ("train", "val"), NUM_ACTIONS)
     start, written = time.perf_counter(), 0
     for task in tasks:
         item = task_item(task)
         frames = VideoFileFrames(str(task.source), data)
         rows = (clip_row(frames, item, keyframe, data) for keyframe in item["keyframes"])
-        written += write_shard(shard_path(out, task.split, task.video_id), rows, data.clip_spec)
+        written += write_shard(shard_path(out, task.split, task.video_id), rows, data.clip_spec, [])
     return written, time.perf_counter() - start
 
 
@@ -124,7 +124,7 @@ def shard_input(shards: Path) -> tuple[int, float]:
 
 def frame_folder_input(data: DataConfig) -> tuple[int, float]:
     start, clips = time.perf_counter(), 0
-    tasks, _ = plan_tasks(data, ("train", "val"))
+    tasks, _ = plan_tasks(data, ("train", "val"), NUM_ACTIONS)
     for task in tasks:
         frame_list = read_frame_list(data.root_path / "frame_lists" / f"{task.split}.csv")[task.video_id]
         for keyframe in task.keyframes:

@@ -11,6 +11,16 @@ from pathlib import Path
 from evadlab.config import ConfigError, TrackingError, load_config
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reads an argument that names an existing file as a value even when it starts with '-', as real AVA video ids
+    do (``-5KQ66BBWC4.mp4``); argparse alone would take it for an unknown option."""
+
+    def _parse_optional(self, arg_string: str):
+        if arg_string.startswith("-") and arg_string not in self._option_string_actions and Path(arg_string).exists():
+            return None
+        return super()._parse_optional(arg_string)
+
+
 def _config_command(parser: argparse.ArgumentParser, name: str, help_text: str) -> argparse.ArgumentParser:
     sub = parser.add_parser(name, help=help_text, description=help_text)
     sub.add_argument("config", help="experiment YAML (see experiments/)")
@@ -19,7 +29,7 @@ def _config_command(parser: argparse.ArgumentParser, name: str, help_text: str) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evadlab", description="EVAD on AVA with Ray and MLflow.")
+    parser = _Parser(prog="evadlab", description="EVAD on AVA with Ray and MLflow.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = commands.add_parser("synth", help="write a synthetic mini-AVA in the official layout")
@@ -28,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seconds", type=int, default=12)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--frames", action="store_true", help="also write 30 fps JPEG frame folders")
+    synth.add_argument("--label-map", help="custom classes (pbtxt or 'id: name'), named stand/walk/sit/bend/talk/watch")
 
     _config_command(commands, "prepare", "Ray Data: AVA videos or frames -> Parquet shards (resumable)")
     _config_command(commands, "train", "Ray Train: train EVAD, log to MLflow")
@@ -52,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="experiment YAML of the checkpoint (default: the one stored in it)")
     demo.add_argument("--out", default="annotated.mp4")
     demo.add_argument("--fps", type=float, default=1.0, help="keyframes per second")
+    demo.add_argument("--video-id", help="video id of the detections CSV (default: the file name, ',' -> '_')")
 
     compare = commands.add_parser("compare", help="mAP vs GFLOPs table and Pareto plot from MLflow")
     compare.add_argument("--experiment", help="MLflow experiment name (default: all)")
@@ -61,9 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _synth(args: argparse.Namespace) -> None:
+    from evadlab.pipelines.ava import read_label_map
     from evadlab.pipelines.synthetic import generate_mini_ava
 
-    summary = generate_mini_ava(args.out, videos=args.videos, seconds=args.seconds, seed=args.seed, frames=args.frames)
+    label_map = read_label_map(args.label_map) if args.label_map else None
+    summary = generate_mini_ava(args.out, videos=args.videos, seconds=args.seconds, seed=args.seed, frames=args.frames,
+                                label_map=label_map)
     print(json.dumps(summary, default=str))
 
 
@@ -122,7 +137,8 @@ def _ava_map(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from evadlab.platform.demo import run_demo
 
-    run_demo(args.video, checkpoint=args.checkpoint, config=args.config, out=args.out, fps=args.fps)
+    run_demo(args.video, checkpoint=args.checkpoint, config=args.config, out=args.out, fps=args.fps,
+             video_id=args.video_id)
 
 
 def _compare(args: argparse.Namespace) -> None:

@@ -2,21 +2,33 @@
 
 An experiment file has the sections ``data``, ``model``, ``train``, ``eval``, ``tune`` and ``tracking``
 (all optional) plus a top-level ``name`` and ``output_dir``. Unknown keys, wrong types and out-of-range
-values stop with an error naming the dotted key (and, for an unknown key, the closest valid one).
+values stop with an error naming the dotted key (and, for an unknown key, the closest valid one). Types are strict:
+a boolean is no number and a number no boolean (``model.keep_rate=true`` is an error, not 1.0), a whole number is
+accepted where a real one is expected. A key written twice in one YAML mapping is an error naming it and its lines
+(``yaml.safe_load`` would keep the last value without a word).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal, get_origin, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from evadlab.models.config import VARIANTS, EVADConfig, EVADConfigError, keep_rates_at
-
 from evadlab.storage import absolute
 
 AVA_ANNOTATIONS = {
@@ -36,7 +48,8 @@ class TrackingError(RuntimeError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: YAML's true is no 1.0 and 1 no true; pydantic still takes an int for a float.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class DataConfig(Section):
@@ -99,14 +112,20 @@ class DataConfig(Section):
         return f"{self.source}_{self.num_frames}x{self.sample_rate}_s{self.short_side}"
 
 
+def _tuple_from_list(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _architecture_fields() -> dict[str, Any]:
     """EVADConfig's fields as pydantic field definitions: its types and (ViT-B) defaults, declared only there.
 
-    `keep_rates` is left out: ModelConfig offers it as an optional override of `keep_rate`.
+    `keep_rates` is left out: ModelConfig offers it as an optional override of `keep_rate`. Tuple fields take the
+    lists YAML and JSON give (strict mode alone would want tuples); their elements stay strict.
     """
     types = get_type_hints(EVADConfig)
     return {
-        setting.name: (types[setting.name], setting.default)
+        setting.name: (Annotated[types[setting.name], BeforeValidator(_tuple_from_list)]
+                       if get_origin(types[setting.name]) is tuple else types[setting.name], setting.default)
         for setting in dataclasses.fields(EVADConfig)
         if setting.name != "keep_rates"
     }
@@ -305,13 +324,46 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (YAML's own tags only), refusing a key written twice in one mapping, where PyYAML
+    would keep the last value without a word. Keys merged in with ``<<`` may still be overridden. Exponent numbers
+    without a dot or an exponent sign (``1e-4``, ``1.0e5``) are numbers, as in YAML 1.2, where PyYAML's YAML 1.1 reads
+    them as strings (the config's strict types take no strings for numbers)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = first_line.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class names it
+            if first is not None:
+                raise yaml.YAMLError(f"line {line}: key {key!r} appears twice in one mapping (first on line {first})")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicated keys (see ``_UniqueKeyLoader``). Raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=value`` with the value read as a YAML scalar (or flow list)."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override '{text}' is not of the form key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{key}': cannot parse value {raw!r}: {exc}") from exc
     return key.strip(), value
@@ -336,7 +388,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = safe_load_yaml(path.read_text(encoding="utf-8-sig")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if not isinstance(tree, dict):
@@ -345,10 +397,35 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(tree: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """The validated config; also checked against its label map when that exists (``check_action_ids``)."""
     try:
-        return ExperimentConfig.model_validate(tree)
+        cfg = ExperimentConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
+    try:
+        check_action_ids(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def check_action_ids(cfg: ExperimentConfig) -> None:
+    """Refuses a label map that lists an action id above ``model.num_actions``: the model would have no output for
+    it, and training would stop inside a worker. The label map is ``data.label_map`` under ``data.root``'s
+    annotations; nothing is checked while it does not exist (synthetic data is written later, and ``prepare``
+    checks again then). Raises ConfigError naming the keys."""
+    path = cfg.data.annotation_dir / cfg.data.label_map
+    if not path.is_file():
+        return
+    from evadlab.pipelines.ava import read_label_map  # numpy and pyarrow: only once there is a label map to read
+
+    try:
+        highest = max(read_label_map(path))
+    except ValueError as error:
+        raise ConfigError(f"'data.label_map': {error}") from None
+    if highest > cfg.model.num_actions:
+        raise ConfigError(f"'model.num_actions' is {cfg.model.num_actions}, but the label map {path} ('data.label_map')"
+                          f" lists action id {highest}: set model.num_actions to at least {highest}")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

@@ -1,6 +1,6 @@
-import dataclasses
 import re
 import shutil
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evadlab.pipelines import ava
 from evadlab.pipelines.ava import (
     ALL_ACTION_IDS,
     AVA_ACTION_NAMES,
     DETECTION_ROW_COLUMNS,
     EVALUATED_ACTION_IDS,
     DroppedRowsWarning,
+    SuspectRowsWarning,
     clip_frame_indices,
     clip_sample_times,
     detection_rows,
+    distinct_class_names,
     group_keyframes,
     keyframe_frame_index,
     nearest_frame_indices,
@@ -55,6 +56,11 @@ def test_the_released_label_maps_give_the_60_evaluated_classes(tmp_path, test_da
                  official_v22_form):
         assert read_label_map(path) == expected, path
     assert len(AVA_ACTION_NAMES) == 80 and len(EVALUATED_ACTION_IDS) == 60
+
+
+def test_class_names_that_two_ids_share_are_told_apart_by_id():
+    labels = {1: "action1", 79: "action3", 80: "action3"}
+    assert distinct_class_names(labels) == {1: "action1", 79: "action3 (id 79)", 80: "action3 (id 80)"}
 
 
 @pytest.mark.parametrize(
@@ -138,24 +144,34 @@ GOOD_DETECTION = "vid,0902,0.1,0.2,0.3,0.4,12,0.5"
 GOOD_GROUNDTRUTH = "vid,0902,0.1,0.2,0.3,0.4,12,1"
 
 
-@pytest.mark.parametrize(("line", "is_detection", "prepare_reason", "official"), [
-    # Zero extent: rounding made a thin box flat. The official reader reads it; its metric never matches such
-    # ground truth and leaves such a detection out.
-    ("vid,0902,0.3,0.2,0.3,0.4,12,1", False, "x2 0.3 <= x1 0.3: the box has no width", "keep"),
-    ("vid,0902,0.1,0.4,0.3,0.4,12,0.5", True, "y2 0.4 <= y1 0.4: the box has no height", "keep"),
-    ("vid,0902,0.3,0.2,0.1,0.4,12,0.5", True, "x2 0.1 <= x1 0.3: the box has no width", "refuse"),
-    ("vid,0902,0.3,0.2,0.1,0.4,12,1", False, "x2 0.1 <= x1 0.3: the box has no width", "refuse"),
-    (",0902,0.1,0.2,0.3,0.4,12,1", False, "empty video id", "keep"),
-    ("vid,0902,0.1,0.2,0.3,0.4,81,1", False, "action id 81 outside 1..80", "keep"),
-    ("vid,-1,0.1,0.2,0.3,0.4,12,0.5", True, "timestamp -1 outside 0..2147483647", "refuse"),
-    ("vid,09o2,0.1,0.2,0.3,0.4,12,0.5", True, "timestamp '09o2' is not an integer", "refuse"),
-    ("vid,0902,nan,0.2,0.3,0.4,12,0.5", True, "x1 nan outside [0, 1]", "refuse"),
-    ("vid,0902,0.1,0.2,0.3,1.2,12,0.5", True, "y2 1.2 outside [0, 1]", "refuse"),
-    ("vid,0902,0.1,0.2,0.3,0.4,12,inf", True, "score inf is not a finite number", "refuse"),
-    ("vid,0902,0.1,0.2,0.3,0.4,12", True, "7 fields, expected 8: 'vid,0902,0.1,0.2,0.3,0.4,12'", "refuse"),
-    ("", True, None, "refuse"),  # a blank line holds no data: prepare skips it
+NAN_WIDTH = "x2 0.3 <= x1 nan: the box has no width"
+
+
+@pytest.mark.parametrize(("line", "is_detection", "prepare_reason", "official", "official_reason"), [
+    # Zero extent: rounding made a thin box flat. The official evaluation keeps such ground truth (never matched) and
+    # leaves such detections out before matching; inverted boxes the same way.
+    ("vid,0902,0.3,0.2,0.3,0.4,12,1", False, "x2 0.3 <= x1 0.3: the box has no width", "warn", None),
+    ("vid,0902,0.1,0.4,0.3,0.4,12,0.5", True, "y2 0.4 <= y1 0.4: the box has no height", "drop", None),
+    ("vid,0902,0.3,0.2,0.1,0.4,12,0.5", True, "x2 0.1 <= x1 0.3: the box has no width", "drop", None),
+    ("vid,0902,0.3,0.2,0.1,0.4,12,1", False, "x2 0.1 <= x1 0.3: the box has no width", "warn", None),
+    (",0902,0.1,0.2,0.3,0.4,12,1", False, "empty video id", "keep", None),
+    ("vid,0902,0.1,0.2,0.3,0.4,81,1", False, "action id 81 outside 1..80", "keep", None),
+    ("vid,-1,0.1,0.2,0.3,0.4,12,0.5", True, "timestamp -1 outside 0..2147483647", "refuse", None),
+    ("vid,09o2,0.1,0.2,0.3,0.4,12,0.5", True, "timestamp '09o2' is not an integer", "refuse", None),
+    # NaN compares false: the official code drops such a detection (for its extent) and keeps such ground truth.
+    ("vid,0902,nan,0.2,0.3,0.4,12,0.5", True, f"x1 nan outside [0, 1]; {NAN_WIDTH}", "drop", NAN_WIDTH),
+    ("vid,0902,nan,0.2,0.3,0.4,12,1", False, f"x1 nan outside [0, 1]; {NAN_WIDTH}", "warn", None),
+    ("vid,0902,0.1,0.2,0.3,1.2,12,0.5", True, "y2 1.2 outside [0, 1]", "warn", None),
+    ("vid,0902,0.1,0.2,0.3,1.2,12,1", False, "y2 1.2 outside [0, 1]", "warn", None),
+    ("vid,0902,0.1,0.2,0.3,0.4,12,inf", True, "score inf is not a finite number", "warn", None),
+    ("vid,0902,0.1,0.2,0.3,0.4,12", True, "7 fields, expected 8: 'vid,0902,0.1,0.2,0.3,0.4,12'", "refuse", None),
+    ("", True, None, "refuse", None),  # a blank line holds no data: prepare skips it
 ])
-def test_one_rule_set_read_in_two_modes(tmp_path, line, is_detection, prepare_reason, official):
+def test_one_rule_set_read_in_two_modes(tmp_path, line, is_detection, prepare_reason, official, official_reason):
+    """Prepare mode rejects every malformed line by file and line; official mode reads what the official evaluator
+    reads as it reads it, silently, with a SuspectRowsWarning (scored although it looks wrong) or with a
+    DroppedRowsWarning (left out by the metric), each giving the count and the first line; or it refuses the whole
+    file where the official reader cannot read it."""
     path = tmp_path / "boxes.csv"
     path.write_text((GOOD_DETECTION if is_detection else GOOD_GROUNDTRUTH) + "\n" + line + "\n")
 
@@ -170,21 +186,22 @@ def test_one_rule_set_read_in_two_modes(tmp_path, line, is_detection, prepare_re
         with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:2: "):
             read_annotations(path, is_detection=is_detection, mode="official")
         return
-    table, dropped = read_annotations(path, is_detection=is_detection, mode="official")
-    assert table["line"].to_pylist() == [1, 2] and dropped == []
-
-
-def test_leaving_flat_detections_out_in_official_mode_is_one_table_entry(tmp_path, monkeypatch):
-    """What the official evaluator does with detections without extent, moved into the reader: the rows go, and one
-    warning gives their count and the first of them."""
-    rules = [dataclasses.replace(rule, official=ava._Action.REJECT)
-             if rule.check is ava._flat_box and rule.files == (ava.DETECTIONS,) else rule for rule in ava._RULES]
-    monkeypatch.setattr(ava, "_RULES", tuple(rules))
-    path = tmp_path / "detections.csv"
-    path.write_text(f"{GOOD_DETECTION}\nvid,0902,0.3,0.2,0.3,0.4,12,0.9\nvid,0902,0.3,0.2,0.3,0.4,14,0.9\n")
-    with pytest.warns(DroppedRowsWarning, match=r"2 row\(s\) left out.*first, line 2: x2 0.3 <= x1 0.3"):
-        table = read_boxes_csv(path, is_detection=True)
-    assert table.column("score").to_pylist() == [0.5]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table, dropped = read_annotations(path, is_detection=is_detection, mode="official")
+    reason = official_reason or prepare_reason
+    if official == "keep":
+        assert caught == [] and dropped == [] and table["line"].to_pylist() == [1, 2]
+    elif official == "warn":
+        assert [str(warning.message) for warning in caught] == [
+            f"{path}: 1 row(s) kept and scored as the official evaluator scores them; the first, line 2: {reason}"]
+        assert caught[0].category is SuspectRowsWarning and dropped == [] and table["line"].to_pylist() == [1, 2]
+    else:
+        # Read as the official reader reads it (its keyframe's first appearance orders the ranking); the metric
+        # leaves it out.
+        assert [str(warning.message) for warning in caught] == [
+            f"{path}: 1 row(s) left out, as the official evaluator leaves them out; the first, line 2: {reason}"]
+        assert caught[0].category is DroppedRowsWarning and dropped == [] and table["line"].to_pylist() == [1, 2]
 
 
 @pytest.mark.parametrize("field", ["0.25", ".25", "2.5e-1", "+0.25", " 0.25 ", "0x1", "1_0", "abc", "", "0,25", "--1"])
@@ -373,3 +390,35 @@ def test_nearest_frame_ties_and_a_single_frame():
     np.testing.assert_array_equal(nearest_frame_indices([0.5, 3.0], [0.0]), [0, 0])
     with pytest.raises(ValueError):
         nearest_frame_indices([0.0], [])
+
+
+def windows_text(path: Path, text: str) -> Path:
+    """``text`` as Windows editors save "UTF-8 with BOM": a byte-order mark and CRLF line ends."""
+    path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
+    return path
+
+
+@pytest.mark.parametrize("text", [
+    'item {\n  name: "stand"\n  id: 12\n}\nitem {\n  name: "walk"\n  id: 14\n}\n',
+    ('label {\n  name: "stand"\n  label_id: 12\n  label_type: PERSON_MOVEMENT\n}\n'
+     'label {\n  name: "walk"\n  label_id: 14\n  label_type: PERSON_MOVEMENT\n}\n'),
+    "12: stand\n14: walk\n",
+], ids=["pbtxt_item", "pbtxt_label", "id_name_text"])
+def test_label_maps_with_a_bom_and_crlf(tmp_path, text):
+    assert read_label_map(windows_text(tmp_path / "labels.pbtxt", text)) == {12: "stand", 14: "walk"}
+
+
+def test_csvs_and_frame_lists_with_a_bom_and_crlf(tmp_path):
+    gt = windows_text(tmp_path / "gt.csv", "vid,0902,0.1,0.2,0.3,0.4,12,1\nvid,0903,0.1,0.2,0.3,0.4,14,2\n")
+    table, rejections = read_annotations(gt)
+    assert rejections == [] and table["video_id"].to_pylist() == ["vid", "vid"]
+    assert table["person_id"].to_pylist() == [1, 2] and table["box_key"].to_pylist()[1] == "0.1,0.2,0.3,0.4"
+    assert read_boxes_csv(gt, is_detection=False)["key"].to_pylist() == ["vid,0902", "vid,0903"]
+    seven_fields = windows_text(tmp_path / "gt7.csv", "vid,0902,0.1,0.2,0.3,0.4,12\n")
+    assert read_boxes_csv(seven_fields, is_detection=False)["key"].to_pylist() == ["vid,0902"]
+    det = windows_text(tmp_path / "det.csv", "vid,0902,0.1,0.2,0.3,0.4,12,0.75\n")
+    assert read_boxes_csv(det, is_detection=True)["score"].to_pylist() == [0.75]
+    assert read_exclusions(windows_text(tmp_path / "excluded.csv", "vid,0902\n")) == {("vid", 902)}
+    frame_list = windows_text(tmp_path / "val.csv", 'original_vido_id video_id frame_id path labels\n'
+                                                    'vid 0 0 vid/vid_000001.jpg ""\nvid 0 1 vid/vid_000002.jpg ""\n')
+    assert read_frame_list(frame_list) == {"vid": ["vid/vid_000001.jpg", "vid/vid_000002.jpg"]}

@@ -11,7 +11,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from evadlab.pipelines.ava import read_annotations, read_boxes_csv, read_exclusions, write_detections_csv
+from evadlab.cli import main
+from evadlab.pipelines.ava import (
+    DroppedRowsWarning,
+    SuspectRowsWarning,
+    read_annotations,
+    read_boxes_csv,
+    read_exclusions,
+    write_detections_csv,
+)
 from evadlab.pipelines.ava_map import (
     STRICT_IOU_THRESHOLDS,
     ava_map_command,
@@ -26,6 +34,10 @@ from reference_frame_map import (
     reference_frame_map,
     rows_by_key_from_table,
 )
+
+# Rows read as the official evaluator reads them are announced by warnings; the tests that check them catch them.
+pytestmark = [pytest.mark.filterwarnings("ignore::evadlab.pipelines.ava.DroppedRowsWarning"),
+              pytest.mark.filterwarnings("ignore::evadlab.pipelines.ava.SuspectRowsWarning")]
 
 LABEL_MAP = 'item {\n  name: "stand"\n  label_id: 1\n}\nitem {\n  name: "sit"\n  label_id: 2\n}\n' \
             'item {\n  name: "talk to"\n  label_id: 4\n}\nitem {\n  name: "watch"\n  label_id: 7\n}\n'
@@ -67,7 +79,9 @@ def assert_matches_reference(result, reference, thresholds):
 
 
 def random_box(rng) -> tuple[float, float, float, float]:
-    """Mostly boxes on a 1/8 grid (exact in binary, so IoU lands exactly on 0.5 and duplicates are common)."""
+    """Mostly boxes on a 1/8 grid (exact in binary, so IoU lands exactly on 0.5 and duplicates are common); a few
+    without extent (flat or inverted), reaching out of the frame or not finite, which the official evaluator scores
+    too."""
     if rng.random() < 0.7:
         x1, x2 = sorted(rng.choice(9, size=2, replace=False) / 8)
         y1, y2 = sorted(rng.choice(9, size=2, replace=False) / 8)
@@ -76,6 +90,15 @@ def random_box(rng) -> tuple[float, float, float, float]:
         y1, y2 = sorted(np.round(rng.random(2), 3))
         if rng.random() < 0.05:
             x2 = x1  # zero width, as rounding sometimes makes it
+    odd = rng.random()
+    if odd < 0.04:
+        x1, x2 = x2, x1  # inverted, as a broken writer makes it
+    elif odd < 0.06:
+        y1, y2 = y2, y1
+    elif odd < 0.08:
+        x2 = x2 + 0.125  # past the frame's edge
+    elif odd < 0.09:
+        y2 = rng.choice([np.nan, np.inf])  # what float() reads from "nan" and "inf"
     return float(x1), float(y1), float(x2), float(y2)
 
 
@@ -110,6 +133,7 @@ def random_case(rng):
                 (video, second), box = keyframes[rng.integers(len(keyframes))], random_box(rng)
             class_id = rng.integers(1, 9)
             score = rng.choice(score_values) if rng.random() < 0.8 else round(float(rng.random()), 4)
+            score = score if rng.random() > 0.01 else np.inf
             det_lines.append(f"{video},{timestamp_text(second)},{','.join(map(str, box))},{class_id},{score}")
     excluded = [f"{video},{second}" for video, second in keyframes if rng.random() < 0.15]
     return ("\n".join(gt_lines) + "\n" if gt_lines else "", "\n".join(det_lines) + "\n" if det_lines else "",
@@ -236,14 +260,17 @@ def test_zero_extent_boxes_are_accepted_and_treated_as_the_official_code_does(tm
 
 
 def test_a_zero_width_box_in_both_modes(tmp_path, labelmap):
-    """One rule set: prepare mode rejects the flat boxes by file and line; official mode reads them, and the metric
-    scores them exactly as the official evaluator (the ground truth is never matched, the detection is left out)."""
+    """One rule set: prepare mode rejects the flat boxes by file and line; official mode reads both, as the official
+    reader does, and announces them: the metric never matches the ground truth and leaves the detection out."""
     gt = write(tmp_path / "gt.csv", GT_ONE_BOX + "v,0902,0.7,0.7,0.7,0.9,1,0\n")
     det = write(tmp_path / "det.csv", "v,0902,0.0,0.0,0.5,0.5,1,0.9\nv,0902,0.7,0.7,0.7,0.9,1,0.95\n")
     for path, is_detection in ((gt, False), (det, True)):
         _, rejections = read_annotations(path, is_detection=is_detection, mode="prepare")
         assert [str(rejection) for rejection in rejections] == [f"{path}:2: x2 0.7 <= x1 0.7: the box has no width"]
-    assert read_boxes_csv(det, is_detection=True).num_rows == 2
+    with pytest.warns(DroppedRowsWarning, match=r"det\.csv: 1 row\(s\) left out.* line 2: x2 0\.7 <= x1 0\.7"):
+        assert read_boxes_csv(det, is_detection=True).num_rows == 2
+    with pytest.warns(SuspectRowsWarning, match=r"gt\.csv: 1 row\(s\) kept.* line 2: x2 0\.7 <= x1 0\.7"):
+        assert read_boxes_csv(gt, is_detection=False).num_rows == 2
     result = evaluate_files(labelmap, gt, det)
     assert (result.num_groundtruth, result.num_detections) == (2, 1)
     assert_matches_reference(result, reference_evaluate_files(labelmap, gt, det), (0.5,))
@@ -274,10 +301,6 @@ def test_strict_thresholds_are_evads_linspace_and_average_per_class(tmp_path, la
     ("v,0902,0.1,0.1,0.5,0.5,1,0.9\nv,0902,0.1,0.1,0.5,0.5,1\n", True, 2, "expected 8"),
     ("v,0902,0.1,0.1,0.5,0.5,1,0.9\nv,0902,0.1,0.1,0.5,0.5,1,0.9\nv,0902,abc,0.1,0.5,0.5,1,0.9\n", True, 3, "x1"),
     ("v,0902,0.1,0.1,0.5,0.5,1.5,0.9\n", True, 1, "action id"),
-    ("v,0902,0.5,0.1,0.4,0.5,1,0.9\n", True, 1, "x2"),
-    ("v,0902,0.1,0.6,0.5,0.5,1,0.9\n", True, 1, "y2"),
-    ("v,0902,0.1,0.1,0.5,1.2,1,0.9\n", True, 1, "outside"),
-    ("v,0902,0.1,0.1,0.5,0.5,1,nan\n", True, 1, "score"),
     ("v,0902,0.1,0.1,0.5,0.5,1,0.9\n\nv,0902,0.1,0.1,0.5,0.5,1,0.9\n", True, 2, "blank line"),
     ("v,-1,0.1,0.1,0.5,0.5,1,0.9\n", True, 1, "timestamp"),
     ("v,0902,0.1,0.1,0.5,0.5,1,3\nv,0902,0.1,0.1,0.5,0.5,1,3,9\n", False, 2, "expected 8"),
@@ -368,8 +391,76 @@ def test_ava_map_command_prints_one_json_object(tmp_path, labelmap, capsys):
     det = write(tmp_path / "det.csv", "v,0902,0.0,0.0,0.5,0.5,1,0.9\n")
     ava_map_command(labelmap, gt, det, None, True, "0.5")
     report = json.loads(capsys.readouterr().out)
-    assert report == {"mAP": 1.0, "per_class": {"stand": 1.0, "sit": None, "talk to": None, "watch": None},
+    assert report == {"mAP": 1.0, "per_class": {"1": {"name": "stand", "AP": 1.0}, "2": {"name": "sit", "AP": None},
+                                                "4": {"name": "talk to", "AP": None}, "7": {"name": "watch", "AP": None}},
                       "num_groundtruth": 1, "num_detections": 1}
     ava_map_command(labelmap, gt, det, None, False, "0.5:0.95")
     table = capsys.readouterr().out
     assert "talk to" in table and "mAP@0.95" in table and table.rstrip().endswith("mAP: 1.0000")
+
+
+def test_json_keeps_classes_that_share_a_name(tmp_path, capsys):
+    """mmaction2's sample label map names ids 79 and 80 both "action3": each keeps its own AP."""
+    labels = write(tmp_path / "labels.txt", "1: action1\n79: action3\n80: action3\n")
+    gt = write(tmp_path / "gt.csv", "v,0902,0.1,0.1,0.5,0.5,79,0\nv,0902,0.5,0.5,0.9,0.9,80,0\n")
+    det = write(tmp_path / "det.csv", "v,0902,0.1,0.1,0.5,0.5,79,0.9\nv,0902,0.1,0.1,0.5,0.5,80,0.8\n")
+    assert main(["ava-map", "--labelmap", str(labels), "--groundtruth", str(gt), "--detections", str(det),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["per_class"] == {"1": {"name": "action1", "AP": None}, "79": {"name": "action3", "AP": 1.0},
+                                   "80": {"name": "action3", "AP": 0.0}}
+    assert report["mAP"] == 0.5
+
+
+ISSUE_LABEL_MAP = 'item {\n  name: "stand"\n  id: 12\n}\nitem {\n  name: "walk"\n  id: 14\n}\n'
+ISSUE_GROUNDTRUTH = "vidA,0902,0.100,0.100,0.500,0.500,12,0\nvidA,0903,0.200,0.200,0.600,0.700,14,1\n"
+ISSUE_DETECTIONS = ("vidA,0902,0.450,0.100,0.400,0.500,12,0.9\n"  # x2 < x1: left out by the official evaluator
+                    "vidA,0902,0.110,0.100,0.500,0.510,12,0.8\n"
+                    "vidA,0903,0.600,0.200,0.200,0.700,14,0.95\n"  # x2 < x1: left out too
+                    "vidA,0903,0.200,0.210,0.600,0.700,14,0.4\n")
+
+
+def test_inverted_detections_are_left_out_as_the_official_evaluator_does(tmp_path, capsys):
+    """The issue's case: the official evaluator gives mAP 1.0 (both classes 1.0); evadlab must agree, and say on
+    stderr how many detections it left out and the first line."""
+    labels = write(tmp_path / "labels.pbtxt", ISSUE_LABEL_MAP)
+    gt = write(tmp_path / "gt.csv", ISSUE_GROUNDTRUTH)
+    det = write(tmp_path / "det.csv", ISSUE_DETECTIONS)
+    assert main(["ava-map", "--labelmap", str(labels), "--groundtruth", str(gt), "--detections", str(det),
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report == {"mAP": 1.0, "per_class": {"12": {"name": "stand", "AP": 1.0}, "14": {"name": "walk", "AP": 1.0}},
+                      "num_groundtruth": 2, "num_detections": 2}
+    assert captured.err.splitlines() == [
+        (f"evadlab ava-map: warning: {det}: 2 row(s) left out, as the official evaluator leaves them out; the first, "
+         f"line 1: x2 0.4 <= x1 0.45: the box has no width")]
+    result = evaluate_files(labels, gt, det)
+    assert_matches_reference(result, reference_evaluate_files(labels, gt, det), (0.5,))
+
+
+def test_ground_truth_without_extent_is_kept_as_the_official_evaluator_keeps_it(tmp_path, capsys):
+    """The official code filters detections only: an inverted ground-truth box counts (and can never be matched)."""
+    labels = write(tmp_path / "labels.pbtxt", ISSUE_LABEL_MAP)
+    gt = write(tmp_path / "gt.csv", ISSUE_GROUNDTRUTH + "vidA,0902,0.500,0.100,0.100,0.500,12,2\n")
+    det = write(tmp_path / "det.csv", ISSUE_DETECTIONS)
+    result = ava_map_command(labels, gt, det)
+    captured = capsys.readouterr()
+    assert result.per_class == {12: 0.5, 14: 1.0} and result.num_groundtruth == 3
+    assert f"{gt}: 1 row(s) kept and scored as the official evaluator scores them; the first, line 3" in captured.err
+    assert_matches_reference(result, reference_evaluate_files(labels, gt, det), (0.5,))
+
+
+def test_a_keyframe_named_first_by_a_detection_without_extent_keeps_its_place_in_the_ranking(tmp_path, labelmap):
+    """The official reader adds keyframes in the order their first listed row appears, valid or not; the ranking of
+    tied scores follows that order. Here b,0902 appears first through an inverted detection of class 2, so class 1's
+    scores are concatenated as [b's miss, a's hit]; reversed argsort ranks the later of two ties first, the hit: AP
+    1.0 (0.5 if b,0902 counted from its first valid row, after a,0902)."""
+    groundtruth = "a,0902,0.0,0.0,0.5,0.5,1,0\nb,0902,0.0,0.0,0.5,0.5,2,0\n"
+    detections = ("b,0902,0.5,0.0,0.1,0.5,2,0.9\n"  # inverted: left out, but b,0902 is the first keyframe
+                  "a,0902,0.0,0.0,0.5,0.5,1,0.5\n"
+                  "b,0902,0.6,0.6,0.9,0.9,1,0.5\n")
+    result = evaluate_text(tmp_path, labelmap, groundtruth, detections)
+    assert result.per_class[1] == 1.0
+    assert_matches_reference(result, reference_evaluate_files(labelmap, tmp_path / "gt.csv", tmp_path / "det.csv"),
+                             (0.5,))

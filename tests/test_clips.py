@@ -119,7 +119,11 @@ def test_training_rows_flip_about_half_the_clips():
 
 def test_action_ids_outside_the_vocabulary_are_named():
     with pytest.raises(ValueError, match="outside 1..80"):
-        multi_hot([[0]])
+        multi_hot([[0]], 80)
+    # A custom vocabulary of 5 actions: the targets have 5 columns, id 6 has none.
+    np.testing.assert_array_equal(multi_hot([[1, 5], [3]], 5), [[1, 0, 0, 0, 1], [0, 0, 1, 0, 0]])
+    with pytest.raises(ValueError, match=r"action ids \[6\] of box 0 are outside 1..5"):
+        multi_hot([[6]], 5)
     with pytest.raises(ValueError, match="row v,902"):
         decode_training_row(clip_row(left_bright_frames(), [[0.1, 0.1, 0.5, 0.5]], [[81]]), flip_prob=0.0,
                             num_actions=80)

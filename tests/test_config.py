@@ -31,6 +31,13 @@ def test_overrides_are_yaml_scalars_and_reach_nested_keys():
         ("model.keep_rates=[1, 0.5]", "keep_rates has 2 entries but depth is 4"),
         ("eval.iou=0.7", "'eval.iou'"),
         ("train.epochs", "not of the form key=value"),
+        # Strict types: YAML's true is no number and 1 no boolean (lax pydantic would take 1.0 and True).
+        ("model.keep_rate=true", "'model.keep_rate': Input should be a valid number (got True)"),
+        ("model.fpn_indices=[0, 1, true, 3]", "'model.fpn_indices.2': Input should be a valid integer (got True)"),
+        ("train.amp=1", "'train.amp': Input should be a valid boolean (got 1)"),
+        ("data.flip_prob=false", "'data.flip_prob': Input should be a valid number (got False)"),
+        ("train.epochs=2.5", "'train.epochs': Input should be a valid integer (got 2.5)"),
+        ("model.roi_extension={x: 0.4, x: 0.2}", "line 1: key 'x' appears twice in one mapping (first on line 1)"),
     ],
 )
 def test_errors_name_the_key(override, message):
@@ -65,3 +72,42 @@ def test_explicit_values_win_over_the_variant_preset():
 def test_every_experiment_file_validates(path):
     cfg = load_config(path)
     assert cfg.name == path.stem
+
+
+def test_whole_numbers_stay_numbers_and_lists_stay_tuples():
+    cfg = load_config(QUICKSTART, ["model.keep_rate=1", "data.video_offset_sec=0", "model.roi_extension=[1, 0]"])
+    assert cfg.model.keep_rate == 1.0 and cfg.data.video_offset_sec == 0.0 and cfg.model.roi_extension == (1.0, 0.0)
+
+
+def test_a_duplicated_yaml_key_is_named_with_its_lines(tmp_path):
+    config = tmp_path / "dup.yaml"
+    config.write_text("name: dup\nmodel:\n  variant: tiny\n  keep_rate: 0.7\n  token_order: position\n"
+                      "  keep_rate: 0.5\ntrain:\n  epochs: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value) == f"{config}: invalid YAML: line 6: key 'keep_rate' appears twice in one mapping (first on line 4)"
+    # The same key in two mappings is no duplicate; a merge key may still be overridden.
+    config.write_text("name: ok\ntrain: {epochs: 1}\neval: {every_epochs: 1}\n")
+    assert load_config(config).train.epochs == 1
+
+
+def test_a_config_saved_with_a_bom_and_crlf(tmp_path):
+    config = tmp_path / "windows.yaml"
+    config.write_bytes(b"\xef\xbb\xbf" + b"name: windows\r\ntrain:\r\n  epochs: 2\r\n")
+    cfg = load_config(config)
+    assert cfg.name == "windows" and cfg.train.epochs == 2
+
+
+def test_a_label_map_id_above_num_actions_is_refused_at_load(tmp_path):
+    annotations = tmp_path / "ava" / "annotations"
+    annotations.mkdir(parents=True)
+    (annotations / "labels.pbtxt").write_text("1: stand\n2: walk\n7: sit\n")
+    overrides = [f"data.root={tmp_path / 'ava'}", "data.label_map=labels.pbtxt"]
+    assert load_config(QUICKSTART, [*overrides, "model.num_actions=7"]).model.num_actions == 7
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, [*overrides, "model.num_actions=5"])
+    assert str(err.value) == (f"{QUICKSTART}: 'model.num_actions' is 5, but the label map {annotations / 'labels.pbtxt'}"
+                              f" ('data.label_map') lists action id 7: set model.num_actions to at least 7")
+    (annotations / "labels.pbtxt").write_text("1: stand\nwalk\n")
+    with pytest.raises(ConfigError, match="'data.label_map': .*labels.pbtxt:2: expected 'id: name'"):
+        load_config(QUICKSTART, overrides)

@@ -160,6 +160,20 @@ def test_batched_clip_matches_the_clip_alone():
     torch.testing.assert_close(batched.pred_actions[1], alone.pred_actions[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("num_actions", [5, 81])
+def test_any_number_of_actions_trains_and_predicts(num_actions):
+    """A custom vocabulary (5 actions) and mmaction2's AVA heads (81 outputs): targets, heads, loss and scores all
+    take model.num_actions."""
+    model = tiny_model(num_actions=num_actions)
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 60.0]]), "actions": torch.zeros(1, num_actions)}]
+    targets[0]["actions"][0, num_actions - 1] = 1.0
+    losses = model(make_clips(SIZES[:1]), targets)
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    (detections,) = model.predict(make_clips(SIZES[:1]), [SIZES[0]])
+    assert detections.action_scores.shape == (len(detections.boxes), num_actions)
+
+
 def test_predict_on_clips_of_different_sizes():
     model = tiny_model().train()
     ori_sizes = [(360, 540), (240, 400)]

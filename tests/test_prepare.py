@@ -12,11 +12,15 @@ import av
 import decord
 import numpy as np
 import pytest
+import yaml
+from PIL import Image
+from video_files import level, levels, write_numbered_video
 
+from evadlab.cli import main
 from evadlab.config import DataConfig, ExperimentConfig
 from evadlab.pipelines.ava import group_keyframes, read_annotations
 from evadlab.pipelines.clips import decode_jpegs, iter_shard_rows, read_shards, resize_short_side, resized_size
-from evadlab.pipelines.prepare import PrepareHooks, prepare
+from evadlab.pipelines.prepare import KeyframeRejection, PrepareHooks, prepare
 
 SHORT_SIDE = 64
 SPLITS = ("train", "val")
@@ -163,7 +167,7 @@ def test_bad_inputs_are_named_and_the_good_ones_finish(mini_ava, tmp_path, ray_l
                             (str(train_csv), good_lines + 2)}
     assert "timestamp '09o2'" in reasons[(str(train_csv), good_lines + 1)]
     assert "3 fields, expected 8" in reasons[(str(train_csv), good_lines + 2)]
-    assert "decord cannot open the video" in reasons[(str(corrupt), None)]
+    assert reasons[(str(corrupt), None)].startswith("ValueError: cannot decode the video (decord: ")
     assert "no video file for 'ghost'" in reasons[(ghost, None)]
     assert not list(cfg.data.shards_path.glob("*/.part-*")), "a failed video left a temporary shard"
     manifest = json.loads((cfg.data.shards_path / "manifest.json").read_text())
@@ -213,3 +217,118 @@ def test_videos_are_read_by_time_whatever_their_frame_rate(tmp_path, ray_local):
         stored = [round((decode(jpeg).mean() - 8) / 4) for jpeg in row["frames"]]
         assert stored == expected
     assert expected[-1] == num_frames - 1, "the last keyframe's clip should run past the end and be clamped"
+
+
+# A video cut short: 4 s (120 frames at 30 fps) from the start of an AVA cut (seconds 900-904), annotated at seconds
+# 902..910 with one box each, plus a second before the cut and a negative one.
+CUT_SECONDS = [899, *range(902, 911)]
+CUT_ANNOTATIONS = "".join(f"cut,{second},0.1,0.1,0.9,0.9,12,1\n" for second in CUT_SECONDS) + "cut,-1,0.1,0.1,0.9,0.9,12,1\n"
+
+
+def write_cut_short_video(root: Path, frames: bool) -> None:
+    """``videos/cut.mp4``, or with ``frames`` the folder ``frames/cut/`` of its 120 JPEGs, and the train annotations."""
+    if frames:
+        (root / "frames" / "cut").mkdir(parents=True)
+        for index in range(120):
+            Image.fromarray(np.full((64, 96, 3), level(index), np.uint8)).save(
+                root / "frames" / "cut" / f"cut_{index + 1:06d}.jpg", quality=95)
+    else:
+        (root / "videos").mkdir(parents=True)
+        write_numbered_video(root / "videos" / "cut.mp4", count=120)
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "ava_train_v2.2.csv").write_text(CUT_ANNOTATIONS)
+
+
+@pytest.mark.parametrize(("source", "media"), [("videos", {"media_duration_s": 4.0}), ("frames", {"frame_count": 120})])
+def test_keyframes_outside_the_media_are_rejected_not_frozen(tmp_path, ray_local, capsys, source, media):
+    root = tmp_path / "ava"
+    write_cut_short_video(root, frames=source == "frames")
+    cfg = config(root, tmp_path / "shards", source=source, video_offset_sec=900.0)
+    summary = prepare(cfg, splits=("train",))
+
+    rows = rows_by_key(cfg.data.shards_path, "train")
+    assert sorted(rows) == [("cut", 902), ("cut", 903)]
+    # Inside the media, a clip whose window reaches past the end takes the last frame there, as the released code.
+    assert levels(np.stack([decode(jpeg) for jpeg in rows["cut", 903]["frames"]])) == [
+        min(90 + 4 * offset, 119) % 80 for offset in range(-8, 8)]
+    outside = [904, 905, 906, 907, 908, 909, 910, 899]
+    source_path = str(root / ("frames/cut" if source == "frames" else "videos/cut.mp4"))
+    assert sorted(summary.outside_media, key=lambda r: r.timestamp) == sorted(
+        [KeyframeRejection(source_path, None, r.reason, video_id="cut", timestamp=r.timestamp, media=media)
+         for r in summary.outside_media], key=lambda r: r.timestamp)
+    assert sorted(r.timestamp for r in summary.outside_media) == sorted(outside)
+    annotation_rows = [r for r in summary.rejected if not isinstance(r, KeyframeRejection)]
+    assert [(r.line, r.reason) for r in annotation_rows] == [(11, "timestamp -1 outside 0..2147483647")]
+    manifest_path = cfg.data.shards_path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["counts"] == {"train": 2} and manifest["complete"]
+    recorded = {entry["timestamp"]: entry for entry in manifest["rejected"] if entry.get("video_id") == "cut"}
+    assert sorted(recorded) == sorted(outside)
+    assert recorded[910] == {"source": source_path, "line": None, "video_id": "cut", "timestamp": 910, **media,
+                             "reason": recorded[910]["reason"]}
+    if source == "videos":
+        assert recorded[910]["reason"] == ("keyframe 910 is 10.000 s into the file (data.video_offset_sec=900), "
+                                           "outside the video, which lasts 4.000 s")
+        assert recorded[899]["reason"].startswith("keyframe 899 is -1.000 s into the file")
+    else:
+        assert recorded[910]["reason"] == ("keyframe 910 is frame index 300 (data.video_offset_sec=900, "
+                                           "data.fps=30), outside the 120 frames")
+    printed = capsys.readouterr().out
+    assert ("2 keyframe clips written, 0 videos already done, 9 inputs rejected (8 of them keyframes outside their "
+            "media)") in printed and f"manifest: {manifest_path}" in printed
+
+    # A second run finds the shard complete and still lists the keyframes it left out.
+    again = prepare(cfg, splits=("train",))
+    assert again.skipped_videos == 1 and again.written == 0
+    assert json.loads(manifest_path.read_text())["rejected"] == manifest["rejected"]
+
+
+def test_a_split_without_rows_is_an_error_after_the_manifest(tmp_path, ray_local, capsys):
+    root = tmp_path / "ava"
+    write_cut_short_video(root, frames=False)
+    annotations = root / "annotations" / "ava_train_v2.2.csv"
+    cfg = config(root, tmp_path / "shards", video_offset_sec=900.0)
+    manifest_path = cfg.data.shards_path / "manifest.json"
+    message = (f"split(s) train have no rows: their annotations list no keyframe, or every keyframe was rejected "
+               f"(see 'rejected' in {manifest_path})")
+    annotations.write_text("cut,0905,0.1,0.1,0.9,0.9,12,1\ncut,0906,0.1,0.1,0.9,0.9,12,1\n")
+    with pytest.raises(ValueError) as error:
+        prepare(cfg, splits=("train",))
+    assert str(error.value) == message
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["complete"] and manifest["counts"] == {"train": 0} and len(manifest["rejected"]) == 2
+
+    # The command: both splits, the val annotations empty. It ends with an error, not success.
+    annotations.write_text("cut,0902,0.1,0.1,0.9,0.9,12,1\n")
+    (root / "annotations" / "ava_val_v2.2.csv").write_text("")
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(yaml.safe_dump({"data": {"root": str(root), "shards": str(cfg.data.shards_path),
+                                                   "short_side": SHORT_SIDE}}))
+    capsys.readouterr()
+    assert main(["prepare", str(experiment)]) == 2
+    printed = capsys.readouterr()
+    assert "evadlab prepare: 1 keyframe clips written" in printed.out
+    assert printed.err == f"evadlab prepare: error: {message.replace('split(s) train', 'split(s) val')}\n"
+    assert json.loads(manifest_path.read_text())["counts"] == {"train": 1, "val": 0}
+
+
+def test_live_recordings_are_prepared_with_pyav(tmp_path, ray_local):
+    """WebM and Matroska written live carry no duration and no cues; decord refuses them, PyAV reads them."""
+    root = tmp_path / "ava"
+    (root / "videos").mkdir(parents=True)
+    write_numbered_video(root / "videos" / "webm_live.webm", codec="libvpx", container="webm",
+                         options={"live": "1"}, quality={"crf": "4", "b": "4M"})
+    write_numbered_video(root / "videos" / "mkv_live.mkv", container="matroska", options={"live": "1"})
+    for video in ("webm_live.webm", "mkv_live.mkv"):
+        with pytest.raises(decord.DECORDError):
+            decord.VideoReader(str(root / "videos" / video))
+    (root / "annotations").mkdir()
+    (root / "annotations" / "ava_train_v2.2.csv").write_text("".join(
+        f"{video},{second},0.1,0.1,0.9,0.9,12,1\n" for video in ("webm_live", "mkv_live") for second in (902, 905)))
+    cfg = config(root, tmp_path / "shards", video_offset_sec=900.0)
+    summary = prepare(cfg, splits=("train",))
+    assert summary.rejected == [] and summary.written == 4
+    for (video, second), row in rows_by_key(cfg.data.shards_path, "train").items():
+        keyframe = (second - 900) * 30
+        assert levels(np.stack([decode(jpeg) for jpeg in row["frames"]])) == [
+            (keyframe + 4 * offset) % 80 for offset in range(-8, 8)], video

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from evadlab.cli import main
 from evadlab.pipelines.ava import AVA_FPS as FPS
 from evadlab.pipelines.ava import (
     EVALUATED_ACTION_IDS,
@@ -214,7 +215,28 @@ def test_a_seed_gives_the_same_dataset(tmp_path):
     ({"videos": 1}, "videos=1"),
     ({"seconds": 3}, "seconds=3"),
     ({"width": 321}, "321x240"),
+    ({"label_map": {1: "dance"}}, "label 1 'dance': the generator draws ids >= 1 named after one of stand, walk"),
+    ({"label_map": {1: "stand", 2: "standing up"}}, "label 2 'standing up'"),
+    ({"label_map": {1: "stand", 2: "stand still"}}, "label 2 'stand still': 'stand' is already label 1"),
+    ({"label_map": {1: "talk to"}}, "the label map must list at least one pose"),
 ])
 def test_bad_arguments_are_refused(tmp_path, arguments, message):
     with pytest.raises(ValueError, match=message):
         generate_mini_ava(tmp_path, **arguments)
+
+
+def test_a_custom_label_map_gives_its_own_ids_and_actions(tmp_path):
+    """The synth command with a custom label map (mmaction2's 'id: name' form): only the listed actions are drawn,
+    under the listed ids, and the label map written is that one."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("3: stand\n7: sit\n9: talk to (e.g., self, a person, a group)\n")
+    out = tmp_path / "custom"
+    assert main(["synth", "--out", str(out), "--videos", "3", "--seconds", "4", "--label-map", str(labels)]) == 0
+    expected = {3: "stand", 7: "sit", 9: "talk to (e.g., self, a person, a group)"}
+    assert read_label_map(out / "annotations" / ANNOTATION_FILES[3]) == expected
+    for split in ("train", "val"):
+        table, rejections = read_annotations(out / "annotations" / f"ava_{split}_v2.2.csv", num_actions=9)
+        assert rejections == [] and set(table["action_id"].to_pylist()) <= set(expected)
+        for keyframe in group_keyframes(table):
+            # Every person shows exactly one pose, stand (3) or sit (7).
+            assert all(len({3, 7} & set(actions)) == 1 for actions in keyframe.actions)

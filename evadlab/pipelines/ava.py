@@ -12,12 +12,17 @@ What makes a CSV line malformed is written once, in ``_RULES``; a *mode* says wh
   no data and are skipped.
 * ``mode="official"`` (scoring, following the official ActivityNet / SlowFast evaluator,
   ``slowfast/utils/ava_eval_helper.py`` ``read_csv`` / ``read_exclusions`` and the TF Object Detection API's
-  ``PerImageEvaluation``): what the official code reads the same way is read as it is (any action id, an empty
-  video id, zero-extent boxes, which the metric then treats as ``_remove_invalid_boxes`` does); a line that cannot
-  be right (inverted or out-of-frame boxes, non-finite numbers, negative timestamps, a wrong number of fields, a
-  blank line) refuses the whole file with a ValueError naming the file and line. The official code is laxer there
-  (it reads whatever ``float()`` / ``int()`` accept) and would score a broken file without a word. A rule may also
-  leave rows out in official mode: ``read_boxes_csv`` then announces them with a DroppedRowsWarning.
+  ``PerImageEvaluation``): every line the official reader reads is read as it reads it, so that the metric agrees
+  with the official evaluation on any file it accepts. Some such lines are announced by a warning giving their count
+  and first line: detections without extent (``x2 <= x1`` or ``y2 <= y1``, NaN included), which the metric leaves out
+  as ``PerImageEvaluation._remove_invalid_boxes`` does (DroppedRowsWarning; they stay in the table because their
+  keyframe's first appearance orders the official ranking), and what the official evaluation scores although it
+  looks wrong: ground truth without extent (never filtered there, never matched), coordinates outside [0, 1],
+  non-finite scores (SuspectRowsWarning). A line the official reader cannot read either (a wrong number of fields, a
+  field ``int()`` / ``float()`` refuses, a blank line) refuses the whole file with a ValueError naming the file and
+  line, and so does a timestamp outside 0..MAX_TIMESTAMP, which names no keyframe.
+
+Every text file may start with a UTF-8 byte-order mark and end its lines with CRLF, as Windows editors write them.
 
 The keyframe arithmetic maps a keyframe second to the frames of its clip, following PySlowFast's ``ava_helper`` and
 ``utils.get_sequence``.
@@ -29,6 +34,7 @@ import csv
 import enum
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +144,8 @@ EXCLUSION_COLUMNS = ("video_id", "timestamp")
 # ``detection_rows`` adds the box's position among its keyframe's boxes, so that rows can be put in box order.
 DETECTION_ROW_COLUMNS = (*DETECTION_COLUMNS, "box_index")
 
+# What a video id cannot hold in a CSV field written without quotes, as the official files are.
+VIDEO_ID_FORBIDDEN = r'[,"\r\n]'
 # Released annotations round to 3 decimals, so a corner may sit a rounding step outside the frame.
 COORDINATE_TOLERANCE = 1e-3
 # The evaluator packs a timestamp next to a video code into one int64 image id.
@@ -174,7 +182,11 @@ class Rejection:
 
 
 class DroppedRowsWarning(UserWarning):
-    """Rows of a file that official mode leaves out, as the official evaluator does."""
+    """Rows of a file that the official evaluation leaves out (official mode reads them, the metric drops them)."""
+
+
+class SuspectRowsWarning(UserWarning):
+    """Rows of a file that official mode keeps and scores as the official evaluator does, although they look wrong."""
 
 
 @dataclass
@@ -184,7 +196,7 @@ class Keyframe:
     video_id: str
     timestamp: int
     boxes: np.ndarray  # (n, 4) float32, normalised x1, y1, x2, y2
-    actions: list[list[int]]  # action ids (1..80) of each box, in file order
+    actions: list[list[int]]  # action ids (1..num_actions) of each box, in file order
     person_ids: list[int]  # of each box, as first seen; -1 for detections
 
 
@@ -208,6 +220,7 @@ class _Action(enum.Enum):
     """What a mode does with a line that breaks a rule, from mildest to strictest."""
 
     KEEP = "keep"  # read as it is
+    WARN = "warn"  # read as it is, and announced with the rule's warning
     SKIP = "skip"  # left out without a word: the line holds no data
     REJECT = "reject"  # left out and reported as a Rejection naming the file and line
     REFUSE = "refuse"  # the whole file is refused: ValueError naming the file and line
@@ -224,6 +237,7 @@ class _Rows:
     text: dict[str, pa.Array]  # every field as written, when the file was read as text
     lines: np.ndarray  # the 1-based line of each row
     other_lines: list[tuple[int, _Rule, str]]  # blank lines and lines with the wrong number of fields, and why
+    num_actions: int = NUM_ACTIONS  # action ids 1..num_actions are known
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -249,6 +263,8 @@ class _Rule:
     files: tuple[str, ...]
     # The row-wise check; None for the two rules applied while lines are split into fields.
     check: Callable[[_Rows], list[_Finding]] | None = None
+    # What announces the lines a WARN action keeps: DroppedRowsWarning when the metric leaves them out.
+    warning: type[UserWarning] = SuspectRowsWarning
 
     def action(self, mode: Mode) -> _Action:
         return self.prepare if mode == "prepare" else self.official
@@ -284,28 +300,22 @@ def _outside_frame(rows: _Rows) -> list[_Finding]:
     return findings
 
 
-def _extent_findings(rows: _Rows, compare: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> list[_Finding]:
+def _no_extent(rows: _Rows) -> list[_Finding]:
+    """Boxes whose second corner is not beyond the first (``x2 <= x1`` or ``y2 <= y1``, NaN included): what
+    ``PerImageEvaluation._remove_invalid_boxes`` removes (it keeps ``x1 < x2 and y1 < y2``)."""
     findings = []
     for low, high, extent in (("x1", "x2", "width"), ("y1", "y2", "height")):
         first, second = rows.values[low], rows.values[high]
-        failing = rows.among_converted(compare(second, first), low, high)
+        failing = rows.among_converted(~(first < second), low, high)
         findings.append((failing, lambda row, low=low, high=high, first=first, second=second, extent=extent:
                          f"{high} {second[row]} <= {low} {first[row]}: the box has no {extent}"))
     return findings
 
 
-def _inverted_box(rows: _Rows) -> list[_Finding]:
-    return _extent_findings(rows, np.less)
-
-
-def _flat_box(rows: _Rows) -> list[_Finding]:
-    return _extent_findings(rows, np.equal)
-
-
 def _unknown_action(rows: _Rows) -> list[_Finding]:
     actions = rows.values["action_id"]
-    unknown = rows.among_converted((actions < 1) | (actions > NUM_ACTIONS), "action_id")
-    return [(unknown, lambda row: f"action id {actions[row]} outside 1..{NUM_ACTIONS}")]
+    unknown = rows.among_converted((actions < 1) | (actions > rows.num_actions), "action_id")
+    return [(unknown, lambda row: f"action id {actions[row]} outside 1..{rows.num_actions}")]
 
 
 def _score_not_finite(rows: _Rows) -> list[_Finding]:
@@ -326,42 +336,61 @@ _RULES = (
     # The official key "%s,%04d" takes any video id; training needs one to find the video.
     _Rule(prepare=_Action.REJECT, official=_Action.KEEP, files=_ALL_FILES, check=_empty_video_id),
     _Rule(prepare=_Action.REJECT, official=_Action.REFUSE, files=_ALL_FILES, check=_timestamp_outside),
-    _Rule(prepare=_Action.REJECT, official=_Action.REFUSE, files=_BOX_FILES, check=_outside_frame),
-    # The official evaluation treats boxes without extent apart for ground truth (kept, never matched) and
-    # detections (left out by ``PerImageEvaluation._remove_invalid_boxes``), so their rules are listed apart; leaving
-    # such detections out here, with a warning, is official=REJECT on the two detection rules. Zero extent is what
-    # rounding to 3 decimals makes of a thin box; an inverted box means a broken writer.
-    _Rule(prepare=_Action.REJECT, official=_Action.REFUSE, files=(GROUNDTRUTH,), check=_inverted_box),
-    _Rule(prepare=_Action.REJECT, official=_Action.REFUSE, files=(DETECTIONS,), check=_inverted_box),
-    _Rule(prepare=_Action.REJECT, official=_Action.KEEP, files=(GROUNDTRUTH,), check=_flat_box),
-    _Rule(prepare=_Action.REJECT, official=_Action.KEEP, files=(DETECTIONS,), check=_flat_box),
+    # The official evaluation takes coordinates as they are (IoU of the boxes as written, NaN included).
+    _Rule(prepare=_Action.REJECT, official=_Action.WARN, files=_BOX_FILES, check=_outside_frame),
+    # Ground truth without extent is kept by the official evaluation and never matched; such detections are left
+    # out before matching (``_remove_invalid_boxes``), which the metric does. Zero extent is what rounding to 3
+    # decimals makes of a thin box; an inverted box means a broken writer.
+    _Rule(prepare=_Action.REJECT, official=_Action.WARN, files=(GROUNDTRUTH,), check=_no_extent),
+    _Rule(prepare=_Action.REJECT, official=_Action.WARN, files=(DETECTIONS,), check=_no_extent,
+          warning=DroppedRowsWarning),
     # The official reader leaves ids the label map does not list out of the evaluation, whatever they are.
     _Rule(prepare=_Action.REJECT, official=_Action.KEEP, files=_BOX_FILES, check=_unknown_action),
-    _Rule(prepare=_Action.REJECT, official=_Action.REFUSE, files=(DETECTIONS,), check=_score_not_finite),
+    # The official ranking sorts whatever float() read (np.argsort puts NaN last, so first once reversed).
+    _Rule(prepare=_Action.REJECT, official=_Action.WARN, files=(DETECTIONS,), check=_score_not_finite),
 )
 
 
-def _enforce(rows: _Rows, file: str, mode: Mode) -> tuple[np.ndarray, list[Rejection]]:
-    """Applies the rules for ``file`` in ``mode``: the mask of the rows kept and the rejections (in line order).
+@dataclass
+class _Verdict:
+    """What ``_enforce`` decided: the rows kept, the lines left out with a reason, the kept rows announced."""
+
+    keep: np.ndarray  # bool, one per row
+    rejected: list[Rejection]  # in line order
+    announced: dict[type[UserWarning], list[Rejection]]  # rows kept by a WARN action, by warning, in line order
+
+
+def _enforce(rows: _Rows, file: str, mode: Mode) -> _Verdict:
+    """Applies the rules for ``file`` in ``mode``.
 
     Raises ValueError naming the file and line of the first line a rule refuses. A row that breaks several rules
-    gets the strictest action, and its reason lists every rule it breaks with that action.
+    gets the strictest action, and its reason lists every rule it breaks with that action; a kept row is announced
+    once, by a DroppedRowsWarning rather than a SuspectRowsWarning.
     """
-    found: dict[_Action, list[_Finding]] = {_Action.SKIP: [], _Action.REJECT: [], _Action.REFUSE: []}
+    found: dict[_Action, list[_Finding]] = {action: [] for action in _Action if action is not _Action.KEEP}
+    warned: dict[type[UserWarning], list[_Finding]] = {DroppedRowsWarning: [], SuspectRowsWarning: []}
     for rule in _RULES:
         action = rule.action(mode)
         if rule.check is not None and file in rule.files and action is not _Action.KEEP:
-            found[action] += [finding for finding in rule.check(rows) if finding[0].any()]
+            findings = [finding for finding in rule.check(rows) if finding[0].any()]
+            (warned[rule.warning] if action is _Action.WARN else found[action]).extend(findings)
     other_lines: dict[_Action, list[tuple[int, str]]] = {action: [] for action in _Action}
     for line, rule, reason in rows.other_lines:
         other_lines[rule.action(mode)].append((line, reason))
     _refuse_first(rows, found[_Action.REFUSE], other_lines[_Action.REFUSE])
     rejected = _flagged(found[_Action.REJECT], len(rows))
+    left_out = rejected | _flagged(found[_Action.SKIP], len(rows))
     rejections = [Rejection(str(rows.path), int(rows.lines[row]), _reason(found[_Action.REJECT], row))
                   for row in np.flatnonzero(rejected)]
     rejections += [Rejection(str(rows.path), line, reason) for line, reason in other_lines[_Action.REJECT]]
     rejections.sort(key=lambda rejection: rejection.line)
-    return ~(rejected | _flagged(found[_Action.SKIP], len(rows))), rejections
+    announced, already = {}, left_out
+    for category, findings in warned.items():
+        flagged = _flagged(findings, len(rows)) & ~already
+        announced[category] = [Rejection(str(rows.path), int(rows.lines[row]), _reason(findings, row))
+                               for row in np.flatnonzero(flagged)]
+        already = already | flagged
+    return _Verdict(~left_out, rejections, announced)
 
 
 def _flagged(findings: list[_Finding], num_rows: int) -> np.ndarray:
@@ -497,28 +526,46 @@ def _unconvertible(values: pa.Array, value_type: pa.DataType) -> np.ndarray:
 # Readers
 
 
-def read_annotations(path: str | Path, *, is_detection: bool = False,
-                     mode: Mode = "prepare") -> tuple[pa.Table, list[Rejection]]:
+def read_annotations(path: str | Path, *, is_detection: bool = False, mode: Mode = "prepare",
+                     num_actions: int = NUM_ACTIONS) -> tuple[pa.Table, list[Rejection]]:
     """An AVA box CSV (no header), checked line by line against ``_RULES`` in ``mode``.
 
     Ground truth ends with ``action_id, person_id``; detections (``is_detection``) with ``action_id, score``. In
     official mode ground truth may have 7 fields (the first line decides) and its person id is not read, as the
-    official ``read_csv`` does not read it.
+    official ``read_csv`` does not read it. Prepare mode rejects action ids outside ``1..num_actions`` (the model's
+    outputs, ``model.num_actions``); official mode reads any id.
 
     Returns the rows kept, in file order, with the columns ``video_id`` (dictionary-encoded string), ``timestamp``
     (int64, AVA seconds), ``x1``, ``y1``, ``x2``, ``y2`` (float64, normalised to [0, 1]), ``action_id`` (int64),
     ``person_id`` (int64, prepare-mode ground truth) or ``score`` (float64, detections), ``line`` (int64, 1-based)
     and, in prepare mode, ``box_key``: the box as written, which is what PySlowFast's ``load_boxes_and_labels``
-    groups by. The Rejections are the lines left out and why, in line order. Raises FileNotFoundError, and
-    ValueError naming the file and line of a line official mode refuses.
+    groups by. The Rejections are the lines left out and why, in line order. Official mode keeps every line the
+    official reader reads and announces those the metric will leave out with one DroppedRowsWarning, those scored
+    although they look wrong with one SuspectRowsWarning (each gives the count and the first line). Raises
+    FileNotFoundError, and ValueError naming the file and line of a line official mode refuses.
     """
     _check_mode(mode)
     path = _require_file(path, "annotation")
     file = DETECTIONS if is_detection else GROUNDTRUTH
     names, parsed = _box_fields(path, file, mode)
     rows = _split_rows(path, names, parsed, as_text=mode == "prepare")
-    keep, rejections = _enforce(rows, file, mode)
-    return _box_table(rows, parsed, keep, with_box_key=mode == "prepare"), rejections
+    rows.num_actions = num_actions
+    verdict = _enforce(rows, file, mode)
+    for category, announced in verdict.announced.items():
+        _announce(announced, category)
+    return _box_table(rows, parsed, verdict.keep, with_box_key=mode == "prepare"), verdict.rejected
+
+
+_ANNOUNCEMENTS = {DroppedRowsWarning: "left out, as the official evaluator leaves them out",
+                  SuspectRowsWarning: "kept and scored as the official evaluator scores them"}
+
+
+def _announce(rows: list[Rejection], category: type[UserWarning]) -> None:
+    """One warning for some rows of one file: how many, and the first of them."""
+    if rows:
+        first = rows[0]
+        warnings.warn(f"{first.source}: {len(rows)} row(s) {_ANNOUNCEMENTS[category]}; the first, line {first.line}: "
+                      f"{first.reason}", category, stacklevel=3)
 
 
 def _box_fields(path: Path, file: str, mode: Mode) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -555,13 +602,9 @@ def read_boxes_csv(path: str | Path, *, is_detection: bool, class_ids: Iterable[
     Columns, in file order: ``key`` (the official image key ``"%s,%04d" % (video_id, timestamp)``,
     dictionary-encoded), ``x1``, ``y1``, ``x2``, ``y2``, ``class_id`` and ``score`` (1.0 for ground truth). Only rows
     of ``class_ids`` (all when None) outside the ``excluded`` keyframes (``read_exclusions``) are kept, as
-    ``ava_eval_helper.read_csv`` and ``run_evaluation`` keep them. The rows official mode leaves out are announced
-    by one DroppedRowsWarning giving their count and the first. Raises as ``read_annotations``.
+    ``ava_eval_helper.read_csv`` and ``run_evaluation`` keep them. Warns and raises as ``read_annotations``.
     """
-    table, dropped = read_annotations(path, is_detection=is_detection, mode="official")
-    if dropped:
-        warnings.warn(f"{path}: {len(dropped)} row(s) left out, as the official evaluator leaves them out; the "
-                      f"first, line {dropped[0].line}: {dropped[0].reason}", DroppedRowsWarning, stacklevel=2)
+    table, _ = read_annotations(path, is_detection=is_detection, mode="official")
     keys = _row_image_keys(table.column("video_id").combine_chunks(), table.column("timestamp").to_numpy())
     score = table.column("score") if is_detection else pa.repeat(pa.scalar(1.0), table.num_rows)
     boxes = pa.table({"key": keys, **{name: table.column(name) for name in BOX_COLUMNS},
@@ -605,7 +648,7 @@ def read_exclusions(path: str | Path) -> set[tuple[str, int]]:
     """
     path = _require_file(path, "exclusions")
     rows = _split_rows(path, EXCLUSION_COLUMNS, EXCLUSION_COLUMNS, as_text=False)
-    keep, _ = _enforce(rows, EXCLUSIONS, "official")
+    keep = _enforce(rows, EXCLUSIONS, "official").keep
     return set(zip(rows.video_ids.filter(pa.array(keep)).to_pylist(), rows.values["timestamp"][keep].tolist()))
 
 
@@ -658,16 +701,23 @@ _TEXT_LABEL = re.compile(r"^\s*(\d+)\s*:\s*(\S.*?)\s*$")
 
 
 def read_label_map(path: str | Path) -> dict[int, str]:
-    """_Action id -> name from a label map: the pbtxt (``item {`` or, as the official v2.2 file,
+    """Action id -> name from a label map: the pbtxt (``item {`` or, as the official v2.2 file,
     ``label {`` blocks; ``name:`` with ``id:`` or ``label_id:``, one
     field per line or several items on one line) or mmaction2's ``id: name`` text file."""
     path = _require_file(path, "label map")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as Windows editors write, is not a field
     first = next((line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")), "")
     labels = _parse_text_label_map(path, text) if _TEXT_LABEL.match(first) else _parse_pbtxt_label_map(path, text)
     if not labels:
         raise ValueError(f"{path}: no labels found")
     return labels
+
+
+def distinct_class_names(labels: Mapping[int, str]) -> dict[int, str]:
+    """The label map's names, each shared name followed by its id (``action3 (id 79)``): label maps may give two ids
+    one name (mmaction2's sample names 79 and 80 both "action3"), and results keyed by name would lose one."""
+    counts = Counter(labels.values())
+    return {class_id: name if counts[name] == 1 else f"{name} (id {class_id})" for class_id, name in labels.items()}
 
 
 def _parse_text_label_map(path: Path, text: str) -> dict[int, str]:
@@ -845,7 +895,7 @@ def write_detections_csv(path: str | Path, detections: pa.Table | Mapping) -> No
 
 def _detection_lines(table: pa.Table) -> pa.Array:
     videos = pc.cast(table.column("video_id"), pa.string()).combine_chunks()
-    if pc.any(pc.match_substring_regex(videos, r'[,"\r\n]')).as_py():
+    if pc.any(pc.match_substring_regex(videos, VIDEO_ID_FORBIDDEN)).as_py():
         raise ValueError("video ids must not contain commas, quotes or line breaks")
     timestamps = table.column("timestamp").to_numpy().astype(np.int64)
     if ((timestamps < 0) | (timestamps > MAX_TIMESTAMP)).any():

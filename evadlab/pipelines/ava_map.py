@@ -7,7 +7,8 @@ This module reproduces its results (to the last bit on the same machine) with co
 
 * Rows are kept only for label-map classes; the image key is ``"%s,%04d" % (video_id, int(timestamp))``; keys in
   the exclusions file are dropped from ground truth and detections alike. Duplicate rows are all kept.
-* Detections with ``y1 >= y2`` or ``x1 >= x2`` are dropped (``PerImageEvaluation._remove_invalid_boxes``).
+* Detections with ``y1 >= y2`` or ``x1 >= x2`` are dropped (``PerImageEvaluation._remove_invalid_boxes``), after
+  their keyframe took its place in the order images are added (its first row of a label-map class, valid or not).
 * Per image and class, detections are visited in *file order* (the official code does not sort them by score;
   ActivityNet's own reader sorts and keeps 50 per image, SlowFast's does neither, and there is no cap here).
   Each one takes the ground-truth box with the largest IoU (``np.argmax``: the first box on ties, NaN wins); it
@@ -21,15 +22,24 @@ This module reproduces its results (to the last bit on the same machine) with co
 * Several IoU thresholds (EVAD's strict mode, ``np.linspace(0.5, 0.95, 10)``): the mAP is the mean of the
   per-threshold mAPs, as EVAD reports ``AP``; per-class values are the mean over thresholds.
 
-The files are read by ``evadlab.pipelines.ava`` in its official mode: rows that cannot be right (inverted or
-out-of-frame boxes, non-finite numbers, negative timestamps, a wrong number of fields) stop the evaluation with the
-file and line, where the official reader would score whatever ``float()`` / ``int()`` parse.
+The files are read by ``evadlab.pipelines.ava`` in its official mode, which reads every line the official reader
+reads the same way (detections without extent are left out there, with a warning giving their count and first line;
+rows the official code scores although they look wrong are kept, with a warning) and stops, naming the file and
+line, at a line the official reader cannot read either (a wrong number of fields, a field ``int()`` / ``float()``
+refuses, a blank line) or at a timestamp outside 0..2**31-1.
+
+``evadlab ava-map --json`` prints one object: ``mAP`` (null without any class with ground truth), ``per_class``
+keyed by the class id as a string, each ``{"name": ..., "AP": ...}`` (AP null for a class without ground truth; two
+classes may share a name), ``num_groundtruth``, ``num_detections`` and, for several IoU thresholds, ``mAP_per_iou``
+keyed by the threshold with 2 decimals.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -152,13 +162,16 @@ def _boxes_from_table(table, evaluated: np.ndarray, *, is_detection: bool, name:
     if is_detection:
         column["score"] = table.column("score").to_numpy().astype(np.float64, copy=False)
     class_of_row = table.column("class_id").to_numpy().astype(np.int64, copy=False)
-    keep = np.isin(class_of_row, evaluated)
+    listed = np.isin(class_of_row, evaluated)
+    # Images are numbered as the official reader adds them: at the first row of a listed class, valid or not.
+    image, image_keys = _first_appearance_codes(table.column("key"), None if listed.all() else np.flatnonzero(listed))
+    keep = listed
     if is_detection:
-        # The official per-image evaluation drops boxes with no extent (NaN coordinates included).
-        keep &= (column["y1"] < column["y2"]) & (column["x1"] < column["x2"])
+        # The official per-image evaluation then drops boxes with no extent (NaN coordinates included).
+        valid = (column["y1"] < column["y2"]) & (column["x1"] < column["x2"])
+        image, keep = image[valid[listed]], listed & valid
     rows = None if keep.all() else np.flatnonzero(keep)  # None: every row, without copying the columns
     kept = {column_name: values if rows is None else values[rows] for column_name, values in column.items()}
-    image, image_keys = _first_appearance_codes(table.column("key"), rows)
     return _Boxes(image=image, image_keys=image_keys,
                   class_index=np.searchsorted(evaluated, class_of_row if rows is None else class_of_row[rows]),
                   y1=kept["y1"], x1=kept["x1"], y2=kept["y2"], x2=kept["x2"],
@@ -315,18 +328,26 @@ def parse_iou_thresholds(spec: str) -> tuple[float, ...]:
 
 def ava_map_command(labelmap, groundtruth, detections, exclusions=None, as_json: bool = False,
                     iou: str = "0.5") -> FrameMapResult:
-    """The ``ava-map`` command: evaluates the files and prints one JSON object or a readable table."""
+    """The ``ava-map`` command: evaluates the files and prints one JSON object or a readable table on stdout, and
+    each warning of the reading (rows left out or kept as the official evaluator does) as one line on stderr."""
     thresholds = parse_iou_thresholds(iou)
     names = ava.read_label_map(labelmap)
-    result = evaluate_files(labelmap, groundtruth, detections, exclusions, thresholds)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate_files(labelmap, groundtruth, detections, exclusions, thresholds)
+    for warning in caught:
+        print(f"evadlab ava-map: warning: {warning.message}", file=sys.stderr)
     print(_json_report(result, names) if as_json else _table_report(result, names, iou))
     return result
 
 
 def _json_report(result: FrameMapResult, names: dict[int, str]) -> str:
+    """Classes keyed by id: label maps may give two ids the same name (mmaction2's sample names 79 and 80 both
+    "action3")."""
     report = {
         "mAP": _json_number(result.mAP),
-        "per_class": {names[class_id]: _json_number(ap) for class_id, ap in result.per_class.items()},
+        "per_class": {str(class_id): {"name": names[class_id], "AP": _json_number(ap)}
+                      for class_id, ap in result.per_class.items()},
         "num_groundtruth": result.num_groundtruth,
         "num_detections": result.num_detections,
     }

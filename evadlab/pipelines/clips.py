@@ -106,7 +106,7 @@ def to_model_input(frames_uint8: np.ndarray | torch.Tensor, mean: float = 0.45, 
     return clip.sub_(255.0 * mean).div_(255.0 * std)
 
 
-def multi_hot(actions: Sequence[Sequence[int]], num_actions: int = 80) -> np.ndarray:
+def multi_hot(actions: Sequence[Sequence[int]], num_actions: int) -> np.ndarray:
     """Per-box action id lists -> (n, num_actions) float32 multi-hot, column = action id - 1."""
     target = np.zeros((len(actions), num_actions), dtype=np.float32)
     for box, ids in enumerate(actions):

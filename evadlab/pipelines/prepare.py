@@ -14,18 +14,26 @@ Row schema (``SHARD_SCHEMA``):
     height       int32, width int32    size of the stored frames
     orig_height  int32, orig_width int32   size of the source frames
     boxes        list<list<float32>>   one [x1, y1, x2, y2] per person, normalised to 0..1
-    actions      list<list<int32>>     AVA action ids (1..80) of each box
+    actions      list<list<int32>>     action ids (1..model.num_actions) of each box
     person_ids   list<int32>           the CSV's person id of each box
 
-Every shard also carries its clip spec in the Parquet key-value metadata (``evadlab.clip_spec``), which is
-what makes a rerun skip finished videos: a shard is only ever visible complete (written under a hidden
-temporary name, then renamed), so an existing shard with the right spec and row count is done.
+Every shard also carries its clip spec and the video's keyframes that lie outside its media in the Parquet key-value
+metadata (``evadlab.clip_spec``, ``evadlab.outside_media``), which is what makes a rerun skip finished videos: a
+shard is only ever visible complete (written under a hidden temporary name, then renamed), so an existing shard with
+the right spec whose rows and keyframes outside the media add up to the video's keyframes is done.
+
+A keyframe whose instant lies outside its media (past the end of a video that was cut short, before its start, or
+beyond the frames of a frame folder) has no frames to show: it is rejected, named in the manifest with the video, the
+timestamp, the media's duration or frame count and the reason, instead of becoming copies of the first or last frame.
+A keyframe inside the media whose clip window reaches past an end takes the first or last frame there, as the
+released code does (``clip_frame_indices``, ``nearest_frame_indices``). A split left with no rows (no annotated
+keyframes, or every one rejected) is an error once the manifest is written.
 
 Each Ray task handles one video: it works out the frames every keyframe's clip needs, decodes each of them
 once, in order, resizes and JPEG-encodes it, and streams the rows into the shard. Video files are read by
 time (the frames nearest to the 30 fps sampling instants, whatever the file's frame rate); frame folders by
-index, as the released code does. A video that cannot be read is recorded as rejected in the manifest; the
-other videos finish. Ray Data shows the progress; a one-line summary ends the run.
+index, as the released code does. A video that cannot be read (by decord, nor by PyAV) is recorded as rejected in
+the manifest; the other videos finish. Ray Data shows the progress; a one-line summary ends the run.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +52,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from evadlab.config import DataConfig, ExperimentConfig
+from evadlab.config import DataConfig, ExperimentConfig, check_action_ids
 from evadlab.pipelines.ava import (
     Keyframe,
     Rejection,
@@ -72,12 +80,28 @@ SHARD_SCHEMA = pa.schema([
 # JPEG bytes do not compress; the small columns do.
 SHARD_COMPRESSION = {name: "NONE" if name == "frames" else "ZSTD" for name in SHARD_SCHEMA.names}
 CLIP_SPEC_KEY = b"evadlab.clip_spec"
+OUTSIDE_MEDIA_KEY = b"evadlab.outside_media"
 MANIFEST = "manifest.json"
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
-# Frames decoded per decord call: large enough to amortise the call, small enough to bound memory at 1080p.
+# Frames decoded per call: large enough to amortise the call, small enough to bound memory at 1080p.
 DECODE_CHUNK = 32
 # Rows per Parquet row group: readers stream a shard a few clips at a time.
 ROWS_PER_GROUP = 8
+
+
+@dataclass(frozen=True)
+class KeyframeRejection(Rejection):
+    """An annotated keyframe whose instant lies outside its video's media: ``source`` is the video file or frame
+    folder, ``media`` its extent (``media_duration_s`` or ``frame_count``)."""
+
+    video_id: str = ""
+    timestamp: int = 0
+    media: dict[str, float | int] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's entry: source, line (None), video_id, timestamp, the media's extent, reason."""
+        return {"source": self.source, "line": self.line, "video_id": self.video_id, "timestamp": self.timestamp,
+                **self.media, "reason": self.reason}
 
 
 @dataclass
@@ -88,6 +112,10 @@ class PrepareSummary:
     seconds: float
     clips_per_s: float
     shards_path: Path
+
+    @property
+    def outside_media(self) -> list[KeyframeRejection]:
+        return [rejection for rejection in self.rejected if isinstance(rejection, KeyframeRejection)]
 
 
 @dataclass
@@ -120,40 +148,68 @@ def prepare(cfg: ExperimentConfig, *, splits: tuple[str, ...] = ("train", "val")
 
     The manifest describes the splits of this call. It is rewritten (atomically) as each video finishes, so its
     counts are those of the shards on disk and ``complete`` turns true only at the end: a killed run leaves a
-    manifest that says how far it got.
+    manifest that says how far it got. Raises ConfigError for a label map with ids above ``model.num_actions``, and
+    ValueError, once the manifest is complete, when a split has no rows.
     """
     start = time.perf_counter()
     data, out = cfg.data, cfg.data.shards_path
+    check_action_ids(cfg)
     check_clip_spec(out, data.clip_spec)
-    tasks, rejected = plan_tasks(data, splits)
-    done, pending = [], []
+    tasks, rejected = plan_tasks(data, splits, cfg.model.num_actions)
+    rows: dict[tuple[str, str], int] = {}
+    pending = []
     for task in tasks:
-        complete = shard_is_complete(shard_path(out, task.split, task.video_id), data.clip_spec, len(task.keyframes))
-        (done if complete else pending).append(task)
+        outside = finished_shard(shard_path(out, task.split, task.video_id), data.clip_spec, len(task.keyframes))
+        if outside is None:
+            pending.append(task)
+        else:
+            rows[task.split, task.video_id] = len(task.keyframes) - len(outside)
+            rejected += keyframe_rejections(task, outside)
     remove_stale_temporaries(out, splits)
-    rows = {(task.split, task.video_id): len(task.keyframes) for task in done}
     write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=False)
 
     written = 0
-    sources = {(task.split, task.video_id): task.source for task in pending}
+    by_key = {(task.split, task.video_id): task for task in pending}
     for finished, result in enumerate(run_video_tasks(pending, data, out), start=1):
-        key = (result["split"], result["video_id"])
+        task = by_key[result["split"], result["video_id"]]
         if result["error"]:
-            rejected.append(Rejection(str(sources[key]), None, result["error"]))
+            rejected.append(Rejection(str(task.source), None, result["error"]))
         else:
-            rows[key] = result["rows"]
+            rows[result["split"], result["video_id"]] = result["rows"]
             written += result["rows"]
+            rejected += keyframe_rejections(task, json.loads(result["outside"]))
         write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=False)
         if hooks:
             hooks.after_video(finished, len(pending))
     write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=True)
 
     seconds = time.perf_counter() - start
-    summary = PrepareSummary(written=written, skipped_videos=len(done), rejected=rejected, seconds=seconds,
-                             clips_per_s=written / seconds, shards_path=out)
-    print(f"evadlab prepare: {written} keyframe clips written, {len(done)} videos already done, "
-          f"{len(rejected)} inputs rejected, {summary.clips_per_s:.1f} clips/s -> {out}")
+    summary = PrepareSummary(written=written, skipped_videos=len(tasks) - len(pending), rejected=rejected,
+                             seconds=seconds, clips_per_s=written / seconds, shards_path=out)
+    print(summary_line(summary))
+    refuse_empty_splits(summary, splits, rows)
     return summary
+
+
+def summary_line(summary: PrepareSummary) -> str:
+    outside = len(summary.outside_media)
+    return (f"evadlab prepare: {summary.written} keyframe clips written, {summary.skipped_videos} videos already done, "
+            f"{len(summary.rejected)} inputs rejected ({outside} of them keyframes outside their media), "
+            f"{summary.clips_per_s:.1f} clips/s; manifest: {summary.shards_path / MANIFEST}")
+
+
+def refuse_empty_splits(summary: PrepareSummary, splits: tuple[str, ...], rows: dict[tuple[str, str], int]) -> None:
+    """A split without rows cannot train or be evaluated: ValueError naming it and the manifest."""
+    empty = [split for split in splits if not any(count for (owner, _), count in rows.items() if owner == split)]
+    if empty:
+        raise ValueError(f"split(s) {', '.join(empty)} have no rows: their annotations list no keyframe, or every "
+                         f"keyframe was rejected (see 'rejected' in {summary.shards_path / MANIFEST})")
+
+
+def keyframe_rejections(task: VideoTask, outside: list[dict[str, Any]]) -> list[KeyframeRejection]:
+    """The keyframes of ``task`` that lie outside its media, from the records ``split_by_media`` made."""
+    return [KeyframeRejection(str(task.source), None, record["reason"], video_id=task.video_id,
+                              timestamp=record["timestamp"], media=record["media"]) for record in outside]
 
 
 def check_clip_spec(out: Path, clip_spec: dict[str, Any]) -> None:
@@ -167,12 +223,13 @@ def check_clip_spec(out: Path, clip_spec: dict[str, Any]) -> None:
                          f"choose another data.shards (the default path is named after the clip spec)")
 
 
-def plan_tasks(data: DataConfig, splits: tuple[str, ...]) -> tuple[list[VideoTask], list[Rejection]]:
+def plan_tasks(data: DataConfig, splits: tuple[str, ...],
+               num_actions: int) -> tuple[list[VideoTask], list[Rejection]]:
     """One task per (split, video) with annotated keyframes, in (split, video id) order, plus the rejected
-    annotation rows and the videos whose frames are missing."""
+    annotation rows (action ids outside 1..num_actions among them) and the videos whose frames are missing."""
     tasks, rejected = [], []
     for split in splits:
-        table, bad_rows = read_annotations(annotation_path(data, split))
+        table, bad_rows = read_annotations(annotation_path(data, split), num_actions=num_actions)
         rejected += bad_rows
         by_video: dict[str, list[Keyframe]] = {}
         for keyframe in group_keyframes(table):
@@ -226,16 +283,20 @@ def locate_frames(data: DataConfig, video_id: str, frame_lists: dict[str, list[s
     return folder, frame_paths
 
 
-def shard_is_complete(path: Path, clip_spec: dict[str, Any], expected_rows: int) -> bool:
-    """A shard written by an earlier run for the same clip spec and the same keyframes."""
+def finished_shard(path: Path, clip_spec: dict[str, Any], expected_keyframes: int) -> list[dict[str, Any]] | None:
+    """The records of the keyframes outside the media of a shard written by an earlier run for the same clip spec
+    and the same keyframes (its rows and those records add up to them); None when the shard must be (re)written."""
     if not path.exists():
-        return False
+        return None
     try:
         metadata = pq.read_metadata(path)
     except (OSError, pa.ArrowException):
-        return False
-    recorded = (metadata.metadata or {}).get(CLIP_SPEC_KEY)
-    return recorded is not None and json.loads(recorded) == clip_spec and metadata.num_rows == expected_rows
+        return None
+    recorded = metadata.metadata or {}
+    if CLIP_SPEC_KEY not in recorded or json.loads(recorded[CLIP_SPEC_KEY]) != clip_spec:
+        return None
+    outside = json.loads(recorded.get(OUTSIDE_MEDIA_KEY, b"[]"))
+    return outside if metadata.num_rows + len(outside) == expected_keyframes else None
 
 
 def remove_stale_temporaries(out: Path, splits: tuple[str, ...]) -> None:
@@ -289,9 +350,15 @@ def write_manifest(out: Path, data: DataConfig, splits: tuple[str, ...], tasks: 
         },
         "counts": {split: sum(n for (s, _), n in rows.items() if s == split) for split in splits},
         "videos": {split: {video: n for (s, video), n in sorted(rows.items()) if s == split} for split in splits},
-        "rejected": [{"source": r.source, "line": r.line, "reason": r.reason} for r in rejected],
+        "rejected": [rejection_record(rejection) for rejection in rejected],
     }
     write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def rejection_record(rejection: Rejection) -> dict[str, Any]:
+    if isinstance(rejection, KeyframeRejection):
+        return rejection.record()
+    return {"source": rejection.source, "line": rejection.line, "reason": rejection.reason}
 
 
 def source_record(task: VideoTask) -> dict[str, Any]:
@@ -302,15 +369,32 @@ def source_record(task: VideoTask) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- worker
 def prepare_video(item: dict[str, Any], *, data: DataConfig, out: str) -> dict[str, Any]:
-    """Ray Data task: writes one video's shard. Returns ``rows`` written and ``error`` ('' on success)."""
+    """Ray Data task: writes one video's shard. Returns ``rows`` written, ``outside`` (JSON text: the records of the
+    keyframes outside the media, see ``split_by_media``) and ``error`` ('' on success)."""
     shard = shard_path(out, item["split"], item["video_id"])
-    result = {"split": item["split"], "video_id": item["video_id"], "rows": 0, "error": ""}
+    result = {"split": item["split"], "video_id": item["video_id"], "rows": 0, "outside": "[]", "error": ""}
     try:
         frames = open_frames(item, data)
-        result["rows"] = write_shard(shard, clip_rows(frames, item, data), data.clip_spec)
+        inside, outside = split_by_media(frames, item["keyframes"])
+        result["rows"] = write_shard(shard, clip_rows(frames, {**item, "keyframes": inside}, data), data.clip_spec,
+                                     outside)
+        result["outside"] = json.dumps(outside)
     except Exception as error:  # noqa: BLE001 - a corrupt input of any kind rejects this video only
         result["error"] = error_reason(error)
     return result
+
+
+def split_by_media(frames: FrameSource, keyframes: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """The keyframes whose instant lies inside the media, and a record (``timestamp``, ``reason``, ``media``: the
+    media's extent) of every other one."""
+    inside, outside = [], []
+    for keyframe in keyframes:
+        reason = frames.keyframe_outside(keyframe["timestamp"])
+        if reason is None:
+            inside.append(keyframe)
+        else:
+            outside.append({"timestamp": keyframe["timestamp"], "reason": reason, "media": frames.media_extent()})
+    return inside, outside
 
 
 def clip_rows(frames: FrameSource, item: dict[str, Any], data: DataConfig) -> Iterator[dict[str, Any]]:
@@ -341,10 +425,13 @@ def clip_rows(frames: FrameSource, item: dict[str, Any], data: DataConfig) -> It
             encoded = {index: jpeg for index, jpeg in encoded.items() if index >= oldest_needed}
 
 
-def write_shard(path: Path, rows: Iterator[dict[str, Any]], clip_spec: dict[str, Any]) -> int:
+def write_shard(path: Path, rows: Iterator[dict[str, Any]], clip_spec: dict[str, Any],
+                outside: list[dict[str, Any]]) -> int:
     """Streams rows into a hidden temporary file beside ``path`` and renames it into place once complete, so a
-    shard is never visible half-written. Returns the number of rows."""
-    schema = SHARD_SCHEMA.with_metadata({CLIP_SPEC_KEY: json.dumps(clip_spec).encode()})
+    shard is never visible half-written; its metadata holds the clip spec and the records of the video's keyframes
+    outside its media. Returns the number of rows (a video whose every keyframe is outside gets an empty shard)."""
+    schema = SHARD_SCHEMA.with_metadata({CLIP_SPEC_KEY: json.dumps(clip_spec).encode(),
+                                         OUTSIDE_MEDIA_KEY: json.dumps(outside).encode()})
     count = 0
     with atomic_path(path) as temporary, pq.ParquetWriter(temporary, schema, compression=SHARD_COMPRESSION) as writer:
         group: list[dict[str, Any]] = []

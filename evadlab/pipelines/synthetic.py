@@ -14,13 +14,19 @@ model can learn in minutes:
 Actors never overlap or leave the frame, boxes are the figure's exact extent at the keyframe, and the
 background is a plain tone with mild noise. Everything is drawn from one seed, so a seed always gives
 byte-identical CSVs and identical decoded frames.
+
+A custom vocabulary (``label_map``: id -> name, any ids) draws only the listed actions and writes them with the
+listed ids, so a custom AVA-format dataset of a few classes can be made: each name is matched to an action the
+generator draws by its first word (stand, walk, sit, bend, talk, watch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +53,9 @@ TALK, WATCH = 79, 80
 # Consecutive actors take consecutive poses, so each split sees every pose and a video of at most 3
 # actors never holds two walkers (walkers need the free width of the frame).
 POSE_CYCLE = (STAND, WALK, SIT, BEND)
-INTERACTION_SETS = ((), (TALK,), (WATCH,), (TALK, WATCH))
+INTERACTIONS = (TALK, WATCH)
+# The first word of a label-map name that selects each action the generator draws.
+ACTION_WORDS = {STAND: "stand", WALK: "walk", SIT: "sit", BEND: "bend", TALK: "talk", WATCH: "watch"}
 
 BODY_COLOURS = {STAND: (45, 85, 215), WALK: (45, 85, 215), SIT: (215, 70, 45), BEND: (35, 150, 55)}
 HEAD_COLOUR = (70, 45, 30)
@@ -192,6 +200,45 @@ def figure_sprite(pose: int, height_unit: int, *, talks: bool, watches: bool,
     return canvas, mask
 
 
+@dataclass(frozen=True)
+class Vocabulary:
+    """The actions a dataset shows (AVA ids of what the generator draws) and how they are written."""
+
+    poses: tuple[int, ...]  # in cycle order
+    interactions: tuple[int, ...]
+    ids: Mapping[int, int]  # AVA id of a drawn action -> the action id written in the CSVs
+    labels: Mapping[int, str]  # the label map written: id -> name
+
+    @property
+    def interaction_sets(self) -> tuple[tuple[int, ...], ...]:
+        """Every combination of the interactions, the empty one first: (), (TALK,), (WATCH,), (TALK, WATCH)."""
+        return tuple(subset for size in range(len(self.interactions) + 1)
+                     for subset in itertools.combinations(self.interactions, size))
+
+
+AVA_VOCABULARY = Vocabulary(POSE_CYCLE, INTERACTIONS, {action: action for action in ACTION_WORDS},
+                            {action: AVA_ACTION_NAMES[action] for action in EVALUATED_ACTION_IDS})
+
+
+def vocabulary_of(label_map: Mapping[int, str]) -> Vocabulary:
+    """The vocabulary of a custom label map (id -> name, as ``read_label_map`` gives it). Raises ValueError for a
+    name the generator cannot draw, an action listed twice, a name a pbtxt cannot hold, or no pose at all."""
+    ids: dict[int, int] = {}
+    for label_id, name in sorted(label_map.items()):
+        word = re.match(r"[a-z]*", name.strip().lower())[0]
+        action = next((action for action, known in ACTION_WORDS.items() if known == word), None)
+        if action is None or label_id < 1 or re.search(r'["\\\n]', name):
+            raise ValueError(f"label {label_id} {name!r}: the generator draws ids >= 1 named after one of "
+                             f"{', '.join(ACTION_WORDS.values())} (by the first word), without quotes or backslashes")
+        if action in ids:
+            raise ValueError(f"label {label_id} {name!r}: '{word}' is already label {ids[action]}")
+        ids[action] = label_id
+    poses = tuple(pose for pose in POSE_CYCLE if pose in ids)
+    if not poses:
+        raise ValueError(f"the label map must list at least one pose ({', '.join(ACTION_WORDS[p] for p in POSE_CYCLE)})")
+    return Vocabulary(poses, tuple(action for action in INTERACTIONS if action in ids), ids, dict(label_map))
+
+
 def _keyframe_seconds(seconds: int) -> range:
     return range(FIRST_KEYFRAME_SEC, int(AVA_VIDEO_OFFSET_SEC) + seconds - END_MARGIN_SEC + 1)
 
@@ -200,14 +247,16 @@ def _video_ids(videos: int) -> list[str]:
     return [f"synth_{index:03d}" for index in range(videos)]
 
 
-def _actor_roles(videos: int, rng: np.random.Generator) -> list[list[tuple[int, tuple[int, ...]]]]:
+def _actor_roles(videos: int, rng: np.random.Generator,
+                 vocabulary: Vocabulary) -> list[list[tuple[int, tuple[int, ...]]]]:
     """(pose, interactions) of the actors of each video: 2 or 3 actors, poses in cycle order, and each
-    block of 4 actors taking the 4 interaction sets in a random order."""
+    block of actors taking the interaction sets (4 of them for AVA's) in a random order."""
     counts = rng.integers(2, 4, size=videos).tolist()
-    first_pose = int(rng.integers(len(POSE_CYCLE)))
+    cycle, sets = vocabulary.poses, vocabulary.interaction_sets
+    first_pose = int(rng.integers(len(cycle)))
     total = sum(counts)
-    interactions = [INTERACTION_SETS[i] for _ in range(0, total, 4) for i in rng.permutation(4)]
-    roles = [(POSE_CYCLE[(first_pose + n) % len(POSE_CYCLE)], interactions[n]) for n in range(total)]
+    interactions = [sets[i] for _ in range(0, total, len(sets)) for i in rng.permutation(len(sets))]
+    roles = [(cycle[(first_pose + n) % len(cycle)], interactions[n]) for n in range(total)]
     ends = np.cumsum(counts).tolist()
     return [roles[end - count: end] for end, count in zip(ends, counts)]
 
@@ -313,8 +362,9 @@ def _write_video(scene: Scene, seconds: int, video_path: Path, frame_dir: Path |
             shutil.rmtree(frame_dir, ignore_errors=True)
 
 
-def _annotation_lines(scene: Scene, seconds: int, width: int, height: int) -> list[str]:
-    """Official CSV rows, e.g. ``synth_000,0902,0.077,0.151,0.283,0.811,12,1``: one per person and action."""
+def _annotation_lines(scene: Scene, seconds: int, width: int, height: int, ids: Mapping[int, int]) -> list[str]:
+    """Official CSV rows, e.g. ``synth_000,0902,0.077,0.151,0.283,0.811,12,1``: one per person and action, each
+    action written with its id in ``ids``."""
     lines = []
     for second in _keyframe_seconds(seconds):
         frame_index = keyframe_frame_index(second)
@@ -322,7 +372,7 @@ def _annotation_lines(scene: Scene, seconds: int, width: int, height: int) -> li
             x1, y1, x2, y2 = actor.box(frame_index, width, height)
             for action in actor.actions:
                 lines.append(f"{scene.video_id},{second:04d},{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f},"
-                             f"{action},{actor.person_id}")
+                             f"{ids[action]},{actor.person_id}")
     return lines
 
 
@@ -334,19 +384,22 @@ def _frame_list_lines(video_ids: list[str], seconds: int) -> list[str]:
     return lines
 
 
-def label_map_text() -> str:
-    """The 60 evaluated AVA classes in the ``label_id:`` pbtxt form of the v2.2 release."""
-    return "".join(f'item {{\n  name: "{AVA_ACTION_NAMES[i]}"\n  label_id: {i}\n}}\n' for i in EVALUATED_ACTION_IDS)
+def label_map_text(labels: Mapping[int, str]) -> str:
+    """A label map in the ``label_id:`` pbtxt form of the v2.2 release (for AVA: the 60 evaluated classes)."""
+    return "".join(f'item {{\n  name: "{name}"\n  label_id: {i}\n}}\n' for i, name in sorted(labels.items()))
 
 
 def generate_mini_ava(out_dir: str | Path, *, videos: int = 6, seconds: int = 12, seed: int = 0,
-                      frames: bool = False, width: int = 320, height: int = 240) -> dict:
+                      frames: bool = False, width: int = 320, height: int = 240,
+                      label_map: Mapping[int, str] | None = None) -> dict:
     """Write a synthetic mini-AVA under ``out_dir`` in the official layout and return a summary.
 
     ``videos/<id>.mp4`` (30 fps H.264, file time 0 = AVA second 900), optionally ``frames/<id>/``
     JPEGs of every frame, ``annotations/`` (train and val CSVs, excluded timestamps, label map) and
     ``frame_lists/{train,val}.csv``. The last third of the videos (at least one) is the val split.
     Keyframes are the seconds 902 .. 900 + seconds - 2; one val keyframe is listed as excluded.
+    ``label_map`` (id -> name) makes a custom vocabulary (see ``vocabulary_of``); by default the actions are AVA's
+    and the label map is the 60 evaluated AVA classes. Raises ValueError for impossible arguments.
     """
     if videos < 2:
         raise ValueError(f"videos={videos}: need at least 2 (one for training, one for validation)")
@@ -355,12 +408,13 @@ def generate_mini_ava(out_dir: str | Path, *, videos: int = 6, seconds: int = 12
         raise ValueError(f"seconds={seconds}: need at least {shortest} for one keyframe with a full clip window")
     if width < 64 or height < 64 or width % 2 or height % 2:
         raise ValueError(f"frame size {width}x{height}: width and height must be even and at least 64")
+    vocabulary = AVA_VOCABULARY if label_map is None else vocabulary_of(label_map)
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     video_ids = _video_ids(videos)
     num_val = max(1, round(videos / 3))
     splits = {"train": video_ids[:-num_val], "val": video_ids[-num_val:]}
-    roles = _actor_roles(videos, rng)
+    roles = _actor_roles(videos, rng, vocabulary)
 
     keyframes = list(_keyframe_seconds(seconds))
     rows: dict[str, list[str]] = {"train": [], "val": []}
@@ -371,17 +425,12 @@ def generate_mini_ava(out_dir: str | Path, *, videos: int = 6, seconds: int = 12
         _write_video(scene, seconds, out_dir / "videos" / f"{video_id}.mp4",
                      out_dir / "frames" / video_id if frames else None)
         split = "train" if video_id in splits["train"] else "val"
-        rows[split] += _annotation_lines(scene, seconds, width, height)
+        rows[split] += _annotation_lines(scene, seconds, width, height, vocabulary.ids)
         boxes[split] += len(scene.actors) * len(keyframes)
-        actions.update(action for actor in scene.actors for action in actor.actions)
+        actions.update(vocabulary.ids[action] for actor in scene.actors for action in actor.actions)
 
-    # The annotations go last, so that finding them means the videos and frames are complete.
     excluded = (splits["val"][0], keyframes[len(keyframes) // 2])
-    annotations = out_dir / "annotations"
-    write_text(annotations / AVA_ANNOTATIONS["train_annotations"], "\n".join(rows["train"]) + "\n")
-    write_text(annotations / AVA_ANNOTATIONS["val_annotations"], "\n".join(rows["val"]) + "\n")
-    write_text(annotations / AVA_ANNOTATIONS["exclusions"], f"{excluded[0]},{excluded[1]:04d}\n")
-    write_text(annotations / AVA_ANNOTATIONS["label_map"], label_map_text())
+    _write_annotations(out_dir, rows, excluded, vocabulary.labels)
     for split, ids in splits.items():
         write_text(out_dir / "frame_lists" / f"{split}.csv", "\n".join(_frame_list_lines(ids, seconds)) + "\n")
 
@@ -399,3 +448,14 @@ def generate_mini_ava(out_dir: str | Path, *, videos: int = 6, seconds: int = 12
         "action_ids": sorted(actions),
         "excluded": [list(excluded)],
     }
+
+
+def _write_annotations(out_dir: Path, rows: dict[str, list[str]], excluded: tuple[str, int],
+                       labels: Mapping[int, str]) -> None:
+    """The annotation files. ``evadlab run`` takes their presence for a complete dataset, so they are written after
+    the videos and frames."""
+    annotations = out_dir / "annotations"
+    write_text(annotations / AVA_ANNOTATIONS["train_annotations"], "\n".join(rows["train"]) + "\n")
+    write_text(annotations / AVA_ANNOTATIONS["val_annotations"], "\n".join(rows["val"]) + "\n")
+    write_text(annotations / AVA_ANNOTATIONS["exclusions"], f"{excluded[0]},{excluded[1]:04d}\n")
+    write_text(annotations / AVA_ANNOTATIONS["label_map"], label_map_text(labels))

@@ -2,13 +2,30 @@
 
 Used by ``evadlab prepare`` (inside Ray Data tasks) and by ``evadlab demo`` (which must run where Ray is not
 installed). A clip is asked for by its keyframe's AVA second; the reader answers with frame indices and decodes them.
+
+Video files are decoded with decord, which seeks quickly and decodes on several threads. A file decord cannot open or
+decode is decoded with PyAV (FFmpeg's own bindings): WebM / Matroska written live (browsers' MediaRecorder, OBS,
+live muxers) carry no duration and no cues and decord stops on them ("Failed to measure duration/frame-count due to
+broken metadata"); decord also fails on some tiny widths and on MPEG-TS. Both decoders give the same time line: each
+frame's presentation time in seconds from the stream's first frame, in presentation order, and a clip takes the
+frames nearest to its sampling instants on either (``nearest_frame_indices``). Any decoder error becomes a
+ValueError naming the file and the decoder's first line.
+
+The media spans from time 0 to the end of its last frame (its start plus its duration); a frame folder spans its
+frame count. A keyframe whose instant lies outside is not read (``keyframe_outside`` says why); a clip whose keyframe
+is inside but whose window reaches past an end takes the first or last frame there, as the released code does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import chain
 from pathlib import Path
 from typing import Any, Protocol
 
+import av
 import decord
 import numpy as np
 
@@ -16,14 +33,203 @@ from evadlab.config import DataConfig
 from evadlab.pipelines.ava import clip_frame_indices, clip_sample_times, keyframe_frame_index, nearest_frame_indices
 from evadlab.pipelines.clips import decode_jpegs
 
+# decord's time stamps are float32 (about 6e-5 s apart at second 900) and Matroska counts milliseconds: an instant
+# within this of the end of the media counts as the end, which is outside.
+END_TOLERANCE_S = 1e-3
+# What each decoder raises on a file it cannot read: decord's DECORDError is no RuntimeError, PyAV's FFmpegError
+# covers FFmpeg's codes, and a file with no video stream has no streams.video[0].
+_DECORD_ERRORS = (decord.DECORDError, RuntimeError, OSError, ValueError)
+_PYAV_ERRORS = (av.FFmpegError, OSError, ValueError, IndexError)
 
-def error_reason(error: Exception) -> str:
+
+def error_reason(error: BaseException) -> str:
     """One line for the manifest: decord's errors carry a C++ stack trace after their first line."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+@dataclass(frozen=True)
+class Timeline:
+    """When a video's frames are shown: ``starts`` (n,) float64 seconds from the first frame, ascending, and
+    ``end``, the end of the last frame in the same seconds."""
+
+    starts: np.ndarray
+    end: float
+
+    @classmethod
+    def of(cls, starts: np.ndarray, last_duration: float | None) -> Timeline:
+        """A time line from frame starts and the last frame's duration; a missing or zero duration (live files
+        carry none) is taken as the median interval between frames."""
+        starts = np.asarray(starts, np.float64)
+        if starts.size == 0:
+            raise ValueError("the video has no frames")
+        if not last_duration or last_duration <= 0:
+            last_duration = float(np.median(np.diff(starts))) if starts.size > 1 else 0.0
+        return cls(starts, float(starts[-1] + last_duration))
+
+
+class VideoDecoder(Protocol):
+    """What the two decoders offer: the time line, the frame size and frames by index (presentation order)."""
+
+    name: str
+    timeline: Timeline
+    height: int
+    width: int
+
+    def read(self, indices: list[int]) -> np.ndarray: ...
+
+
+class DecordDecoder:
+    """decord: fast seeking and threaded decoding for the files it reads."""
+
+    name = "decord"
+
+    def __init__(self, path: str, threads: int = 1):
+        self.reader = decord.VideoReader(path, num_threads=threads)
+        if len(self.reader) == 0:
+            raise ValueError("decord finds no frames")
+        stamps = self.reader.get_frame_timestamp(np.arange(len(self.reader)))
+        # decord opens some files whose batches it cannot decode (some tiny widths): find out here, where PyAV can
+        # still take over.
+        self.height, self.width = self.read([0]).shape[1:3]
+        self.timeline = Timeline.of(stamps[:, 0], float(stamps[-1, 1] - stamps[-1, 0]))
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        return self.reader.get_batch(indices).asnumpy()
+
+
+class PyAVDecoder:
+    """PyAV for the files decord refuses. The time line comes from one pass over the packets (no decoding); frames
+    are decoded forward, with a seek when a read goes back."""
+
+    name = "PyAV"
+
+    def __init__(self, path: str, threads: int = 1):
+        self.path, self.threads = path, threads
+        self.container, self.stream = self._open()
+        self.pts, last_duration = _presentation_times(self.container, self.stream)
+        start = self.stream.start_time if self.stream.start_time is not None else int(self.pts[0])
+        seconds = float(self.stream.time_base)
+        self.timeline = Timeline.of((self.pts - start) * seconds, last_duration * seconds)
+        self._frames: Iterator[av.VideoFrame] = iter(())
+        self._last: tuple[int, np.ndarray] | None = None
+        self.height = self.width = 0
+        first = self._frame_at(int(self.pts[0]))
+        self.height, self.width = first.shape[:2]
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        return np.stack([self._frame_at(int(self.pts[index])) for index in indices])
+
+    def _open(self):
+        container = av.open(self.path)
+        stream = container.streams.video[0]
+        stream.thread_type, stream.thread_count = "AUTO", self.threads
+        return container, stream
+
+    def _frame_at(self, pts: int) -> np.ndarray:
+        """The frame shown at ``pts`` (a value of ``self.pts``) as (H, W, 3) uint8 RGB at the first frame's size."""
+        if self._last is not None and self._last[0] == pts:
+            return self._last[1]
+        if self._last is None or pts < self._last[0]:
+            self._seek(pts)
+        for frame in self._frames:
+            if frame.pts is not None and frame.pts >= pts:
+                break
+        else:
+            raise ValueError(f"the frame at pts {pts} was never decoded")
+        if frame.pts != pts:
+            raise ValueError(f"the frame at pts {pts} was never decoded (the next one is at {frame.pts})")
+        size = {"width": self.width, "height": self.height} if self.width else {}
+        self._last = (pts, frame.to_ndarray(format="rgb24", **size))
+        return self._last[1]
+
+    def _seek(self, pts: int) -> None:
+        """Decoding restarts at the key frame at or before ``pts``; from the first frame when the container cannot
+        seek there (live files have no cues) or lands after it."""
+        if pts > self.pts[0]:
+            try:
+                self.container.seek(pts, stream=self.stream, backward=True)
+                frames = self.container.decode(self.stream)
+                first = next(frames)
+                if first.pts is not None and first.pts <= pts:
+                    self._frames = chain([first], frames)
+                    return
+            except (av.FFmpegError, StopIteration):
+                pass
+        try:
+            self.container.seek(0, stream=self.stream, backward=True)
+        except av.FFmpegError:
+            self.container.close()
+            self.container, self.stream = self._open()
+        self._frames = self.container.decode(self.stream)
+
+
+def _presentation_times(container, stream) -> tuple[np.ndarray, int]:
+    """The stream's frame pts in presentation order (one pass over the packets, no decoding) and the duration of the
+    last frame (0 when the container does not say)."""
+    packets = [(packet.pts, packet.duration or 0) for packet in container.demux(stream) if packet.pts is not None]
+    if not packets:
+        raise ValueError("the video stream has no frames with presentation times")
+    pts, durations = np.asarray(packets, np.int64).T
+    order = np.argsort(pts, kind="stable")
+    pts, durations = pts[order], durations[order]
+    unique = np.concatenate([[True], pts[1:] != pts[:-1]])
+    return pts[unique], int(durations[unique][-1])
+
+
+def open_video(path: str, threads: int = 1) -> VideoDecoder:
+    """decord when it opens the file and decodes its first frame, else PyAV. Raises ValueError with both decoders'
+    reasons when neither reads it."""
+    try:
+        return DecordDecoder(path, threads)
+    except _DECORD_ERRORS as decord_error:
+        try:
+            return PyAVDecoder(path, threads)
+        except _PYAV_ERRORS as pyav_error:
+            raise ValueError(f"cannot decode the video (decord: {error_reason(decord_error)}; PyAV: "
+                             f"{error_reason(pyav_error)})") from None
+
+
+@dataclass(frozen=True)
+class PresentedFrame:
+    """One decoded frame with its presentation time as the file states it."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8 RGB, at the first frame's size
+    pts: int  # in time_base units
+    duration: int  # in time_base units; 0 when the file does not say
+    time_base: Fraction
+    time: float  # seconds from the stream's start: the time line of ``Timeline``
+
+
+def presented_frames(path: str) -> Iterator[PresentedFrame]:
+    """Every frame of the file's first video stream in presentation order, decoded by PyAV, with its own time stamp
+    (a frame without one, or with one not after the previous frame's, takes the previous one plus one tick). Frames
+    keep the first frame's size (live recordings may change it). Raises ValueError for a decoder error."""
+    previous, size = None, {}
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            origin = stream.start_time
+            for frame in container.decode(stream):
+                pts = frame.pts
+                if pts is None or (previous is not None and pts <= previous):
+                    pts = 0 if previous is None else previous + 1
+                origin = pts if origin is None else origin
+                previous = pts
+                pixels = frame.to_ndarray(format="rgb24", **size)
+                size = size or {"height": pixels.shape[0], "width": pixels.shape[1]}
+                yield PresentedFrame(pixels, pts, int(frame.duration or 0), stream.time_base,
+                                     float((pts - origin) * stream.time_base))
+    except _PYAV_ERRORS as error:
+        raise ValueError(f"cannot decode {path}: {error_reason(error)}") from None
+
+
 class FrameSource(Protocol):
+    def keyframe_outside(self, timestamp: int) -> str | None: ...
+
+    def media_extent(self) -> dict[str, float | int]: ...
+
     def clip_indices(self, timestamp: int) -> list[int]: ...
 
     def read(self, indices: list[int]) -> np.ndarray: ...
@@ -34,12 +240,36 @@ class VideoFileFrames:
     the file's real frame rate (many AVA videos are not 30 fps)."""
 
     def __init__(self, path: str, data: DataConfig):
-        self.data = data
-        try:
-            self.reader = decord.VideoReader(path, num_threads=max(1, int(data.prepare_cpus)))
-        except RuntimeError as error:
-            raise ValueError(f"decord cannot open the video: {error_reason(error)}") from None
-        self.frame_times = self.reader.get_frame_timestamp(np.arange(len(self.reader)))[:, 0]
+        self.path, self.data = str(path), data
+        self.decoder = open_video(self.path, threads=max(1, int(data.prepare_cpus)))
+
+    @property
+    def timeline(self) -> Timeline:
+        return self.decoder.timeline
+
+    @property
+    def frame_times(self) -> np.ndarray:
+        return self.decoder.timeline.starts
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the decoded frames."""
+        return self.decoder.height, self.decoder.width
+
+    def keyframe_instant(self, timestamp: int) -> float:
+        """Seconds into the file of the keyframe at AVA second ``timestamp`` (the middle sample of its clip)."""
+        return keyframe_frame_index(timestamp, self.data.fps, self.data.video_offset_sec) / self.data.fps
+
+    def keyframe_outside(self, timestamp: int) -> str | None:
+        """Why the keyframe at ``timestamp`` lies outside the video, or None when it lies inside."""
+        instant, end = self.keyframe_instant(timestamp), self.timeline.end
+        if -END_TOLERANCE_S < instant < end - END_TOLERANCE_S:
+            return None
+        return (f"keyframe {timestamp} is {instant:.3f} s into the file (data.video_offset_sec="
+                f"{self.data.video_offset_sec:g}), outside the video, which lasts {end:.3f} s")
+
+    def media_extent(self) -> dict[str, float]:
+        return {"media_duration_s": round(self.timeline.end, 6)}
 
     def clip_indices(self, timestamp: int) -> list[int]:
         times = clip_sample_times(timestamp, self.data.num_frames, self.data.sample_rate, fps=self.data.fps,
@@ -47,7 +277,11 @@ class VideoFileFrames:
         return nearest_frame_indices(times, self.frame_times).tolist()
 
     def read(self, indices: list[int]) -> np.ndarray:
-        return self.reader.get_batch(indices).asnumpy()
+        """(len(indices), H, W, 3) uint8 RGB. Raises ValueError naming the file for any decoder error."""
+        try:
+            return self.decoder.read(indices)
+        except (*_DECORD_ERRORS, *_PYAV_ERRORS) as error:
+            raise ValueError(f"{self.decoder.name} cannot decode {self.path}: {error_reason(error)}") from None
 
 
 class FrameFolderFrames:
@@ -56,6 +290,17 @@ class FrameFolderFrames:
     def __init__(self, folder: str, frame_paths: list[str], data: DataConfig):
         self.data = data
         self.paths = [Path(folder).parent / relative for relative in frame_paths]
+
+    def keyframe_outside(self, timestamp: int) -> str | None:
+        """Why the keyframe at ``timestamp`` lies outside the folder's frames, or None when it lies inside."""
+        index = keyframe_frame_index(timestamp, fps=self.data.fps, video_offset_sec=self.data.video_offset_sec)
+        if 0 <= index < len(self.paths):
+            return None
+        return (f"keyframe {timestamp} is frame index {index} (data.video_offset_sec="
+                f"{self.data.video_offset_sec:g}, data.fps={self.data.fps}), outside the {len(self.paths)} frames")
+
+    def media_extent(self) -> dict[str, int]:
+        return {"frame_count": len(self.paths)}
 
     def clip_indices(self, timestamp: int) -> list[int]:
         center = keyframe_frame_index(timestamp, fps=self.data.fps, video_offset_sec=self.data.video_offset_sec)

@@ -19,7 +19,13 @@ import ray
 import torch
 
 from evadlab.config import ExperimentConfig
-from evadlab.pipelines.ava import detection_rows, read_label_map, stack_detection_rows, write_detections_csv
+from evadlab.pipelines.ava import (
+    detection_rows,
+    distinct_class_names,
+    read_label_map,
+    stack_detection_rows,
+    write_detections_csv,
+)
 from evadlab.pipelines.ava_map import evaluate_files, parse_iou_thresholds
 from evadlab.pipelines.clips import decode_clip, iter_shard_rows, read_shards, to_model_input
 from evadlab.platform.modeling import StartingWeights, build_model, complete_checkpoint
@@ -77,7 +83,7 @@ def score_detections(table: pa.Table, cfg: ExperimentConfig, out_dir: Path) -> E
     result = evaluate_files(annotations / cfg.data.label_map, annotations / cfg.data.val_annotations, detections_path,
                             exclusions if exclusions.exists() else None,
                             iou_thresholds=parse_iou_thresholds(cfg.eval.iou))
-    names = read_label_map(annotations / cfg.data.label_map)
+    names = distinct_class_names(read_label_map(annotations / cfg.data.label_map))
     per_class_named = {names[class_id]: ap for class_id, ap in sorted(result.per_class.items())}
     return EvalResult(mAP=float(result.mAP), per_class_named=per_class_named, detections_path=detections_path,
                       num_detections=table.num_rows)
