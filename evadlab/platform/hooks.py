@@ -96,12 +96,13 @@ def wait_for_tracking_server(uri: str, up: bool, timeout_s: float = 120.0) -> No
 
 class StopTrackingServer(TrainingHooks):
     """Rank 0 stops the MLflow server at ``uri`` (process group ``pid``) after epoch ``stop_after_epoch``, before the
-    epoch is reported, and, given ``restart_in_epoch``, starts it again with ``command`` after the first optimiser step
-    of that epoch. The new server's pid goes to ``folder/server.pid`` (its starter stops it); at the end of the restart
-    epoch, ``folder/backlogs_after_restart.txt`` lists the MLflow backlogs still waiting under ``watch``."""
+    epoch is reported, and starts it again with ``command`` after the first optimiser step of epoch
+    ``restart_in_epoch``, waiting until it answers. The new server's pid goes to ``folder/server.pid`` (its starter
+    stops it). ``folder/backlogs_before_restart.txt``, and ``backlogs_after_restart.txt`` at the end of that epoch,
+    list the MLflow backlogs then waiting under ``watch``."""
 
-    def __init__(self, uri: str, pid: int, folder: str | Path, *, stop_after_epoch: int, command: list[str],
-                 restart_in_epoch: int | None = None, watch: str | Path | None = None):
+    def __init__(self, uri: str, pid: int, folder: str | Path, *, stop_after_epoch: int, restart_in_epoch: int,
+                 command: list[str], watch: str | Path):
         self.uri, self.pid, self.folder, self.command = uri, pid, Path(folder), command
         self.stop_after_epoch, self.restart_in_epoch, self.watch = stop_after_epoch, restart_in_epoch, watch
 
@@ -111,15 +112,19 @@ class StopTrackingServer(TrainingHooks):
         if epoch == self.stop_after_epoch:
             os.killpg(self.pid, signal.SIGTERM)
             wait_for_tracking_server(self.uri, up=False)
-        if epoch == self.restart_in_epoch and self.watch is not None:
-            waiting = sorted(str(path) for path in Path(self.watch).rglob("mlflow_backlog.jsonl"))
-            (self.folder / "backlogs_after_restart.txt").write_text("".join(f"{path}\n" for path in waiting))
+        if epoch == self.restart_in_epoch:
+            self.list_backlogs("backlogs_after_restart.txt")
+
+    def list_backlogs(self, name: str) -> None:
+        waiting = sorted(str(path) for path in Path(self.watch).rglob("mlflow_backlog.jsonl"))
+        (self.folder / name).write_text("".join(f"{path}\n" for path in waiting))
 
     def after_optimizer_step(self, epoch: int, step: int, rank: int, world: int) -> None:
         pid_file = self.folder / "server.pid"
         if rank != 0 or epoch != self.restart_in_epoch or pid_file.exists():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.list_backlogs("backlogs_before_restart.txt")
         with open(self.folder / "restarted_server.log", "w") as log:
             server = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         pid_file.write_text(str(server.pid))
