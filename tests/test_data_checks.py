@@ -117,8 +117,8 @@ def test_never_prepared_and_another_clip_spec_are_told_apart(mini_ava, tmp_path,
     settings = overrides(tmp_path, mini_ava)
     shards = load_config(QUICKSTART, settings).data.shards_path
     lines = refusals(tmp_path, settings, capsys)
-    assert set(lines.values()) == {f"no prepared shards at {shards} (no manifest.json): run `evadlab prepare "
-                                   f"<config>` first"}
+    never = f"no prepared shards at {shards} (no manifest.json): run `evadlab prepare <config>` first"
+    assert set(lines.values()) == {never}
     shards.mkdir(parents=True)
     (shards / "manifest.json").write_text(json.dumps({"clip_spec": {"short_side": 32}, "complete": True,
                                                       "counts": {"train": 4, "val": 2}}))
