@@ -31,7 +31,8 @@ class OneLineParser(argparse.ArgumentParser):
 def _config_command(parser: argparse.ArgumentParser, name: str, help_text: str) -> argparse.ArgumentParser:
     sub = parser.add_parser(name, help=help_text, description=help_text)
     sub.add_argument("config", help="experiment YAML (see experiments/)")
-    sub.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+    sub.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                     help="dotted overrides, e.g. train.epochs=3")
     return sub
 
 

@@ -54,8 +54,8 @@ def test_a_changed_config_starts_a_marked_new_run_and_names_the_difference(tmp_p
     name = run_name_for(changed, str(tmp_path / "ray"))
     assert name.startswith("quickstart_2") and name != "quickstart_20251130-090000"
     assert capsys.readouterr().out == (
-        f"evadlab train: train.resume: 1 earlier run(s) of 'quickstart' under {tmp_path / 'ray'}, none with this config "
-        f"(the newest, quickstart_20251130-090000, differs in train.batch_size (4 -> 8)); starting a new run\n")
+        f"evadlab train: train.resume: 1 earlier run(s) of 'quickstart' under {tmp_path / 'ray'}, none with this "
+        f"config (the newest, quickstart_20251130-090000, differs in train.batch_size (4 -> 8)); starting a new run\n")
     marker = json.loads((tmp_path / "ray" / name / RUN_MARKER).read_text())
     assert marker["config_name"] == "quickstart" and marker["run_name"] == name
     assert marker["config_hash"] == config_hash(config_identity(changed))

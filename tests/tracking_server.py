@@ -16,7 +16,8 @@ from evadlab.platform.hooks import wait_for_tracking_server
 def mlflow_server_command(folder: Path, port: int) -> list[str]:
     """``mlflow server`` on 127.0.0.1:``port`` with its SQLite backend and artifact store in ``folder``."""
     return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts")]
+            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination", str(folder / "artifacts")]
 
 
 def free_port() -> int:
