@@ -72,16 +72,23 @@ def trade_off_tags(cfg: ExperimentConfig, gflops: float | None = None) -> dict[s
 
 def start_run(cfg: ExperimentConfig, *, run_name: str, parent_run_id: str | None = None,
               tags: dict[str, str] | None = None) -> str:
-    """Create the MLflow run of a job with the flattened config as params; returns its id."""
+    """Create the MLflow run of a job with the flattened config as params; returns its id. Raises TrackingError when
+    the server does not answer."""
     uri = cfg.tracking.resolved_uri()
     check_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(cfg.experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment_name)
     all_tags = {"mlflow.runName": run_name, **trade_off_tags(cfg), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    try:
+        with quick_http():
+            experiment = client.get_experiment_by_name(cfg.experiment_name)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment_name)
+            run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    except Exception as error:
+        if not is_outage(error):
+            raise
+        raise TrackingError(f"MLflow tracking server at {uri} stopped answering ({short_reason(error)})") from None
     RunLogger(uri, run.info.run_id).log_params(cfg.flat())
     return run.info.run_id
 
