@@ -124,13 +124,12 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
              mlflow_run_id: str | None = None) -> EvalResult:
     """``evadlab evaluate``: cluster-scale inference on the val shards with ``eval.concurrency`` actors.
 
-    Before Ray starts: the val shards must be completely prepared (UnpreparedDataError), the MLflow server must answer
-    (TrackingError; the evaluation's MLflow run is created then, unless ``mlflow_run_id`` names the run of the job
-    this evaluation is part of, whose logger keeps what it cannot send) and
-    ``checkpoint`` (else ``model.checkpoint``) is read once and checked against the configured model (ValueError
-    without one, CheckpointError for one that cannot be read or does not fit); the actors get its weights from the
-    object store. The result is printed, with where the detections are, before it is logged; a tracking server
-    that went away meanwhile leaves the records in ``out_dir`` (see :class:`RunLogger`).
+    Before Ray starts: the val shards must be completely prepared (UnpreparedDataError); the MLflow server must answer
+    (TrackingError), unless ``mlflow_run_id`` names the run of the job this evaluation is part of; ``checkpoint``
+    (else ``model.checkpoint``) is read once and checked against the configured model (ValueError without one,
+    CheckpointError for one that cannot be read or does not fit); then the evaluation's own MLflow run is created.
+    The actors get the weights from the object store. The result is printed, with where the detections are, before
+    it is logged; records a lost tracking server could not take wait in ``out_dir`` (see :class:`RunLogger`).
     """
     require_prepared(cfg, ("val",))
     location = checkpoint or cfg.model.checkpoint

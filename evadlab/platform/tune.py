@@ -24,7 +24,7 @@ from evadlab.config import (
     describe_validation_error,
     read_yaml,
 )
-from evadlab.errors import kind_of, one_line, original_error
+from evadlab.errors import original_error
 from evadlab.pipelines.prepare import require_prepared
 from evadlab.platform.compare import format_table, plot_map_vs_gflops, trade_off_table
 from evadlab.platform.tracking import RunLogger, is_outage, quick_http, start_run
@@ -147,8 +147,10 @@ def run_sweep(sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = (
     rows = summarise_or_say_why_not(spec, base, parent_run_id, sweep_dir, results)
     errors = [original_error(r.error) for r in results if r.error]
     if errors:
-        raise RuntimeError(f"{len(errors)} of {len(results)} trial(s) failed, the first with {kind_of(errors[0])}: "
-                           f"{one_line(errors[0])}")
+        # The first trial's own error ends the command (in one line, as the trial raised it); the count comes first.
+        print(f"evadlab tune: {len(errors)} of {len(results)} trial(s) failed; the first failure follows",
+              file=sys.stderr)
+        raise errors[0]
     return rows
 
 
