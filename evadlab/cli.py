@@ -1,19 +1,33 @@
 """The ``evadlab`` command line. Heavy imports (torch, Ray, MLflow) happen inside each command so that
-``evadlab --help`` and config errors answer at once."""
+``evadlab --help`` and config errors answer at once.
+
+Every error ends the command with one line, ``evadlab <command>: error: <message>``, on stderr: exit code 2 for bad
+input (arguments, files, configs, unreachable services), 1 for anything else. Errors raised inside Ray workers and
+actors are reported as the worker raised them. ``--debug`` or ``EVADLAB_DEBUG=1`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from evadlab.config import ConfigError, TrackingError, load_config
+from evadlab.config import load_config
+from evadlab.errors import is_user_error, kind_of, one_line, original_error
+
+DEBUG_VARIABLE = "EVADLAB_DEBUG"
 
 
-class _Parser(argparse.ArgumentParser):
-    """Reads an argument that names an existing file as a value even when it starts with '-', as real AVA video ids
-    do (``-5KQ66BBWC4.mp4``); argparse alone would take it for an unknown option."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors in the command's one-line form (argparse would print the usage first), which reads
+    an argument that names an existing file as a value even when it starts with '-', as real AVA video ids do
+    (``-5KQ66BBWC4.mp4``); argparse alone would take it for an unknown option."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
     def _parse_optional(self, arg_string: str):
         if arg_string.startswith("-") and arg_string not in self._option_string_actions and Path(arg_string).exists():
@@ -24,13 +38,15 @@ class _Parser(argparse.ArgumentParser):
 def _config_command(parser: argparse.ArgumentParser, name: str, help_text: str) -> argparse.ArgumentParser:
     sub = parser.add_parser(name, help=help_text, description=help_text)
     sub.add_argument("config", help="experiment YAML (see experiments/)")
-    sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+    sub.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                     help="dotted overrides, e.g. train.epochs=3")
     return sub
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="evadlab", description="EVAD on AVA with Ray and MLflow.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = OneLineParser(prog="evadlab", description="EVAD on AVA with Ray and MLflow.")
+    parser.add_argument("--debug", action="store_true", help=f"show tracebacks (or set {DEBUG_VARIABLE}=1)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     synth = commands.add_parser("synth", help="write a synthetic mini-AVA in the official layout")
     synth.add_argument("--out", required=True, type=Path)
@@ -68,7 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="mAP vs GFLOPs table and Pareto plot from MLflow")
     compare.add_argument("--experiment", help="MLflow experiment name (default: all)")
     compare.add_argument("--tracking-uri", help="default: sqlite mlflow.db in the working directory")
-    compare.add_argument("--out", type=Path, default=Path("runs/compare"))
+    compare.add_argument("--out", default="runs/compare", help="a folder or a storage URI (file://, s3://, ...)")
+
+    tracking = commands.add_parser("tracking", help="MLflow tracking: replay what a run kept while its server was away")
+    actions = tracking.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=OneLineParser)
+    replay = actions.add_parser("replay", help="send a run's MLflow backlog to the tracking server")
+    replay.add_argument("backlog", help="the run's mlflow_backlog.jsonl, or the run folder that holds it")
+    replay.add_argument("--tracking-uri", help="send to this server instead of the one the records name")
     return parser
 
 
@@ -97,8 +119,7 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from evadlab.platform.evaluate import evaluate
 
-    result = evaluate(_load(args), checkpoint=args.checkpoint)
-    print(f"frame-mAP@0.5 = {result.mAP:.4f}")
+    evaluate(_load(args), checkpoint=args.checkpoint)
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -147,24 +168,57 @@ def _compare(args: argparse.Namespace) -> None:
     compare_runs(experiment=args.experiment, tracking_uri=args.tracking_uri, out_dir=args.out)
 
 
+def _tracking(args: argparse.Namespace) -> None:
+    from evadlab.platform.tracking import replay_backlog
+
+    sent = replay_backlog(args.backlog, args.tracking_uri)
+    print(f"evadlab tracking replay: {sent} records sent; the backlog {args.backlog} is empty and removed")
+
+
 def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
 COMMANDS = {
     "synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "tune": _tune,
-    "run": _run, "flops": _flops, "ava-map": _ava_map, "demo": _demo, "compare": _compare,
+    "run": _run, "flops": _flops, "ava-map": _ava_map, "demo": _demo, "compare": _compare, "tracking": _tracking,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs one command; returns its exit code (0, 1 for a fault of evadlab, 2 for bad input)."""
+    args = parse_arguments(build_parser(), argv)
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError, TrackingError) as exc:
-        print(f"evadlab {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as error:  # noqa: BLE001 - every error ends in the command's one line
+        return report_error(args, error)
     return 0
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides allowed after options too (``evaluate CONFIG --checkpoint F
+    key=value``), which argparse alone refuses once the positional list has ended."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if unknown:
+        prog = f"{parser.prog} {args.command}"
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see '{prog} --help')\n")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def report_error(args: argparse.Namespace, error: Exception) -> int:
+    """Prints the one line (after the traceback when debugging) and returns the exit code."""
+    if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+        traceback.print_exception(error)
+    cause = original_error(error)
+    if is_user_error(cause):
+        print(f"evadlab {args.command}: error: {one_line(cause)}", file=sys.stderr)
+        return 2
+    print(f"evadlab {args.command}: error: {kind_of(cause)}: {one_line(cause)} (a fault of evadlab; "
+          f"{DEBUG_VARIABLE}=1 shows the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

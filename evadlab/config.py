@@ -25,11 +25,12 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 
 from evadlab.models.config import VARIANTS, EVADConfig, EVADConfigError, keep_rates_at
-from evadlab.storage import absolute
+from evadlab.storage import absolute, is_local, local_path
 
 AVA_ANNOTATIONS = {
     "train_annotations": "ava_train_v2.2.csv",
@@ -50,6 +51,17 @@ class TrackingError(RuntimeError):
 class Section(BaseModel):
     # strict: YAML's true is no 1.0 and 1 no true; pydantic still takes an int for a float.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+def local_folder(value: str) -> str:
+    """A folder read and written with plain file I/O (data, shards, outputs): a local path or a ``file://`` URI (a
+    mounted shared file system), returned as an absolute path. Raises ValueError for a remote URI."""
+    if not value:
+        return value
+    if not is_local(value):
+        raise ValueError(f"{value} is not on this machine's file system: use a local path, a mounted shared folder "
+                         f"or a file:// URI (object-store URIs are for train.storage_path and checkpoints)")
+    return str(local_path(value))
 
 
 class DataConfig(Section):
@@ -77,6 +89,8 @@ class DataConfig(Section):
     train_frame_list: str = "train.csv"
     val_frame_list: str = "val.csv"
     prepare_cpus: float = Field(1.0, gt=0)
+
+    _local_folders = field_validator("root", "shards")(local_folder)
 
     @property
     def root_path(self) -> Path:
@@ -232,6 +246,8 @@ class TrackingConfig(Section):
     enabled: bool = True
     uri: str = ""
     experiment: str = ""
+    # While the server is away, a job keeps its records in the run folder and tries to send them this often.
+    retry_s: float = Field(30.0, ge=0)
 
     def resolved_uri(self) -> str:
         """An ``mlflow server`` URI when given, else a SQLite file under the working directory."""
@@ -251,6 +267,8 @@ class ExperimentConfig(Section):
     eval: EvalConfig = EvalConfig()
     tune: TuneConfig = TuneConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    _local_folders = field_validator("output_dir")(local_folder)
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> ExperimentConfig:

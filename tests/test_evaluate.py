@@ -1,11 +1,13 @@
 """Cluster-scale evaluation with Ray Data actors: detections CSV, frame-mAP, MLflow, actor-count invariance."""
 
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from tracking_server import free_port, start_mlflow_server, stop_process_group
 
 from evadlab.config import load_config
 from evadlab.models.checkpoints import CheckpointError, save_training_checkpoint
@@ -14,6 +16,7 @@ from evadlab.pipelines.ava_map import evaluate_files
 from evadlab.pipelines.prepare import prepare
 from evadlab.platform.evaluate import evaluate
 from evadlab.platform.modeling import build_model
+from evadlab.platform.tracking import BACKLOG_FILE
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 pytestmark = pytest.mark.slow
@@ -79,3 +82,26 @@ def test_evaluate_names_a_missing_checkpoint(evaluation_setup):
     with pytest.raises(CheckpointError, match="checkpoint does_not_exist.pt does not exist"):
         evaluate(cfg, "does_not_exist.pt")
 
+
+
+def test_a_finished_evaluation_is_kept_when_the_tracking_server_went_away(evaluation_setup, tmp_path, capsys):
+    """As in `evadlab run` when the server is lost during training: the evaluation logs into the job's run, finds the
+    server gone, and still returns, prints and keeps its result; the records wait in its folder for a replay."""
+    folder, cfg, checkpoint = evaluation_setup
+    server, uri = start_mlflow_server(tmp_path / "mlflow", free_port())
+    run_id = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("lost")).info.run_id
+    stop_process_group(server.pid)
+    server.wait(timeout=60)
+    run_cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
+    result = evaluate(run_cfg, str(checkpoint), out_dir=tmp_path / "evaluation", mlflow_run_id=run_id)
+
+    assert result.detections_path.stat().st_size > 0
+    captured = capsys.readouterr()
+    assert f"frame-mAP@0.5 = {result.mAP:.4f}" in captured.out and str(result.detections_path) in captured.out
+    backlog = tmp_path / "evaluation" / BACKLOG_FILE
+    assert f"`evadlab tracking replay {backlog}`" in captured.err
+    records = [json.loads(line) for line in backlog.read_text().splitlines()]
+    assert records[0]["kind"] == "metrics" and records[0]["metrics"]["val/mAP"] == result.mAP
+    kept = sorted(Path(r["path"]).name for r in records if r["kind"] == "artifact")
+    assert kept == ["detections.csv", "eval_per_class_ap.csv", "eval_per_class_ap.png"]
+    assert all(Path(r["path"]).is_file() for r in records if r["kind"] == "artifact")

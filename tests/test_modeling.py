@@ -62,3 +62,12 @@ def test_a_released_file_carries_no_evadlab_config(trained, tmp_path):
     torch.save({"epoch": 11, "model_state": model.state_dict(), "cfg": "TRAIN:\n  ENABLE: True\n"}, released)
     with pytest.raises(CheckpointError, match="carries no evadlab config .*pass --config"):
         stored_config(open_checkpoint(str(released)))
+
+
+def test_checking_the_fit_on_the_meta_device_prints_nothing(trained, recwarn):
+    """The check runs before every train and evaluate; torch would warn once per tensor that a meta copy does
+    nothing."""
+    cfg, _, path = trained
+    start = complete_checkpoint(load_config(QUICKSTART, ["model.act_fc_dim=64", f"model.checkpoint={path}"]).model)
+    build_model(cfg.model, start, device="meta")
+    assert [str(warning.message) for warning in recwarn] == []

@@ -2,6 +2,7 @@
 resume, and a real MLflow server. Each test is a real TorchTrainer run, so they are few and tiny."""
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -9,6 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from evadlab.cli import main
 from evadlab.config import load_config
 from evadlab.models.checkpoints import load_training_checkpoint
 from evadlab.pipelines.prepare import prepare
@@ -21,12 +23,14 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.y
 pytestmark = pytest.mark.slow
 
 
+def tiny_overrides(tmp_path, data_root, *overrides) -> list[str]:
+    return [f"data.root={data_root}", f"data.shards={tmp_path / 'shards'}", f"train.storage_path={tmp_path / 'ray'}",
+            f"output_dir={tmp_path / 'runs'}", "train.epochs=1", "train.batch_size=2", "eval.every_epochs=0",
+            "train.cpus_per_worker=0.5", "model.act_fc_dim=64", *overrides]
+
+
 def tiny_config(tmp_path, data_root, *overrides):
-    return load_config(QUICKSTART, [
-        f"data.root={data_root}", f"data.shards={tmp_path / 'shards'}", f"train.storage_path={tmp_path / 'ray'}",
-        f"output_dir={tmp_path / 'runs'}", "train.epochs=1", "train.batch_size=2", "eval.every_epochs=0",
-        "train.cpus_per_worker=0.5", "model.act_fc_dim=64", *overrides,
-    ])
+    return load_config(QUICKSTART, tiny_overrides(tmp_path, data_root, *overrides))
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +172,16 @@ def test_unreachable_tracking_server_stops_at_start(prepared, mini_ava, tmp_path
     with pytest.raises(RuntimeError, match="unreachable"):
         train(cfg)
     assert not (tmp_path / "ray").exists(), "nothing may start before the tracking check"
+
+
+def test_an_error_raised_in_a_worker_ends_the_command_in_its_own_line(prepared, mini_ava, tmp_path, capsys):
+    """Labels outside model.num_actions fail inside Ray Data, inside the training worker: Ray wraps the error three
+    times (WorkerGroupError, RayTaskError, UserCodeException); the command prints the one line the code raised."""
+    folder, shards = prepared
+    argv = ["train", str(QUICKSTART), *tiny_overrides(tmp_path, mini_ava, f"data.shards={shards}",
+                                                      "model.num_actions=10", "tracking.enabled=false")]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evadlab train: error:")]
+    assert len(errors) == 1
+    assert re.fullmatch(r"evadlab train: error: row \w+,\d+: action ids \[[\d, ]+\] of box \d+ are outside 1\.\.10",
+                        errors[0]), errors[0]

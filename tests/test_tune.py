@@ -22,7 +22,7 @@ def write_sweep(folder: Path, data_root: Path, **extra) -> Path:
         "base": str(EXPERIMENTS / "quickstart.yaml"),
         "search_space": {"model.keep_rate": {"grid": [1.0, 0.7, 0.4]}},
         "overrides": {"data.root": str(data_root), "data.shards": str(folder / "shards"),
-                      "train.storage_path": str(folder / "ray"), "output_dir": str(folder / "runs"),
+                      "train.storage_path": f"file://{folder / 'ray'}", "output_dir": str(folder / "runs"),
                       "train.epochs": 1, "train.cpus_per_worker": 0.5, "model.act_fc_dim": 64,
                       "name": "sweep_test"},
         **extra,
@@ -45,7 +45,10 @@ def test_sweep_file_errors_name_the_key(tmp_path):
         load_sweep(path)
 
 
-def test_three_trial_sweep_logs_parent_and_children_and_resumes(tmp_path, mini_ava, ray_local, mlflow_server):
+def test_three_trial_sweep_logs_parent_and_children_and_resumes(tmp_path, mini_ava, ray_local, mlflow_server,
+                                                                 monkeypatch):
+    """The storage path is a file:// URI (as Ray users name NFS paths), and the resume runs from another working
+    directory: it must find the sweep's parent run and trials under the URI, and write nothing relative to either."""
     from evadlab.pipelines.prepare import prepare
 
     path = write_sweep(tmp_path, mini_ava)
@@ -95,9 +98,17 @@ def test_three_trial_sweep_logs_parent_and_children_and_resumes(tmp_path, mini_a
                       [0].info.run_id)
     untouched = {trial_id: path.stat().st_mtime_ns for trial_id, path in runs_by_trial.items()}
 
+    parent_marker = (sweep_dir / "mlflow_parent_run_id").read_text()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     resumed_rows = run_sweep(path, [f"tracking.uri={mlflow_server}", "tune.resume=true"])
+    assert (sweep_dir / "mlflow_parent_run_id").read_text() == parent_marker == parents[0].info.run_id
+    assert list(elsewhere.iterdir()) == [] and not list(Path(__file__).parents[1].glob("file:*"))
     assert {trial_id: runs_by_trial[trial_id].stat().st_mtime_ns for trial_id in untouched} == untouched
     assert len(list((tmp_path / "ray").glob(f"sweep_test_{interrupted}_*"))) == 1, "the interrupted trial ran again"
-    children_after = [r for r in client.search_runs([experiment.experiment_id])
-                      if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    runs_after = client.search_runs([experiment.experiment_id])
+    children_after = [r for r in runs_after if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children_after) == 3 and len(resumed_rows) == 3
+    assert [r.info.run_id for r in runs_after if "mlflow.parentRunId" not in r.data.tags] == [parents[0].info.run_id]
+    assert (sweep_dir / "map_vs_gflops.png").stat().st_size > 0

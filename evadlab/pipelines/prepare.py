@@ -349,6 +349,7 @@ def write_manifest(out: Path, data: DataConfig, splits: tuple[str, ...], tasks: 
             "videos": {f"{task.split}/{task.video_id}": source_record(task) for task in tasks},
         },
         "counts": {split: sum(n for (s, _), n in rows.items() if s == split) for split in splits},
+        "expected": {split: sum(len(task.keyframes) for task in tasks if task.split == split) for split in splits},
         "videos": {split: {video: n for (s, video), n in sorted(rows.items()) if s == split} for split in splits},
         "rejected": [rejection_record(rejection) for rejection in rejected],
     }
@@ -359,6 +360,65 @@ def rejection_record(rejection: Rejection) -> dict[str, Any]:
     if isinstance(rejection, KeyframeRejection):
         return rejection.record()
     return {"source": rejection.source, "line": rejection.line, "reason": rejection.reason}
+
+
+class UnpreparedDataError(ValueError):
+    """The shards a command needs were never prepared, are incomplete, of another clip spec, or empty."""
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest under ``out`` as written by :func:`write_manifest`; None when there is none."""
+    path = Path(out) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def require_prepared(cfg: ExperimentConfig, splits: tuple[str, ...]) -> dict[str, Any]:
+    """The manifest, once it says that ``splits`` are completely prepared for this config's clip spec and hold
+    keyframes. Raises UnpreparedDataError, one line saying what is missing and how to finish it, otherwise."""
+    out, rerun = cfg.data.shards_path, "`evadlab prepare <config>`"
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise UnpreparedDataError(f"no prepared shards at {out} (no {MANIFEST}): run {rerun} first")
+    if manifest.get("clip_spec") != cfg.data.clip_spec:
+        raise UnpreparedDataError(f"{out} holds shards of clip spec {manifest.get('clip_spec')}, but this config asks "
+                                  f"for {cfg.data.clip_spec}: run {rerun} or set data.shards")
+    absent = [split for split in splits if split not in manifest["counts"]]
+    if absent:
+        raise UnpreparedDataError(f"the {'/'.join(absent)} split was never prepared at {out}: run {rerun}")
+    if not manifest["complete"]:
+        progress = "; ".join(split_progress(manifest, split) for split in splits)
+        raise UnpreparedDataError(f"the shards at {out} are incomplete (a prepare was interrupted): {progress}; "
+                                  f"rerun {rerun} to resume it")
+    for split in splits:
+        if manifest["counts"][split] == 0:
+            raise UnpreparedDataError(f"the {split} split at {out} holds no keyframes: {why_empty(cfg, split)}")
+    return manifest
+
+
+def split_progress(manifest: dict[str, Any], split: str) -> str:
+    """``train: 49 of 91 keyframes, 3 of 8 videos missing (a, b, c)`` for a manifest of an unfinished prepare."""
+    planned = {key.split("/", 1)[1] for key in manifest["sources"]["videos"] if key.startswith(f"{split}/")}
+    rejected = {entry["source"] for entry in manifest["rejected"]}
+    missing = sorted(video for video in planned - set(manifest["videos"][split])
+                     if manifest["sources"]["videos"][f"{split}/{video}"]["path"] not in rejected)
+    shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    expected = manifest.get("expected", {}).get(split)
+    of_expected = f" of {expected}" if expected is not None else ""
+    return (f"{split}: {manifest['counts'][split]}{of_expected} keyframes, {len(missing)} of {len(planned)} videos "
+            f"missing" + (f" ({shown})" if missing else ""))
+
+
+def why_empty(cfg: ExperimentConfig, split: str) -> str:
+    """Why a completely prepared split holds no keyframes: its annotation file has no usable rows, or none of the
+    videos it names could be read. Reads the annotation file again (only on this error path)."""
+    names = {"train": cfg.data.train_annotations, "val": cfg.data.val_annotations}
+    annotations = cfg.data.annotation_dir / names[split]
+    table, bad_rows = read_annotations(annotations)
+    listed = f"listed under 'rejected' in {cfg.data.shards_path / MANIFEST}"
+    if table.num_rows == 0:
+        return f"its annotation file {annotations} has no usable rows ({len(bad_rows)} rejected, {listed})"
+    videos = len(set(table["video_id"].to_pylist()))
+    return f"none of the {videos} videos named in {annotations} could be read ({listed})"
 
 
 def source_record(task: VideoTask) -> dict[str, Any]:

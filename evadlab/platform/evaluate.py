@@ -28,7 +28,9 @@ from evadlab.pipelines.ava import (
 )
 from evadlab.pipelines.ava_map import evaluate_files, parse_iou_thresholds
 from evadlab.pipelines.clips import decode_clip, iter_shard_rows, read_shards, to_model_input
+from evadlab.pipelines.prepare import require_prepared
 from evadlab.platform.modeling import StartingWeights, build_model, complete_checkpoint
+from evadlab.platform.tracking import RunLogger, check_tracking_uri, log_per_class_ap, start_run
 from evadlab.ray_session import ensure_ray
 
 
@@ -128,22 +130,42 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
              mlflow_run_id: str | None = None) -> EvalResult:
     """``evadlab evaluate``: cluster-scale inference on the val shards with ``eval.concurrency`` actors.
 
-    ``checkpoint`` (else ``model.checkpoint``) is read once here and checked against the configured model before
-    Ray starts; the actors get its weights from the object store. Raises ValueError without a checkpoint,
-    CheckpointError for one that cannot be read or does not fit, FileNotFoundError without prepared shards.
+    Before Ray starts: the val shards must be completely prepared (UnpreparedDataError); the MLflow server must answer
+    (TrackingError), unless ``mlflow_run_id`` names the run of the job this evaluation is part of; ``checkpoint``
+    (else ``model.checkpoint``) is read once and checked against the configured model (ValueError without one,
+    CheckpointError for one that cannot be read or does not fit); then the evaluation's own MLflow run is created.
+    The actors get the weights from the object store. The result is printed, with where the detections are, before
+    it is logged; records a lost tracking server could not take wait in ``out_dir`` (see :class:`RunLogger`).
     """
-    start_weights = complete_checkpoint(cfg.model, checkpoint, cfg.tracking.resolved_uri())
-    if start_weights is None:
+    require_prepared(cfg, ("val",))
+    location = checkpoint or cfg.model.checkpoint
+    if not location:
         raise ValueError("evaluate needs a checkpoint: pass --checkpoint or set model.checkpoint")
+    if cfg.tracking.enabled and mlflow_run_id is None:
+        check_tracking_uri(cfg.tracking.resolved_uri())
+    start_weights = complete_checkpoint(cfg.model, location, cfg.tracking.resolved_uri())
     build_model(cfg.model, start_weights, device="meta")
-    shards = cfg.data.shards_path
-    if not (shards / "manifest.json").exists():
-        raise FileNotFoundError(f"no prepared shards at {shards}; run 'evadlab prepare' first")
+    out_dir = out_dir or cfg.run_dir / f"evaluate_{time.strftime('%Y%m%d-%H%M%S')}"
+    logger = evaluation_logger(cfg, location, mlflow_run_id, out_dir)
+    try:
+        result = infer_and_score(cfg, start_weights, out_dir)
+    except BaseException:
+        if logger and mlflow_run_id is None:
+            logger.end("FAILED")
+            logger.finish()
+        raise
+    if logger:
+        log_evaluation(logger, result, own_run=mlflow_run_id is None)
+    return result
+
+
+def infer_and_score(cfg: ExperimentConfig, start_weights: StartingWeights, out_dir: Path) -> EvalResult:
+    """Ray Data inference over the val shards, the detections CSV in ``out_dir`` and its frame-mAP."""
     ensure_ray()
     start = time.perf_counter()
     # Blocks of one batch each: every clip is heavy, so they must spread over all actors even when the
     # shards are small.
-    val_clips = read_shards(shards, "val").repartition(target_num_rows_per_block=cfg.eval.batch_size)
+    val_clips = read_shards(cfg.data.shards_path, "val").repartition(target_num_rows_per_block=cfg.eval.batch_size)
     detections = val_clips.map_batches(
         ClipDetector,
         fn_constructor_kwargs={"experiment": cfg.model_dump(mode="json"), "start": ray.put(start_weights)},
@@ -152,28 +174,30 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
         batch_format="numpy",
     )
     table = _sorted_table(batch for batch in detections.iter_batches(batch_format="numpy", batch_size=None))
-    out_dir = out_dir or cfg.run_dir / f"evaluate_{time.strftime('%Y%m%d-%H%M%S')}"
     result = score_detections(table, cfg, out_dir)
     seconds = time.perf_counter() - start
     clips = len({(v, t) for v, t in zip(table["video_id"].to_pylist(), table["timestamp"].to_pylist())})
     result.metrics = {"val/mAP": result.mAP, "eval/seconds": seconds, "eval/clips_per_s": clips / seconds}
-    if cfg.tracking.enabled:
-        _log_evaluation(cfg, result, start_weights.checkpoint.source, mlflow_run_id)
-    print(f"evadlab evaluate: {clips} keyframes, {result.num_detections} detection rows in {seconds:.1f} s; "
-          f"detections: {result.detections_path}")
+    print(f"evadlab evaluate: frame-mAP@0.5 = {result.mAP:.4f} on {clips} keyframes ({result.num_detections} "
+          f"detection rows, {seconds:.1f} s); detections: {result.detections_path}")
     return result
 
 
-def _log_evaluation(cfg: ExperimentConfig, result: EvalResult, checkpoint: str, run_id: str | None) -> None:
-    from evadlab.platform.tracking import RunLogger, log_per_class_ap, start_run
+def evaluation_logger(cfg: ExperimentConfig, checkpoint: str, run_id: str | None, out_dir: Path) -> RunLogger | None:
+    """The logger of the evaluation: into ``run_id``, else into a new MLflow run created now; None without tracking.
+    Its backlog is ``out_dir``."""
+    if not cfg.tracking.enabled:
+        return None
+    if run_id is None:
+        run_id = start_run(cfg, run_name=f"evaluate_{Path(checkpoint).stem}",
+                           tags={"evadlab.job": "evaluate", "evadlab.checkpoint": checkpoint})
+    return RunLogger(cfg.tracking.resolved_uri(), run_id, backlog=str(out_dir), retry_s=0.0)
 
-    own_run = run_id is None
-    if own_run:
-        run_id = start_run(cfg, run_name=f"evaluate_{Path(checkpoint).stem}", tags={"evadlab.job": "evaluate",
-                                                                                     "evadlab.checkpoint": checkpoint})
-    logger = RunLogger(cfg.tracking.resolved_uri(), run_id)
+
+def log_evaluation(logger: RunLogger, result: EvalResult, own_run: bool) -> None:
     logger.log_metrics(result.metrics, step=0)
     log_per_class_ap(logger, result.per_class_named, prefix="eval_")
     logger.log_artifact(result.detections_path, "evaluation")
     if own_run:
         logger.end()
+    logger.finish()

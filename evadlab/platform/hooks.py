@@ -8,6 +8,10 @@ the package (not under tests/) because Ray pickles them by reference into worker
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -70,3 +74,58 @@ class RecordWeights(TrainingHooks):
         self.folder.mkdir(parents=True, exist_ok=True)
         state = {name: value.detach().cpu() for name, value in model.state_dict().items()}
         torch.save(state, self.folder / f"epoch_{epoch:03d}_rank_{rank}.pt")
+
+
+def tracking_server_answers(uri: str) -> bool:
+    """Whether the MLflow server at ``uri`` answers its health check now."""
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_tracking_server(uri: str, up: bool, timeout_s: float = 120.0) -> None:
+    """Waits until the server at ``uri`` answers (``up``) or refuses (not ``up``). Raises TimeoutError."""
+    deadline = time.monotonic() + timeout_s
+    while tracking_server_answers(uri) != up:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the MLflow server at {uri} did not {'start' if up else 'stop'} in {timeout_s:g} s")
+        time.sleep(0.5)
+
+
+class StopTrackingServer(TrainingHooks):
+    """Rank 0 stops the MLflow server at ``uri`` (process group ``pid``) after epoch ``stop_after_epoch``, before the
+    epoch is reported, and starts it again with ``command`` after the first optimiser step of epoch
+    ``restart_in_epoch``, waiting until it answers. The new server's pid goes to ``folder/server.pid`` (its starter
+    stops it). ``folder/backlogs_before_restart.txt``, and ``backlogs_after_restart.txt`` at the end of that epoch,
+    list the MLflow backlogs then waiting under ``watch``."""
+
+    def __init__(self, uri: str, pid: int, folder: str | Path, *, stop_after_epoch: int, restart_in_epoch: int,
+                 command: list[str], watch: str | Path):
+        self.uri, self.pid, self.folder, self.command = uri, pid, Path(folder), command
+        self.stop_after_epoch, self.restart_in_epoch, self.watch = stop_after_epoch, restart_in_epoch, watch
+
+    def after_epoch(self, epoch: int, rank: int, model: torch.nn.Module) -> None:
+        if rank != 0:
+            return
+        if epoch == self.stop_after_epoch:
+            os.killpg(self.pid, signal.SIGTERM)
+            wait_for_tracking_server(self.uri, up=False)
+        if epoch == self.restart_in_epoch:
+            self.list_backlogs("backlogs_after_restart.txt")
+
+    def list_backlogs(self, name: str) -> None:
+        waiting = sorted(str(path) for path in Path(self.watch).rglob("mlflow_backlog.jsonl"))
+        (self.folder / name).write_text("".join(f"{path}\n" for path in waiting))
+
+    def after_optimizer_step(self, epoch: int, step: int, rank: int, world: int) -> None:
+        pid_file = self.folder / "server.pid"
+        if rank != 0 or epoch != self.restart_in_epoch or pid_file.exists():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.list_backlogs("backlogs_before_restart.txt")
+        with open(self.folder / "restarted_server.log", "w") as log:
+            server = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        pid_file.write_text(str(server.pid))
+        wait_for_tracking_server(self.uri, up=True)

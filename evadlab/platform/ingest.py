@@ -7,7 +7,6 @@ the workers; each worker iterates its split with a local shuffle buffer and move
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ import torch.distributed as dist
 
 from evadlab.config import ExperimentConfig
 from evadlab.pipelines.clips import decode_clip, multi_hot, read_shards, to_model_input
+from evadlab.pipelines.prepare import require_prepared
 
 TRAIN_SPLIT = "train"
 
@@ -39,9 +39,9 @@ class MicroBatch:
 
 
 def count_rows(cfg: ExperimentConfig, split: str) -> int:
-    """Keyframes of ``split`` recorded in the shards' manifest."""
-    manifest = json.loads((cfg.data.shards_path / "manifest.json").read_text())
-    return int(manifest["counts"][split])
+    """Keyframes of ``split``, as the manifest of completely prepared shards records them. Raises UnpreparedDataError
+    for shards that are missing, incomplete or empty."""
+    return int(require_prepared(cfg, (split,))["counts"][split])
 
 
 def training_dataset(cfg: ExperimentConfig) -> ray.data.Dataset:

@@ -94,14 +94,13 @@ def build_model(model_cfg: ModelConfig, start: StartingWeights | None = None, de
     On the ``meta`` device this only checks that the weights fit, at no memory cost. Raises CheckpointError."""
     with torch.device(device):
         model = EVAD(model_cfg.evad)
-    if start is None:
-        return model
     with warnings.catch_warnings():
-        # On the meta device torch warns, once per tensor, that copying into a meta parameter does nothing.
-        warnings.filterwarnings("ignore", message=".*meta parameter.*", category=UserWarning)
-        if start.backbone_only:
+        # On the meta device a load only checks keys and shapes, and torch warns, once per tensor (hundreds of lines),
+        # that copying into a meta parameter does nothing.
+        warnings.filterwarnings("ignore", message="for .*: copying from a non-meta parameter", category=UserWarning)
+        if start is not None and start.backbone_only:
             load_pretrained_backbone(model, start.checkpoint)
-        else:
+        elif start is not None:
             load_evad_checkpoint(model, start.checkpoint)
     return model
 

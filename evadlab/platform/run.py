@@ -9,40 +9,25 @@ from evadlab.config import ExperimentConfig
 from evadlab.storage import write_text
 
 
-def _shards_ready(cfg: ExperimentConfig) -> bool:
-    manifest = cfg.data.shards_path / "manifest.json"
-    if not manifest.exists():
-        return False
-    recorded = json.loads(manifest.read_text())
-    return recorded.get("clip_spec") == cfg.data.clip_spec and recorded.get("complete", False)
-
-
 def run_main_job(cfg: ExperimentConfig) -> dict:
-    """Synth (if the data root is missing and the config asks for synthetic data) -> prepare (skipped when
-    shards with the same clip spec exist) -> train -> evaluate, then a summary and ``summary.json``."""
-    from evadlab.pipelines.prepare import prepare
-    from evadlab.pipelines.synthetic import generate_mini_ava
+    """Synth (if the data root is missing and the config asks for synthetic data) -> prepare (skipped when a complete
+    prepare of this clip spec exists, resumed when one was interrupted) -> train -> evaluate, then a summary and
+    ``summary.json``. Nothing is written before the MLflow server has answered and the starting weights (if any) have
+    been read and checked."""
     from evadlab.platform.evaluate import evaluate
+    from evadlab.platform.modeling import build_model, starting_weights
+    from evadlab.platform.tracking import check_tracking_uri
     from evadlab.platform.train import train
 
     start = time.perf_counter()
-    # The generator writes the annotations last, so their presence means a complete dataset.
-    if not (cfg.data.annotation_dir / cfg.data.train_annotations).exists():
-        if not cfg.data.synthetic:
-            raise FileNotFoundError(f"no AVA annotations under data.root {cfg.data.root} (set data.synthetic=true "
-                                    f"for the embedded mini-AVA)")
-        print(f"[1/4] synth: writing the synthetic mini-AVA to {cfg.data.root}")
-        generate_mini_ava(cfg.data.root_path, videos=cfg.data.synth_videos, seconds=cfg.data.synth_seconds,
-                          seed=cfg.data.synth_seed, frames=cfg.data.source == "frames")
-    else:
-        print(f"[1/4] synth: AVA annotations found under {cfg.data.root}, nothing to generate")
-    if _shards_ready(cfg):
-        print(f"[2/4] prepare: shards with this clip spec exist at {cfg.data.shards_path}, skipped")
-    else:
-        print("[2/4] prepare")
-        prepare(cfg)
+    if cfg.tracking.enabled:
+        check_tracking_uri(cfg.tracking.resolved_uri())
+    weights = starting_weights(cfg.model, cfg.tracking.resolved_uri())
+    build_model(cfg.model, weights, device="meta")
+    synthesise_if_needed(cfg)
+    ensure_prepared(cfg)
     print("[3/4] train")
-    trained = train(cfg)
+    trained = train(cfg, start=weights)
     if trained.checkpoint_path is None:
         raise RuntimeError("training reported no checkpoint")
     print("[4/4] evaluate")
@@ -58,3 +43,34 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
     print(f"MLflow run: {trained.mlflow_run_id}  ->  mlflow ui --backend-store-uri {trained.tracking_uri}")
     print(f"summary: {out_dir / 'summary.json'}")
     return summary
+
+
+def synthesise_if_needed(cfg: ExperimentConfig) -> None:
+    """Writes the synthetic mini-AVA when the annotations are missing and the config asks for it."""
+    from evadlab.pipelines.synthetic import generate_mini_ava
+
+    # The generator writes the annotations last, so their presence means a complete dataset.
+    if (cfg.data.annotation_dir / cfg.data.train_annotations).exists():
+        print(f"[1/4] synth: AVA annotations found under {cfg.data.root}, nothing to generate")
+        return
+    if not cfg.data.synthetic:
+        raise FileNotFoundError(f"no AVA annotations under data.root {cfg.data.root} (set data.synthetic=true "
+                                f"for the embedded mini-AVA)")
+    print(f"[1/4] synth: writing the synthetic mini-AVA to {cfg.data.root}")
+    generate_mini_ava(cfg.data.root_path, videos=cfg.data.synth_videos, seconds=cfg.data.synth_seconds,
+                      seed=cfg.data.synth_seed, frames=cfg.data.source == "frames")
+
+
+def ensure_prepared(cfg: ExperimentConfig) -> None:
+    """Prepares the shards unless a complete prepare of this clip spec holds them; an interrupted prepare is resumed
+    (finished videos are kept). Empty splits are left for ``train`` to refuse with their cause."""
+    from evadlab.pipelines.prepare import prepare, read_manifest
+
+    manifest = read_manifest(cfg.data.shards_path)
+    if manifest and manifest["complete"] and manifest.get("clip_spec") == cfg.data.clip_spec \
+            and {"train", "val"} <= set(manifest["counts"]):
+        print(f"[2/4] prepare: shards with this clip spec exist at {cfg.data.shards_path}, skipped")
+        return
+    resuming = manifest is not None and not manifest["complete"]
+    print(f"[2/4] prepare{': resuming an interrupted prepare' if resuming else ''}")
+    prepare(cfg)

@@ -26,6 +26,7 @@ from evadlab import storage
 from evadlab.config import ExperimentConfig
 from evadlab.models.checkpoints import load_training_checkpoint, save_training_checkpoint
 from evadlab.models.flops import flops_report
+from evadlab.pipelines.prepare import require_prepared
 from evadlab.platform.evaluate import evaluate_in_workers
 from evadlab.platform.hooks import TrainingHooks
 from evadlab.platform.ingest import (
@@ -36,8 +37,9 @@ from evadlab.platform.ingest import (
     epoch_batches,
     training_dataset,
 )
-from evadlab.platform.modeling import build_model, starting_weights
+from evadlab.platform.modeling import StartingWeights, build_model, starting_weights
 from evadlab.platform.recipe import build_optimizer, learning_rate, set_learning_rate
+from evadlab.platform.runs import new_run_name, run_to_resume, why_none_matches, write_run_marker
 from evadlab.platform.tracking import RunLogger, check_tracking_uri, log_per_class_ap, start_run
 from evadlab.ray_session import ensure_ray
 
@@ -121,8 +123,7 @@ def start_worker(loop_config: dict[str, Any]) -> Worker:
         optimizer.load_state_dict(state["optimizer_state"])
         progress = Progress(**state["extra"]["progress"])
     model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
-    tracking = loop_config["mlflow"]
-    logger = RunLogger(**tracking) if rank == 0 and tracking else None
+    logger = loop_config["mlflow"] if rank == 0 else None
     if logger and not restored:
         logger.log_metrics(loop_config["model_metrics"], step=0)
     return Worker(cfg=cfg, rank=rank, world=world, device=ray.train.torch.get_device(), model=model,
@@ -255,6 +256,7 @@ class RunSetup:
 
     run_name: str
     storage: str  # train.storage_path as an absolute path or a URI
+    local_path: str  # the run folder on this machine's file system: evaluation outputs, the MLflow backlog
     mlflow_run_id: str
     tracking_uri: str
     model_metrics: dict[str, float]
@@ -263,51 +265,73 @@ class RunSetup:
     def run_path(self) -> str:
         return storage.join(self.storage, self.run_name)
 
+    def logger(self, retry_s: float) -> RunLogger | None:
+        """The run's MLflow logger, its backlog in the local run folder; None when tracking is off."""
+        if not self.mlflow_run_id:
+            return None
+        return RunLogger(self.tracking_uri, self.mlflow_run_id, backlog=self.local_path, retry_s=retry_s)
+
+
+def training_splits(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The splits a training run reads: train, and val when it evaluates."""
+    return (TRAIN_SPLIT, "val") if cfg.eval.every_epochs > 0 else (TRAIN_SPLIT,)
+
 
 def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks: list | None = None,
-          hooks: list[TrainingHooks] | None = None) -> TrainResult:
+          hooks: list[TrainingHooks] | None = None, start: StartingWeights | None = None) -> TrainResult:
     """``evadlab train``: fit EVAD on the prepared train shards, evaluating on val as configured.
 
-    ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback``); ``hooks`` run inside the workers (tests).
-    Raises FileNotFoundError when the shards were never prepared, TrackingError when MLflow is unreachable and
-    CheckpointError when ``model.checkpoint`` / ``model.pretrained`` cannot be read or do not fit, all before Ray
-    starts.
+    ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback``); ``hooks`` run inside the workers (tests);
+    ``start`` are starting weights the caller has read and checked already (else ``model.checkpoint`` /
+    ``model.pretrained`` are read here). Before Ray starts, raises UnpreparedDataError for shards that are missing,
+    incomplete or empty, TrackingError when MLflow is unreachable and CheckpointError when the starting weights
+    cannot be read or do not fit. Once training runs, MLflow may go away: see :class:`RunLogger`.
     """
-    if not (cfg.data.shards_path / "manifest.json").exists():
-        raise FileNotFoundError(f"no prepared shards at {cfg.data.shards_path}; run 'evadlab prepare' first")
-    start = starting_weights(cfg.model, cfg.tracking.resolved_uri())
-    build_model(cfg.model, start, device="meta")
+    require_prepared(cfg, training_splits(cfg))
+    if cfg.tracking.enabled:
+        check_tracking_uri(cfg.tracking.resolved_uri())
+    if start is None:
+        start = starting_weights(cfg.model, cfg.tracking.resolved_uri())
+        build_model(cfg.model, start, device="meta")
     setup = set_up_run(cfg, parent_run_id)
     ensure_ray()
     warn_if_no_cpu_left_for_data(cfg)
     start_ref = ray.put(start) if start is not None else None
-    result = build_trainer(cfg, setup, callbacks, hooks or [], start_ref).fit()
+    logger = setup.logger(retry_s=0.0)
+    try:
+        result = build_trainer(cfg, setup, callbacks, hooks or [], start_ref).fit()
+    except BaseException:
+        if logger:
+            logger.end("FAILED")
+            logger.finish()
+        raise
     checkpoint_path = None
     if result.checkpoint is not None:
         checkpoint_path = storage.join(storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path),
                                        CHECKPOINT_FILE)
-    if setup.mlflow_run_id:
-        logger = RunLogger(setup.tracking_uri, setup.mlflow_run_id)
+    if logger:
         if checkpoint_path and storage.is_local(checkpoint_path):
             logger.log_artifact(storage.local_path(checkpoint_path), "checkpoints")
         logger.end()
+        logger.finish()
     return TrainResult(run_name=setup.run_name, run_path=setup.run_path, mlflow_run_id=setup.mlflow_run_id,
                        tracking_uri=setup.tracking_uri, metrics=dict(result.metrics or {}),
                        checkpoint_path=checkpoint_path, gflops=setup.model_metrics["model/gflops"])
 
 
 def set_up_run(cfg: ExperimentConfig, parent_run_id: str | None) -> RunSetup:
-    """Checks tracking, names the run (or finds the one to resume), counts the model and opens its MLflow run."""
-    tracking_uri = cfg.tracking.resolved_uri()
-    if cfg.tracking.enabled:
-        check_tracking_uri(tracking_uri)
+    """Names the run (or finds the one to resume), counts the model and opens its MLflow run."""
     location = storage.absolute(cfg.train.storage_path)
     run_name = run_name_for(cfg, location)
     report = flops_report(cfg.model.evad, (cfg.model.num_frames, cfg.data.short_side, cfg.data.short_side))
     model_metrics = {"model/gflops": report["gflops_16x288x288"], "model/gflops_input": report["gflops"],
                      "model/params": report["params"]}
-    setup = RunSetup(run_name=run_name, storage=location, mlflow_run_id="", tracking_uri=tracking_uri,
-                     model_metrics=model_metrics)
+    # Evaluation outputs and the MLflow backlog are written with plain file I/O: in the run folder when it is on
+    # this machine's file system, else in a folder of that name under the config's output_dir.
+    run_path = storage.join(location, run_name)
+    local_path = run_path if storage.is_local(location) else str(cfg.run_dir / run_name)
+    setup = RunSetup(run_name=run_name, storage=location, local_path=str(storage.local_path(local_path)),
+                     mlflow_run_id="", tracking_uri=cfg.tracking.resolved_uri(), model_metrics=model_metrics)
     if cfg.tracking.enabled:
         setup.mlflow_run_id = mlflow_run_of(cfg, setup, parent_run_id)
     print(f"evadlab train: run {run_name} ({report['gflops_16x288x288']:.1f} GFLOPs at 16x288x288, "
@@ -316,14 +340,18 @@ def set_up_run(cfg: ExperimentConfig, parent_run_id: str | None) -> RunSetup:
 
 
 def run_name_for(cfg: ExperimentConfig, location: str) -> str:
-    """A new run gets a fresh name; ``train.resume`` continues the newest run of this config."""
+    """``train.resume`` continues the newest run of this config (see :mod:`evadlab.platform.runs`) and says which;
+    otherwise, or when there is none, a new run is created and marked."""
     if cfg.train.resume:
-        previous = sorted(info.base_name for info in storage.list_folders(location)
-                          if info.base_name.startswith(f"{cfg.name}_"))
-        if previous:
-            return previous[-1]
-        print(f"train.resume: no earlier run of '{cfg.name}' under {location}; starting a new one")
-    return f"{cfg.name}_{time.strftime('%Y%m%d-%H%M%S')}"
+        previous = run_to_resume(cfg, location)
+        if previous is not None:
+            print(f"evadlab train: train.resume: continuing run {previous.run_name} of '{cfg.name}' (created "
+                  f"{previous.created_text}) at {storage.join(location, previous.run_name)}")
+            return previous.run_name
+        print(f"evadlab train: train.resume: {why_none_matches(cfg, location)}; starting a new run")
+    run_name = new_run_name(cfg, location)
+    write_run_marker(cfg, location, run_name)
+    return run_name
 
 
 def mlflow_run_of(cfg: ExperimentConfig, setup: RunSetup, parent_run_id: str | None) -> str:
@@ -343,16 +371,13 @@ def mlflow_run_of(cfg: ExperimentConfig, setup: RunSetup, parent_run_id: str | N
 def build_trainer(cfg: ExperimentConfig, setup: RunSetup, callbacks: list | None, hooks: list[TrainingHooks],
                   starting_weights_ref: ray.ObjectRef | None) -> ray.train.torch.TorchTrainer:
     train_rows = count_rows(cfg, TRAIN_SPLIT)
-    # Evaluation outputs are written by rank 0 with plain file I/O: beside the config's run folder when the
-    # checkpoints go to remote storage.
-    local_run_path = setup.run_path if storage.is_local(setup.storage) else str(cfg.run_dir.resolve() / setup.run_name)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "experiment": cfg.model_dump(mode="json"),
-            "mlflow": {"uri": setup.tracking_uri, "run_id": setup.mlflow_run_id} if setup.mlflow_run_id else None,
+            "mlflow": setup.logger(retry_s=cfg.tracking.retry_s),
             "model_metrics": setup.model_metrics,
-            "run_path": str(storage.local_path(local_run_path)),
+            "run_path": setup.local_path,
             "train_rows": train_rows,
             "hooks": hooks,
             "starting_weights": starting_weights_ref,

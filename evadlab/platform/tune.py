@@ -8,6 +8,7 @@ is a child run.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,11 @@ from evadlab.config import (
     describe_validation_error,
     read_yaml,
 )
+from evadlab.errors import original_error
+from evadlab.pipelines.prepare import require_prepared
 from evadlab.platform.compare import format_table, plot_map_vs_gflops, trade_off_table
-from evadlab.platform.tracking import RunLogger, start_run
+from evadlab.platform.tracking import RunLogger, is_outage, quick_http, start_run
+from evadlab.platform.train import train, training_splits
 from evadlab.storage import absolute, exists, join, read_text, write_bytes, write_text
 
 
@@ -98,8 +102,6 @@ def run_trial(trial_config: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from evadlab.platform.train import train
-
     sampled = {key: trial_config[key] for key in trial_config["search_keys"]}
     cfg = _trial_config(trial_config["base"], sampled, tune.get_context().get_trial_id())
     train(cfg, parent_run_id=trial_config["parent_run_id"], callbacks=[TuneReportCallback()])
@@ -120,6 +122,7 @@ def run_sweep(sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = (
     from evadlab.ray_session import ensure_ray
 
     spec, base = load_sweep(sweep_path, overrides)
+    require_prepared(base, training_splits(base))
     storage_path = absolute(base.train.storage_path)
     sweep_dir = join(storage_path, spec.name)
     parent_run_id = _parent_run(spec, base, sweep_dir)
@@ -141,11 +144,33 @@ def run_sweep(sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = (
             run_config=tune.RunConfig(name=spec.name, storage_path=storage_path),
         )
     results = tuner.fit()
-    errors = [str(r.error) for r in results if r.error]
-    rows = summarise_sweep(spec, base, parent_run_id, sweep_dir)
+    rows = summarise_or_say_why_not(spec, base, parent_run_id, sweep_dir, results)
+    errors = [original_error(r.error) for r in results if r.error]
     if errors:
-        raise RuntimeError(f"{len(errors)} trial(s) failed: {errors[0]}")
+        # The first trial's own error ends the command (in one line, as the trial raised it); the count comes first.
+        print(f"evadlab tune: {len(errors)} of {len(results)} trial(s) failed; the first failure follows",
+              file=sys.stderr)
+        raise errors[0]
     return rows
+
+
+def summarise_or_say_why_not(spec: SweepSpec, base: ExperimentConfig, parent_run_id: str, sweep_dir: str,
+                             results) -> list[dict]:
+    """The sweep's summary in MLflow; when the server is away at the end, the trials' results as Tune has them and how
+    to summarise later (the finished trials are kept: a resume only summarises)."""
+    try:
+        with quick_http():
+            return summarise_sweep(spec, base, parent_run_id, sweep_dir)
+    except Exception as error:
+        if not is_outage(error):
+            raise
+    print(f"evadlab tune: warning: the MLflow server at {base.tracking.resolved_uri()} does not answer, so the sweep "
+          f"is not summarised in MLflow; rerun with tune.resume=true when it answers. Trials ({sweep_dir}):",
+          file=sys.stderr)
+    for result in results:
+        metrics = result.metrics or {}
+        print(f"  {result.path}: {base.tune.metric} = {metrics.get(base.tune.metric)}", file=sys.stderr)
+    return []
 
 
 def _parent_run(spec: SweepSpec, base: ExperimentConfig, sweep_dir: str) -> str:

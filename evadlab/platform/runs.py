@@ -1,0 +1,107 @@
+"""Run folders under ``train.storage_path`` and the run that ``train.resume`` continues.
+
+Each training run gets a folder ``<storage>/<name>_<YYYYmmdd-HHMMSS>/`` (Ray Train's checkpoints, ``mlflow_run_id``)
+with a marker, ``evadlab_run.json``, written when the run is created: the config's ``name``, its identity (the
+flattened config without the keys a resume may change, :data:`RESUMABLE_KEYS` and :data:`RESUMABLE_SECTIONS`), the
+identity's hash and the creation time. ``train.resume`` continues the newest run (by that time, not by folder name)
+whose marker has this config's name and hash. Folders without a marker (a sweep's own folder, anything else under the
+storage path) are never continued, and a name that merely starts the same (``quickstart_long``, a sweep trial
+``quickstart_<trial>``) is another config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from evadlab import storage
+from evadlab.config import ExperimentConfig
+
+RUN_MARKER = "evadlab_run.json"
+# What a resumed run may change: how long it trains and how it checkpoints, where its files are, on what resources.
+RESUMABLE_KEYS = frozenset({
+    "train.epochs", "train.resume", "train.max_failures", "train.keep_checkpoints", "train.log_every",
+    "train.storage_path", "train.num_workers", "train.use_gpu", "train.cpus_per_worker",
+    "data.root", "data.shards", "data.prepare_cpus", "output_dir",
+})
+# ... and how it is evaluated, swept and tracked. Everything else (data, model, recipe) identifies the run.
+RESUMABLE_SECTIONS = ("eval", "tune", "tracking")
+
+
+@dataclass(frozen=True)
+class RunMarker:
+    """The marker of one run folder."""
+
+    run_name: str
+    config_name: str
+    config_hash: str
+    created: float  # seconds since the epoch
+    identity: dict[str, Any]
+
+    @property
+    def created_text(self) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.created))
+
+
+def config_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The flattened config without the keys a resume may change."""
+    return {key: value for key, value in cfg.flat().items()
+            if key not in RESUMABLE_KEYS and key.split(".", 1)[0] not in RESUMABLE_SECTIONS}
+
+
+def config_hash(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def new_run_name(cfg: ExperimentConfig, location: str) -> str:
+    """``<name>_<YYYYmmdd-HHMMSS>``, with a counter when a run of this name started in the same second."""
+    base = f"{cfg.name}_{time.strftime('%Y%m%d-%H%M%S')}"
+    name, count = base, 1
+    while storage.exists(storage.join(location, name)):
+        name, count = f"{base}-{count}", count + 1
+    return name
+
+
+def write_run_marker(cfg: ExperimentConfig, location: str, run_name: str) -> RunMarker:
+    """Marks ``<location>/<run_name>`` as a run of ``cfg``."""
+    identity = config_identity(cfg)
+    marker = RunMarker(run_name=run_name, config_name=cfg.name, config_hash=config_hash(identity),
+                       created=time.time(), identity=identity)
+    storage.write_text(storage.join(location, run_name, RUN_MARKER), json.dumps(asdict(marker), indent=1) + "\n")
+    return marker
+
+
+def read_run_markers(location: str) -> list[RunMarker]:
+    """The markers of the run folders directly under ``location``; folders without one are skipped."""
+    markers = []
+    for folder in storage.list_folders(location):
+        path = storage.join(location, folder.base_name, RUN_MARKER)
+        if storage.exists(path):
+            markers.append(RunMarker(**json.loads(storage.read_text(path))))
+    return markers
+
+
+def run_to_resume(cfg: ExperimentConfig, location: str) -> RunMarker | None:
+    """The newest run under ``location`` of this config (same name and identity hash); None when there is none."""
+    wanted = config_hash(config_identity(cfg))
+    matching = [marker for marker in read_run_markers(location)
+                if marker.config_name == cfg.name and marker.config_hash == wanted]
+    return max(matching, key=lambda marker: marker.created, default=None)
+
+
+def why_none_matches(cfg: ExperimentConfig, location: str) -> str:
+    """Why no run could be continued: none of this name, or the keys in which the newest one of this name differs."""
+    same_name = [marker for marker in read_run_markers(location) if marker.config_name == cfg.name]
+    if not same_name:
+        return f"no earlier run of '{cfg.name}' under {location}"
+    newest = max(same_name, key=lambda marker: marker.created)
+    identity = config_identity(cfg)
+    keys = sorted(set(identity) | set(newest.identity))
+    differing = [f"{key} ({newest.identity.get(key)!r} -> {identity.get(key)!r})"
+                 for key in keys if identity.get(key) != newest.identity.get(key)]
+    shown = ", ".join(differing[:5]) + (", ..." if len(differing) > 5 else "")
+    return (f"{len(same_name)} earlier run(s) of '{cfg.name}' under {location}, none with this config (the newest, "
+            f"{newest.run_name}, differs in {shown})")

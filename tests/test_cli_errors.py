@@ -1,0 +1,197 @@
+"""Every command, given bad arguments or broken files, ends with one line `evadlab <command>: error: ...` naming the
+file and what is wrong, exit code 2, no traceback (unless asked for) and never torch's advice to load with
+weights_only=False. Errors raised inside Ray tasks and actors read the same."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evadlab.cli import main, report_error
+from evadlab.config import load_config
+from evadlab.errors import USER_ERROR_KINDS, RemoteError, is_user_error, original_error
+from evadlab.models.checkpoints import save_training_checkpoint
+from evadlab.pipelines.prepare import prepare
+from evadlab.platform.modeling import build_model
+from evadlab.platform.train import config_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
+VIT_B = ROOT / "experiments" / "evad_vit_b_16x4_ktp.yaml"
+IMAGE = ROOT / "tests" / "data" / "ava_samples" / "mmaction2_tests_data_imgs" / "img_00001.jpg"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, mini_ava, ray_local) -> dict[str, Path]:
+    """Prepared quickstart shards and the files a user may get wrong."""
+    folder = tmp_path_factory.mktemp("cli_errors")
+    settings = quickstart_settings(folder, mini_ava)
+    cfg = load_config(QUICKSTART, settings)
+    prepare(cfg)
+    model = build_model(cfg.model)
+    checkpoint = save_training_checkpoint(folder / "quickstart.pt", model_state=model.state_dict(), optimizer_state={},
+                                          epoch=3, config_yaml=config_yaml(cfg))
+    released = folder / "EVAD_released.pth"
+    torch.save({"epoch": 11, "model_state": model.state_dict(), "cfg": "TRAIN:\n  ENABLE: True\n"}, released)
+    truncated = folder / "truncated.pt"
+    truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    notes = folder / "notes.txt"
+    notes.write_text("not a checkpoint\n")
+    video = folder / "clip.mp4"
+    video.write_bytes((mini_ava / "videos" / min(p.name for p in (mini_ava / "videos").iterdir())).read_bytes())
+    return {"folder": folder, "root": mini_ava, "checkpoint": checkpoint, "released": released,
+            "truncated": truncated, "notes": notes, "video": video, "missing": folder / "missing.pt"}
+
+
+def quickstart_settings(folder: Path, root: Path) -> list[str]:
+    return [f"data.root={root}", f"data.shards={folder / 'shards'}", f"train.storage_path={folder / 'ray'}",
+            f"output_dir={folder / 'runs'}", "tracking.enabled=false"]
+
+
+def vit_b_settings(folder: Path, root: Path) -> list[str]:
+    """The ViT-B config on the quickstart's shards (same clip spec)."""
+    return [*quickstart_settings(folder, root), "data.source=videos", "data.short_side=64", "data.max_long_side=128"]
+
+
+def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
+    """(arguments, the message after `evadlab <command>: error: `, as a regular expression)."""
+    q, b = quickstart_settings(f["folder"], f["root"]), vit_b_settings(f["folder"], f["root"])
+    pt, released, truncated, notes, missing, folder = (
+        str(f[k]) for k in ("checkpoint", "released", "truncated", "notes", "missing", "folder"))
+    e = re.escape
+    evaluate, train, demo = ["evaluate", str(QUICKSTART)], ["train", str(QUICKSTART)], ["demo", str(f["video"])]
+    absent = rf"checkpoint {e(missing)} does not exist"
+    not_torch = r"is not a PyTorch checkpoint( .+)?"
+    cut_short = rf"{e(truncated)} is not a PyTorch checkpoint or is truncated \(.+\)"
+    misfit = (rf"{e(pt)} does not fit the configured model: \d+ missing keys: [^;]+; \d+ wrong shapes \(checkpoint "
+              r"vs model\): patch_embed\.proj\.weight \(96, 3, 2, 16, 16\) vs model \(768, 3, 2, 16, 16\), "
+              r"(\S+ \([\d, ]+\) vs model \([\d, ]+\), ){4}\.\.\.")
+    unreachable = r"MLflow tracking server at http://127.0.0.1:9 is unreachable .*"
+    return [
+        ([*evaluate, "--checkpoint", missing, *q], absent),
+        ([*evaluate, "--checkpoint", notes, *q], rf"{e(notes)} {not_torch}"),
+        ([*evaluate, "--checkpoint", str(IMAGE), *q], rf"{e(str(IMAGE))} {not_torch}"),
+        ([*evaluate, "--checkpoint", truncated, *q], cut_short),
+        (["evaluate", str(VIT_B), "--checkpoint", pt, *b], misfit),
+        ([*evaluate, *q], r"evaluate needs a checkpoint: pass --checkpoint or set model.checkpoint"),
+        ([*evaluate, "--checkpoint", pt, *q, "tracking.enabled=true", "tracking.uri=http://127.0.0.1:9"], unreachable),
+        ([*train, *q, f"model.checkpoint={missing}"], absent),
+        ([*train, *q, f"model.checkpoint={truncated}"], cut_short),
+        ([*train, *q, f"model.pretrained={notes}"], rf"{e(notes)} {not_torch}"),
+        (["train", str(VIT_B), *b, f"model.checkpoint={pt}"], misfit),
+        ([*train, *q, "trian.epochs=2"], r".*unknown key 'trian.epochs' \(did you mean 'train.epochs'\?\)"),
+        ([*demo, "--checkpoint", released],
+         rf"{e(released)} carries no evadlab config \(a released EVAD file\?\); pass --config .*"),
+        ([*demo, "--checkpoint", pt, "--config", str(VIT_B)], misfit),
+        ([*demo, "--checkpoint", missing], absent),
+        ([*demo, "--checkpoint", truncated], cut_short),
+        (["demo", f"{folder}/absent.mp4", "--checkpoint", pt], rf"video {e(folder)}/absent\.mp4 does not exist"),
+        ([*demo, "--checkpoint", pt, "--fps", "0"], r"--fps must be positive, got 0.0"),
+        (["flops", f"{folder}/absent.yaml"], rf"config file {e(folder)}/absent\.yaml does not exist"),
+        (["flops", str(QUICKSTART), "model.keep_rate=1.5"], r".*'model.keep_rate'.*"),
+        (["prepare", str(QUICKSTART), f"data.root={folder}/no_ava"],
+         rf"the train annotations {e(folder)}/no_ava/annotations/ava_train_v2\.2\.csv do not exist"),
+        (["run", str(QUICKSTART), f"data.root={folder}/never_written", "tracking.uri=http://127.0.0.1:9"], unreachable),
+        (["tune", f"{folder}/absent_sweep.yaml"], rf"config file {e(folder)}/absent_sweep\.yaml does not exist"),
+        (["ava-map", "--labelmap", notes, "--groundtruth", missing, "--detections", missing], rf".*{e(notes)}.*"),
+        (["compare", "--tracking-uri", "http://127.0.0.1:9"], unreachable),
+        (["synth", "--out", f"{notes}/ava"], rf".*{e(notes)}.*"),
+        (["tracking", "replay", missing], rf"no MLflow backlog at {e(missing)} .*"),
+    ]
+
+
+def test_each_bad_input_ends_in_one_line_with_exit_code_2(files, capsys):
+    capsys.readouterr()
+    for argv, message in cases(files):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, (argv, err)
+        prefix = f"evadlab {argv[0]}: error: "
+        assert lines[0].startswith(prefix) and re.fullmatch(message, lines[0].removeprefix(prefix)), (argv, lines[0])
+        assert "Traceback" not in err and "weights_only=False" not in err
+    assert not (files["folder"] / "never_written").exists(), "run checks the tracking server before it synthesises"
+    assert not (files["folder"] / "ray").exists() and not (files["folder"] / "runs").exists(), "nothing may start"
+
+
+def test_argument_errors_are_one_line_too(capsys):
+    for argv, message in [
+        (["evaluate"], ("evadlab evaluate: error: the following arguments are required: config "
+                       "(see 'evadlab evaluate --help')")),
+        (["evaluate", str(QUICKSTART), "--checkpoint", "x.pt", "--bogus"],
+         "evadlab evaluate: error: unrecognized arguments: --bogus (see 'evadlab evaluate --help')"),
+        (["trian"], None),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and (message is None or lines[0] == message), lines
+        assert lines[0].startswith("evadlab")
+
+
+def evadlab(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "evadlab.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env}, check=False)
+
+
+def test_a_real_process_prints_one_line_and_the_traceback_only_when_asked(files):
+    args = ("demo", str(files["video"]), "--checkpoint", str(files["truncated"]))
+    plain = evadlab(*args, EVADLAB_DEBUG="")
+    assert plain.returncode == 2 and plain.stdout == ""
+    assert plain.stderr.count("\n") == 1 and plain.stderr.startswith(f"evadlab demo: error: {files['truncated']} is ")
+    debug = evadlab("--debug", *args)
+    assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
+
+
+def test_errors_in_ray_tasks_and_data_actors_read_as_raised(ray_local, capsys):
+    import ray
+    import ray.data
+
+    from evadlab.models.checkpoints import CheckpointError
+
+    @ray.remote
+    def load(path: str):
+        raise CheckpointError(f"{path} does not fit the configured model: 1 missing keys: norm.weight")
+
+    with pytest.raises(Exception) as task_error:
+        ray.get(load.remote("/data/model.pt"))
+    cause = original_error(task_error.value)
+    assert type(cause) is CheckpointError
+
+    class Detector:
+        def __call__(self, batch):
+            raise ValueError("keyframe vid,902: cannot decode its frames")
+
+    with pytest.raises(Exception) as actor_error:
+        ray.data.range(2).map_batches(Detector, concurrency=1).take_all()
+    cause = original_error(actor_error.value)
+    assert isinstance(cause, RemoteError) and cause.kind == "ValueError" and is_user_error(cause)
+
+    args = type("Args", (), {"command": "evaluate", "debug": False})()
+    for error, line in [(task_error.value, ("/data/model.pt does not fit the configured model: 1 missing keys: "
+                                           "norm.weight")),
+                        (actor_error.value, "keyframe vid,902: cannot decode its frames")]:
+        capsys.readouterr()
+        assert report_error(args, error) == 2
+        assert capsys.readouterr().err == f"evadlab evaluate: error: {line}\n"
+
+
+def test_the_user_error_kinds_are_the_classes_they_name():
+    from evadlab.config import ConfigError, TrackingError
+    from evadlab.models.checkpoints import CheckpointError
+    from evadlab.pipelines.prepare import UnpreparedDataError
+
+    classes = {cls.__name__: cls for cls in (ValueError, OSError, FileNotFoundError, PermissionError,
+                                              IsADirectoryError, ConfigError, TrackingError, CheckpointError,
+                                              UnpreparedDataError)}
+    assert set(classes) == USER_ERROR_KINDS
+    assert all(is_user_error(cls("x")) for cls in classes.values())
+    assert not is_user_error(RuntimeError("a fault")) and not is_user_error(RemoteError("KeyError", "'x'"))

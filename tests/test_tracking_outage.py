@@ -1,0 +1,127 @@
+"""A job does not depend on its MLflow server staying up: records it cannot send wait in a backlog in the run folder,
+go out when the server answers again, and `evadlab tracking replay` sends what a finished job left. Real
+`mlflow server` processes, stopped and started again on the same port and backend store."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from tracking_server import free_port, mlflow_server_command, start_mlflow_server, stop_process_group
+
+from evadlab.cli import main
+from evadlab.config import load_config
+from evadlab.platform.hooks import StopTrackingServer, wait_for_tracking_server
+from evadlab.platform.modeling import open_checkpoint, stored_config
+from evadlab.platform.tracking import BACKLOG_FILE, RunLogger
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    """A server of this test alone, which it may stop and start again: (folder, port, uri)."""
+    folder, port = tmp_path / "mlflow", free_port()
+    server, uri = start_mlflow_server(folder, port)
+    started = [server.pid]
+    yield folder, port, uri, started
+    for pid in started:
+        stop_process_group(pid)
+
+
+def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_records_wait_while_the_server_is_away_and_go_out_when_it_answers(own_server, tmp_path, capsys):
+    folder, port, uri, started = own_server
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("outage")
+    first, second = (client.create_run(experiment).info.run_id for _ in range(2))
+    logger = RunLogger(uri, first, backlog=str(tmp_path / "run_a"), retry_s=1.0)
+    other = RunLogger(uri, second, backlog=str(tmp_path / "run_b"), retry_s=1.0)
+    logger.log_metrics({"loss": 1.0}, step=0)
+
+    stop_process_group(started.pop())
+    wait_for_tracking_server(uri, up=False)
+    began = time.monotonic()
+    logger.log_metrics({"loss": 0.5}, step=1)
+    logger.log_params({"model.keep_rate": 0.7})
+    logger.log_text("kept while the server was away\n", "note.txt")
+    other.log_metrics({"loss": 2.0}, step=0)
+    other.end()
+    other.finish()
+    assert time.monotonic() - began < 30, "an absent server must not hold a job for minutes"
+    err = capsys.readouterr().err
+    assert err.count(f"MLflow server at {uri} does not answer") == 2, "one warning per logger and outage"
+    backlog = tmp_path / "run_b" / BACKLOG_FILE
+    assert f"send them with `evadlab tracking replay {backlog}` once it answers" in err
+    assert [json.loads(line)["kind"] for line in (tmp_path / "run_a" / BACKLOG_FILE).read_text().splitlines()] == [
+        "metrics", "params", "artifact"]
+
+    server, _ = start_mlflow_server(folder, port)
+    started.append(server.pid)
+    time.sleep(1.0)  # the retry is due
+    logger.log_metrics({"loss": 0.25}, step=2)
+    assert "answers: 3 kept records sent" in capsys.readouterr().err
+    assert not (tmp_path / "run_a" / BACKLOG_FILE).exists()
+    assert not (tmp_path / "run_a" / "mlflow_backlog_artifacts").exists()
+    assert metric_steps(client, first, "loss") == [(0, 1.0), (1, 0.5), (2, 0.25)]
+    assert client.get_run(first).data.params == {"model.keep_rate": "0.7"}
+    assert [a.path for a in client.list_artifacts(first)] == ["note.txt"]
+
+    assert main(["tracking", "replay", str(tmp_path / "run_b")]) == 0
+    assert not backlog.exists()
+    assert metric_steps(client, second, "loss") == [(0, 2.0)]
+    assert client.get_run(second).info.status == "FINISHED"
+    assert main(["tracking", "replay", str(tmp_path / "run_b")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"no MLflow backlog at {tmp_path / 'run_b'} (expected a "
+                                                    f"{BACKLOG_FILE} or a run folder with one)")
+
+
+@pytest.mark.slow
+def test_training_survives_a_tracking_server_that_stops_and_comes_back(own_server, tmp_path, mini_ava, ray_local):
+    """The server is stopped after epoch 0 and started again during epoch 2 of 3: the run finishes, its MLflow run
+    holds every epoch's metrics exactly once, the backlog went out as soon as the server answered, and the best model
+    logged meanwhile is a self-describing checkpoint."""
+    from evadlab.pipelines.prepare import prepare
+    from evadlab.platform.train import train
+
+    folder, port, uri, started = own_server
+    cfg = load_config(QUICKSTART, [
+        f"data.root={mini_ava}", f"data.shards={tmp_path / 'shards'}", f"train.storage_path={tmp_path / 'ray'}",
+        f"output_dir={tmp_path / 'runs'}", "train.epochs=3", "train.batch_size=2", "eval.every_epochs=1",
+        "train.cpus_per_worker=0.5", "model.act_fc_dim=64", "train.log_every=1", f"tracking.uri={uri}",
+        "tracking.retry_s=0", "tracking.experiment=outage_training"])
+    prepare(cfg)
+    hook = StopTrackingServer(uri, started.pop(), tmp_path / "hook", stop_after_epoch=0, restart_in_epoch=2,
+                              command=mlflow_server_command(folder, port), watch=tmp_path / "ray")
+    try:
+        result = train(cfg, hooks=[hook])
+    finally:
+        if (tmp_path / "hook" / "server.pid").exists():
+            started.append(int((tmp_path / "hook" / "server.pid").read_text()))
+    backlog = Path(result.run_path) / BACKLOG_FILE
+    assert (tmp_path / "hook" / "backlogs_before_restart.txt").read_text() == f"{backlog}\n", "kept while away"
+    assert (tmp_path / "hook" / "backlogs_after_restart.txt").read_text() == "", "sent once the server answered"
+    assert not backlog.exists()
+
+    client = MlflowClient(uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.value for m in client.get_metric_history(run.info.run_id, "epoch")) == [0.0, 1.0, 2.0]
+    for key in ("epoch", "val/mAP", "train/clips_per_s"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 3, key
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in losses) == list(range(1, len(losses) + 1)), "every step once, none lost"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert "checkpoints/best_model.pt" in artifacts
+    best = client.download_artifacts(run.info.run_id, "checkpoints/best_model.pt", str(tmp_path))
+    checkpoint = open_checkpoint(best)
+    assert stored_config(checkpoint).model.evad == cfg.model.evad
+    assert checkpoint.epoch in (0, 1, 2) and "mAP" in checkpoint.extra
+    assert yaml.safe_load(checkpoint.config_text)["name"] == "quickstart"

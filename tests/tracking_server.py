@@ -1,0 +1,49 @@
+"""Real ``mlflow server`` processes for the tests: started on 127.0.0.1 in their own process group, so that a test
+can stop one and start it again on the same port and backend store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from evadlab.platform.hooks import wait_for_tracking_server
+
+
+def mlflow_server_command(folder: Path, port: int) -> list[str]:
+    """``mlflow server`` on 127.0.0.1:``port`` with its SQLite backend and artifact store in ``folder``."""
+    return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination", str(folder / "artifacts")]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_mlflow_server(folder: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """A real ``mlflow server`` in its own process group (stop it with ``stop_process_group``), once it answers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "server.log", "a") as log:
+        server = subprocess.Popen(mlflow_server_command(folder, port), stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_tracking_server(uri, up=True)
+    except TimeoutError:
+        stop_process_group(server.pid)
+        raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}") from None
+    return server, uri
+
+
+def stop_process_group(pid: int) -> None:
+    """SIGTERM to the process group ``pid`` leads (a server started with ``start_new_session``), if it still runs."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
