@@ -100,7 +100,8 @@ def test_a_split_without_keyframes_says_why(mini_ava, tmp_path, capsys):
     train_csv.write_text("only,three,fields\nvid,09o2,0.1,0.1,0.5,0.5,12,0\n")
     settings = overrides(tmp_path, root)
     cfg = load_config(QUICKSTART, settings)
-    prepare(cfg)
+    with pytest.raises(ValueError, match="split.s. train, val have no rows"):
+        prepare(cfg)
     capsys.readouterr()
     lines = refusals(tmp_path, settings, capsys)
     manifest = cfg.data.shards_path / "manifest.json"
