@@ -19,6 +19,8 @@ from evadlab.config import load_config
 from evadlab.errors import is_user_error, kind_of, one_line, original_error
 
 DEBUG_VARIABLE = "EVADLAB_DEBUG"
+# The same name as evadlab.ray_session.VERBOSE_VARIABLE, which is not imported here: it imports Ray.
+VERBOSE_VARIABLE = "EVADLAB_VERBOSE"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -46,6 +48,8 @@ def _config_command(parser: argparse.ArgumentParser, name: str, help_text: str) 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="evadlab", description="EVAD on AVA with Ray and MLflow.")
     parser.add_argument("--debug", action="store_true", help=f"show tracebacks (or set {DEBUG_VARIABLE}=1)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help=f"let Ray and MLflow print their own output too (or set {VERBOSE_VARIABLE}=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     synth = commands.add_parser("synth", help="write a synthetic mini-AVA in the official layout")
@@ -80,10 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="annotated.mp4")
     demo.add_argument("--fps", type=float, default=1.0, help="keyframes per second")
     demo.add_argument("--video-id", help="video id of the detections CSV (default: the file name, ',' -> '_')")
+    demo.add_argument("--tracking-uri", help="MLflow server of a runs:/ or models:/ checkpoint (default: sqlite "
+                                             "mlflow.db in the working directory)")
 
     compare = commands.add_parser("compare", help="mAP vs GFLOPs table and Pareto plot from MLflow")
     compare.add_argument("--experiment", help="MLflow experiment name (default: all)")
-    compare.add_argument("--tracking-uri", help="default: sqlite mlflow.db in the working directory")
+    compare.add_argument("--sweep", help="only the trials of this sweep (its name, or its MLflow parent run id)")
+    compare.add_argument("--tracking-uri", help="an mlflow server, or a store URI (default: sqlite mlflow.db in the "
+                                                "working directory)")
     compare.add_argument("--out", default="runs/compare", help="a folder or a storage URI (file://, s3://, ...)")
 
     tracking = commands.add_parser("tracking", help="MLflow tracking: replay what a run kept while its server was away")
@@ -111,15 +119,18 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from evadlab.platform.train import train
+    from evadlab.platform.train import summary_lines, train
 
-    train(_load(args))
+    cfg = _load(args)
+    print("\n".join(summary_lines(train(cfg), cfg.train.epochs)))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from evadlab.platform.evaluate import evaluate
+    from evadlab.platform.evaluate import evaluate, summary_lines
 
-    evaluate(_load(args), checkpoint=args.checkpoint)
+    cfg = _load(args)
+    for line in summary_lines(evaluate(cfg, checkpoint=args.checkpoint), cfg):
+        print(line)
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -159,13 +170,13 @@ def _demo(args: argparse.Namespace) -> None:
     from evadlab.platform.demo import run_demo
 
     run_demo(args.video, checkpoint=args.checkpoint, config=args.config, out=args.out, fps=args.fps,
-             video_id=args.video_id)
+             video_id=args.video_id, tracking_uri=args.tracking_uri)
 
 
 def _compare(args: argparse.Namespace) -> None:
     from evadlab.platform.compare import compare_runs
 
-    compare_runs(experiment=args.experiment, tracking_uri=args.tracking_uri, out_dir=args.out)
+    compare_runs(experiment=args.experiment, tracking_uri=args.tracking_uri, out_dir=args.out, sweep=args.sweep)
 
 
 def _tracking(args: argparse.Namespace) -> None:
@@ -188,11 +199,22 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns its exit code (0, 1 for a fault of evadlab, 2 for bad input)."""
     args = parse_arguments(build_parser(), argv)
+    configure_console(args.verbose)
     try:
         COMMANDS[args.command](args)
     except Exception as error:  # noqa: BLE001 - every error ends in the command's one line
         return report_error(args, error)
     return 0
+
+
+def configure_console(verbose: bool) -> None:
+    """``--verbose``: Ray and MLflow print what they print by themselves (see evadlab.ray_session). Otherwise MLflow
+    prints its warnings and errors only (its INFO lines, such as creating a SQLite store's tables, ask nothing of a
+    user), through MLflow's own ``MLFLOW_LOGGING_LEVEL``, unless it is set."""
+    if verbose:
+        os.environ[VERBOSE_VARIABLE] = "1"
+    else:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -248,6 +248,9 @@ class TrackingConfig(Section):
     experiment: str = ""
     # While the server is away, a job keeps its records in the run folder and tries to send them this often.
     retry_s: float = Field(30.0, ge=0)
+    # MLflow's system metrics (CPU, memory, disk, network, GPU) of every training node, sampled this often.
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(10.0, gt=0)
 
     def resolved_uri(self) -> str:
         """An ``mlflow server`` URI when given, else a SQLite file under the working directory."""

@@ -1,21 +1,99 @@
-"""The one place that starts or joins Ray.
+"""The one place that starts or joins Ray, and decides what Ray may print.
 
-Without ``RAY_ADDRESS`` a command starts a local Ray on this machine, its dashboard (if any) bound to 127.0.0.1;
-with it (as ``ray job submit`` sets it) the command joins that cluster.
+Without ``RAY_ADDRESS`` a command starts a local Ray on this machine, its dashboard bound to 127.0.0.1; with it (as
+``ray job submit`` sets it) the command joins that cluster.
+
+evadlab speaks, Ray whispers: unless the console is verbose (``evadlab -v`` or ``EVADLAB_VERBOSE=1``), the output of
+Ray's workers and actors stays in the session's log files (``log_to_driver=False``), Ray Data shows no progress of its
+own, and the records of Ray's loggers in this process go to ``<session>/logs/evadlab-driver.log`` (Ray Data's also to
+its ``ray-data.log``), only errors reaching the console. The commands print their own progress and summaries.
 """
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 import os
+import socket
+from pathlib import Path
 
 import ray
 
+VERBOSE_VARIABLE = "EVADLAB_VERBOSE"
+DRIVER_LOG = "evadlab-driver.log"
+# Loggers of Ray in this process: "ray" (Ray Core, Train, Tune) and "ray.data", which does not propagate to "ray".
+RAY_LOGGERS = ("ray", "ray.data")
+
+
+def verbose_console() -> bool:
+    """Whether Ray may print to the console: ``EVADLAB_VERBOSE`` set to anything but '' or '0'."""
+    return os.environ.get(VERBOSE_VARIABLE, "") not in ("", "0")
+
 
 def ensure_ray() -> None:
-    """Start or join Ray once per process; later calls do nothing."""
+    """Start or join Ray once per process; later calls do nothing (a Ray started by the caller is kept as it is)."""
     if ray.is_initialized():
         return
+    verbose = verbose_console()
+    buffer = None if verbose else hold_ray_records()
+    options = {"log_to_driver": verbose}
     if "RAY_ADDRESS" in os.environ:
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        context = ray.init(address=os.environ["RAY_ADDRESS"], **options)
     else:
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1")
+        context = ray.init(**local_ray_options(), **options)
+    quiet_ray_data(verbose)
+    if buffer is not None:
+        write_ray_records(buffer, Path(context.address_info["session_dir"]) / "logs" / DRIVER_LOG)
+
+
+def local_ray_options() -> dict:
+    """A local Ray with its dashboard on a free port of 127.0.0.1, whose address every worker of the job knows.
+
+    Ray Train's placement-group cleaner asks the dashboard's State API whether its controller lives; without a
+    dashboard it warns every few seconds, and without an address it looks for the Ray on this machine and fails
+    when several run (``Found multiple active Ray instances``). ``RAY_API_SERVER_ADDRESS`` is the State API's own
+    setting for that address."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
+
+
+def hold_ray_records() -> logging.handlers.MemoryHandler:
+    """Ray's console handlers in this process print errors only; every record is held in memory until Ray has
+    started and its session's log folder exists (see :func:`write_ray_records`)."""
+    import ray.data  # noqa: F401 - importing it installs the handlers of "ray.data" that are adjusted here
+
+    buffer = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.ERROR)
+        logger.addHandler(buffer)
+    return buffer
+
+
+def write_ray_records(buffer: logging.handlers.MemoryHandler, path: Path) -> None:
+    """Sends the held records, and every later one, to ``path`` (Ray's format)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = logging.FileHandler(path)
+    file.setFormatter(logging.Formatter("%(asctime)s\t%(levelname)s %(name)s %(filename)s:%(lineno)s -- %(message)s"))
+    buffer.setTarget(file)
+    buffer.flush()
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).removeHandler(buffer)
+        logging.getLogger(name).addHandler(file)
+    buffer.close()
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Ray Data's progress bars (or, without a terminal, its progress log every few seconds) and its per-execution
+    INFO lines, off unless verbose; evadlab shows its own progress."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    context.enable_auto_log_stats = False

@@ -14,7 +14,7 @@ from evadlab.models.checkpoints import CheckpointError, save_training_checkpoint
 from evadlab.pipelines.ava import read_annotations
 from evadlab.pipelines.ava_map import evaluate_files
 from evadlab.pipelines.prepare import prepare
-from evadlab.platform.evaluate import evaluate
+from evadlab.platform.evaluate import JobRun, evaluate, summary_lines
 from evadlab.platform.modeling import build_model
 from evadlab.platform.tracking import BACKLOG_FILE
 
@@ -75,6 +75,11 @@ def test_detections_do_not_depend_on_the_number_of_actors(evaluation_setup, mlfl
     assert runs[0].data.metrics["val/mAP"] == pytest.approx(result.mAP)
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"eval_per_class_ap.csv", "eval_per_class_ap.png", "evaluation"} <= artifacts
+    inputs = client.get_run(runs[0].info.run_id).inputs.dataset_inputs
+    expected = [(f"{cfg.data.root_path.name}/val", ["evaluation"])]
+    assert [(i.dataset.name, [t.value for t in i.tags]) for i in inputs] == expected, "the val shards as its dataset"
+    assert result.mlflow_run_id == runs[0].info.run_id
+    assert any(runs[0].info.run_id in line for line in summary_lines(result, run_cfg))
 
 
 def test_evaluate_names_a_missing_checkpoint(evaluation_setup):
@@ -89,11 +94,13 @@ def test_a_finished_evaluation_is_kept_when_the_tracking_server_went_away(evalua
     server gone, and still returns, prints and keeps its result; the records wait in its folder for a replay."""
     folder, cfg, checkpoint = evaluation_setup
     server, uri = start_mlflow_server(tmp_path / "mlflow", free_port())
-    run_id = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("lost")).info.run_id
+    experiment_id = MlflowClient(uri).create_experiment("lost")
+    run_id = MlflowClient(uri).create_run(experiment_id).info.run_id
     stop_process_group(server.pid)
     server.wait(timeout=60)
     run_cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
-    result = evaluate(run_cfg, str(checkpoint), out_dir=tmp_path / "evaluation", mlflow_run_id=run_id)
+    result = evaluate(run_cfg, str(checkpoint), out_dir=tmp_path / "evaluation",
+                      job_run=JobRun(run_id, "lost", experiment_id, step=7))
 
     assert result.detections_path.stat().st_size > 0
     captured = capsys.readouterr()
@@ -102,6 +109,7 @@ def test_a_finished_evaluation_is_kept_when_the_tracking_server_went_away(evalua
     assert f"`evadlab tracking replay {backlog}`" in captured.err
     records = [json.loads(line) for line in backlog.read_text().splitlines()]
     assert records[0]["kind"] == "metrics" and records[0]["metrics"]["val/mAP"] == result.mAP
+    assert records[0]["step"] == 7, "a job's evaluation logs at the job's step"
     kept = sorted(Path(r["path"]).name for r in records if r["kind"] == "artifact")
     assert kept == ["detections.csv", "eval_per_class_ap.csv", "eval_per_class_ap.png"]
     assert all(Path(r["path"]).is_file() for r in records if r["kind"] == "artifact")

@@ -33,7 +33,8 @@ Each Ray task handles one video: it works out the frames every keyframe's clip n
 once, in order, resizes and JPEG-encodes it, and streams the rows into the shard. Video files are read by
 time (the frames nearest to the 30 fps sampling instants, whatever the file's frame rate); frame folders by
 index, as the released code does. A video that cannot be read (by decord, nor by PyAV) is recorded as rejected in
-the manifest; the other videos finish. Ray Data shows the progress; a one-line summary ends the run.
+the manifest; the other videos finish. A progress bar over the keyframe clips (on a terminal) shows the videos done,
+clips/s and the time left; a one-line summary ends the run.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import ray
 import ray.data
 
 from evadlab.config import DataConfig, ExperimentConfig, check_action_ids
+from evadlab.console import progress_bar
 from evadlab.pipelines.ava import (
     Keyframe,
     Rejection,
@@ -170,17 +172,20 @@ def prepare(cfg: ExperimentConfig, *, splits: tuple[str, ...] = ("train", "val")
 
     written = 0
     by_key = {(task.split, task.video_id): task for task in pending}
-    for finished, result in enumerate(run_video_tasks(pending, data, out), start=1):
-        task = by_key[result["split"], result["video_id"]]
-        if result["error"]:
-            rejected.append(Rejection(str(task.source), None, result["error"]))
-        else:
-            rows[result["split"], result["video_id"]] = result["rows"]
-            written += result["rows"]
-            rejected += keyframe_rejections(task, json.loads(result["outside"]))
-        write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=False)
-        if hooks:
-            hooks.after_video(finished, len(pending))
+    with progress_bar(sum(len(task.keyframes) for task in pending), "clip", "preparing") as bar:
+        for finished, result in enumerate(run_video_tasks(pending, data, out), start=1):
+            task = by_key[result["split"], result["video_id"]]
+            if result["error"]:
+                rejected.append(Rejection(str(task.source), None, result["error"]))
+            else:
+                rows[result["split"], result["video_id"]] = result["rows"]
+                written += result["rows"]
+                rejected += keyframe_rejections(task, json.loads(result["outside"]))
+            write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=False)
+            bar.update(len(task.keyframes))
+            bar.set_postfix_str(f"{finished}/{len(pending)} videos")
+            if hooks:
+                hooks.after_video(finished, len(pending))
     write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=True)
 
     seconds = time.perf_counter() - start

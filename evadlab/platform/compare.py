@@ -86,26 +86,56 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def compare_runs(experiment: str | None, tracking_uri: str | None, out_dir: str | Path) -> list[dict[str, Any]]:
-    """``evadlab compare``: the trade-off table of every run with mAP and GFLOPs, and its plot."""
+def experiment_ids(client: MlflowClient, experiment: str | None) -> list[str]:
+    """The id of the experiment named ``experiment``, or of every experiment. Raises ValueError for an unknown name."""
+    if not experiment:
+        return [found.experiment_id for found in client.search_experiments()]
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no MLflow experiment named '{experiment}' at {client.tracking_uri}")
+    return [found.experiment_id]
+
+
+def sweep_parent(client: MlflowClient, ids: list[str], sweep: str):
+    """The parent run of a sweep: the run with id ``sweep``, else the newest sweep run named ``sweep`` in the
+    experiments ``ids``. Raises ValueError when there is none."""
+    runs = client.search_runs(ids, filter_string=f"tags.mlflow.runName = '{sweep}' and tags.`evadlab.job` = 'sweep'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if runs:
+        return runs[0]
+    try:
+        return client.get_run(sweep)
+    except Exception:  # noqa: BLE001 - MLflow raises its own error for a run id it does not know, or a malformed one
+        raise ValueError(f"no sweep named '{sweep}' (nor a run with that id) at {client.tracking_uri}") from None
+
+
+def sweep_trials(client: MlflowClient, parent) -> list:
+    """The trials (child runs) of the sweep whose parent run is ``parent``."""
+    return client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=5000)
+
+
+def compare_runs(experiment: str | None, tracking_uri: str | None, out_dir: str | Path,
+                 sweep: str | None = None) -> list[dict[str, Any]]:
+    """``evadlab compare``: the trade-off table of every run with mAP and GFLOPs in ``experiment`` (or every
+    experiment), or of the trials of ``sweep``, and its plot. Everything is read from the tracking server (a local
+    store or a remote ``mlflow server``); the table and plot are written to ``out_dir``."""
     uri = tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)
     client = MlflowClient(uri)
-    if experiment:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            raise ValueError(f"no MLflow experiment named '{experiment}' at {uri}")
-        experiment_ids = [found.experiment_id]
+    ids = experiment_ids(client, experiment)
+    if sweep:
+        parent = sweep_parent(client, ids, sweep)
+        runs, label = sweep_trials(client, parent), f"sweep {parent.data.tags.get('mlflow.runName', sweep)}"
     else:
-        experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiment_ids, max_results=5000)
+        runs, label = client.search_runs(ids, max_results=5000), experiment or "all experiments"
     rows = trade_off_table(runs)
     if not rows:
-        print(f"no runs with both model/gflops and val/mAP in {experiment or 'any experiment'} at {uri}")
+        print(f"no runs with both model/gflops and val/mAP in {label} at {uri}")
         return rows
     print(format_table(rows))
     plot = storage.join(out_dir, "map_vs_gflops.png")
-    storage.write_bytes(plot, plot_map_vs_gflops(rows, experiment or "all experiments"))
+    storage.write_bytes(plot, plot_map_vs_gflops(rows, label))
     storage.write_text(storage.join(out_dir, "runs.json"), json.dumps(rows, indent=1))
-    print(f"plot: {plot}")
+    print(f"{len(rows)} runs of {label} at {uri}; plot: {plot}; table: {storage.join(out_dir, 'runs.json')}")
     return rows

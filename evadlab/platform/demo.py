@@ -157,15 +157,18 @@ def detections_table(video_id: str, times: np.ndarray, detections: list[Detectio
 
 
 def run_demo(video: str, *, checkpoint: str, config: str | None, out: str, fps: float,
-             video_id: str | None = None) -> Path:
+             video_id: str | None = None, tracking_uri: str | None = None) -> Path:
     """Detects, draws and writes; every input (fps, video file, video id, checkpoint, decoder) is checked before the
-    work that needs it. Raises ValueError or FileNotFoundError with one line for the command to print."""
+    work that needs it. ``checkpoint`` may be a path, a storage URI, or ``runs:/`` / ``models:/`` on the MLflow server
+    ``tracking_uri`` (default: ``mlflow.db`` in the working directory). Raises ValueError or FileNotFoundError with
+    one line for the command to print."""
     if fps <= 0:
         raise ValueError(f"--fps must be positive, got {fps}")
     if not Path(video).is_file():
         raise FileNotFoundError(f"video {video} does not exist")
     video_id = demo_video_id(video, video_id)
-    start = StartingWeights(open_checkpoint(checkpoint, TrackingConfig().resolved_uri()), backbone_only=False)
+    uri = tracking_uri or TrackingConfig().resolved_uri()
+    start = StartingWeights(open_checkpoint(checkpoint, uri), backbone_only=False)
     cfg = load_config(config) if config else stored_config(start.checkpoint)
     # The file's own time line: second 0 is its first frame.
     data = cfg.data.model_copy(update={"video_offset_sec": 0.0})

@@ -8,7 +8,7 @@ them with the official-equivalent evaluator.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
+import ray.data
 import torch
 
 from evadlab.config import ExperimentConfig
+from evadlab.console import progress_bar
 from evadlab.pipelines.ava import (
     detection_rows,
     distinct_class_names,
@@ -30,7 +32,15 @@ from evadlab.pipelines.ava_map import evaluate_files, parse_iou_thresholds
 from evadlab.pipelines.clips import decode_clip, iter_shard_rows, read_shards, to_model_input
 from evadlab.pipelines.prepare import require_prepared
 from evadlab.platform.modeling import StartingWeights, build_model, complete_checkpoint
-from evadlab.platform.tracking import RunLogger, check_tracking_uri, log_per_class_ap, start_run
+from evadlab.platform.tracking import (
+    RunLogger,
+    check_tracking_uri,
+    dashboard_lines,
+    experiment_of,
+    log_per_class_ap,
+    shard_datasets,
+    start_run,
+)
 from evadlab.ray_session import ensure_ray
 
 
@@ -41,6 +51,22 @@ class EvalResult:
     detections_path: Path
     num_detections: int
     metrics: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str = ""  # the run it was logged into; '' without tracking
+    experiment_id: str = ""
+
+
+@dataclass
+class JobRun:
+    """The MLflow run an evaluation logs into, at ``step``: the run of the job it is part of (``evadlab run``: the
+    training's final step), or its ``own`` run, which ends with it. ``has_map``: the run holds this checkpoint's
+    ``val/mAP`` at ``step`` already (the training evaluated its last epoch), so it is not logged twice."""
+
+    run_id: str
+    name: str
+    experiment_id: str
+    step: int
+    has_map: bool = False
+    own: bool = False
 
 
 def label_map_ids(cfg: ExperimentConfig) -> np.ndarray:
@@ -127,40 +153,45 @@ class ClipDetector:
 
 
 def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: Path | None = None,
-             mlflow_run_id: str | None = None) -> EvalResult:
+             job_run: JobRun | None = None) -> EvalResult:
     """``evadlab evaluate``: cluster-scale inference on the val shards with ``eval.concurrency`` actors.
 
     Before Ray starts: the val shards must be completely prepared (UnpreparedDataError); the MLflow server must answer
-    (TrackingError), unless ``mlflow_run_id`` names the run of the job this evaluation is part of; ``checkpoint``
-    (else ``model.checkpoint``) is read once and checked against the configured model (ValueError without one,
-    CheckpointError for one that cannot be read or does not fit); then the evaluation's own MLflow run is created.
-    The actors get the weights from the object store. The result is printed, with where the detections are, before
-    it is logged; records a lost tracking server could not take wait in ``out_dir`` (see :class:`RunLogger`).
+    (TrackingError), unless ``job_run`` names the run of the job this evaluation is part of; ``checkpoint`` (else
+    ``model.checkpoint``: a path, a storage URI, ``runs:/`` or ``models:/``) is read once and checked against the
+    configured model (ValueError without one, CheckpointError for one that cannot be read or does not fit); then the
+    evaluation's own MLflow run is created, with the val shards as its dataset. The actors get the weights from the
+    object store. The result is printed, with where the detections are, before it is logged; records a lost tracking
+    server could not take wait in ``out_dir`` (see :class:`RunLogger`).
     """
-    require_prepared(cfg, ("val",))
+    manifest = require_prepared(cfg, ("val",))
     location = checkpoint or cfg.model.checkpoint
     if not location:
         raise ValueError("evaluate needs a checkpoint: pass --checkpoint or set model.checkpoint")
-    if cfg.tracking.enabled and mlflow_run_id is None:
+    if cfg.tracking.enabled and job_run is None:
         check_tracking_uri(cfg.tracking.resolved_uri())
     start_weights = complete_checkpoint(cfg.model, location, cfg.tracking.resolved_uri())
     build_model(cfg.model, start_weights, device="meta")
     out_dir = out_dir or cfg.run_dir / f"evaluate_{time.strftime('%Y%m%d-%H%M%S')}"
-    logger = evaluation_logger(cfg, location, mlflow_run_id, out_dir)
+    job_run = job_run or own_run(cfg, location, manifest)
+    logger = RunLogger(cfg.tracking.resolved_uri(), job_run.run_id, backlog=str(out_dir), retry_s=0.0) \
+        if job_run else None
     try:
-        result = infer_and_score(cfg, start_weights, out_dir)
+        result = infer_and_score(cfg, start_weights, out_dir, manifest["counts"]["val"])
     except BaseException:
-        if logger and mlflow_run_id is None:
+        if logger and job_run.own:
             logger.end("FAILED")
             logger.finish()
         raise
     if logger:
-        log_evaluation(logger, result, own_run=mlflow_run_id is None)
+        log_evaluation(logger, result, job_run, epoch=start_weights.checkpoint.epoch)
+        result.mlflow_run_id, result.experiment_id = job_run.run_id, job_run.experiment_id
     return result
 
 
-def infer_and_score(cfg: ExperimentConfig, start_weights: StartingWeights, out_dir: Path) -> EvalResult:
-    """Ray Data inference over the val shards, the detections CSV in ``out_dir`` and its frame-mAP."""
+def infer_and_score(cfg: ExperimentConfig, start_weights: StartingWeights, out_dir: Path, clips: int) -> EvalResult:
+    """Ray Data inference over the ``clips`` val keyframes (a progress bar on a terminal), the detections CSV in
+    ``out_dir`` and its frame-mAP."""
     ensure_ray()
     start = time.perf_counter()
     # Blocks of one batch each: every clip is heavy, so they must spread over all actors even when the
@@ -169,35 +200,59 @@ def infer_and_score(cfg: ExperimentConfig, start_weights: StartingWeights, out_d
     detections = val_clips.map_batches(
         ClipDetector,
         fn_constructor_kwargs={"experiment": cfg.model_dump(mode="json"), "start": ray.put(start_weights)},
-        batch_size=cfg.eval.batch_size, concurrency=cfg.eval.concurrency, num_gpus=cfg.eval.num_gpus,
-        num_cpus=cfg.eval.cpus_per_actor,
-        batch_format="numpy",
+        batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.eval.concurrency),
+        num_gpus=cfg.eval.num_gpus, num_cpus=cfg.eval.cpus_per_actor, batch_format="numpy",
+        # Ray Data passes its actors their constructor arguments (its own transformer, these weights) through the
+        # object store, from where a restarted actor cannot count on them (ray-project/ray#53727), and Ray says so at
+        # error level for every actor it may restart. An evaluation is cheap to rerun: its actors are not restarted.
+        max_restarts=0,
     )
-    table = _sorted_table(batch for batch in detections.iter_batches(batch_format="numpy", batch_size=None))
+    with progress_bar(clips, "clip", "evaluating") as bar:
+        table = _sorted_table(counted(detections.iter_batches(batch_format="numpy", batch_size=None), bar))
     result = score_detections(table, cfg, out_dir)
     seconds = time.perf_counter() - start
-    clips = len({(v, t) for v, t in zip(table["video_id"].to_pylist(), table["timestamp"].to_pylist())})
     result.metrics = {"val/mAP": result.mAP, "eval/seconds": seconds, "eval/clips_per_s": clips / seconds}
     print(f"evadlab evaluate: frame-mAP@0.5 = {result.mAP:.4f} on {clips} keyframes ({result.num_detections} "
           f"detection rows, {seconds:.1f} s); detections: {result.detections_path}")
     return result
 
 
-def evaluation_logger(cfg: ExperimentConfig, checkpoint: str, run_id: str | None, out_dir: Path) -> RunLogger | None:
-    """The logger of the evaluation: into ``run_id``, else into a new MLflow run created now; None without tracking.
-    Its backlog is ``out_dir``."""
+def counted(batches: Iterable[dict[str, np.ndarray]], bar) -> Iterator[dict[str, np.ndarray]]:
+    """The detection batches, each advancing ``bar`` by its keyframes."""
+    for batch in batches:
+        bar.update(len(set(zip(batch["video_id"].tolist(), batch["timestamp"].tolist()))))
+        yield batch
+
+
+def own_run(cfg: ExperimentConfig, checkpoint: str, manifest: dict[str, Any]) -> JobRun | None:
+    """A new MLflow run for a stand-alone evaluation, with the val shards as its dataset; None without tracking."""
     if not cfg.tracking.enabled:
         return None
-    if run_id is None:
-        run_id = start_run(cfg, run_name=f"evaluate_{Path(checkpoint).stem}",
-                           tags={"evadlab.job": "evaluate", "evadlab.checkpoint": checkpoint})
-    return RunLogger(cfg.tracking.resolved_uri(), run_id, backlog=str(out_dir), retry_s=0.0)
+    name = f"evaluate_{Path(checkpoint).stem}"
+    run_id = start_run(cfg, run_name=name, tags={"evadlab.job": "evaluate", "evadlab.checkpoint": checkpoint})
+    RunLogger(cfg.tracking.resolved_uri(), run_id).log_datasets(shard_datasets(cfg, manifest, {"val": "evaluation"}))
+    return JobRun(run_id, name, experiment_of(cfg.tracking.resolved_uri(), run_id), step=0, own=True)
 
 
-def log_evaluation(logger: RunLogger, result: EvalResult, own_run: bool) -> None:
-    logger.log_metrics(result.metrics, step=0)
-    log_per_class_ap(logger, result.per_class_named, prefix="eval_")
+def log_evaluation(logger: RunLogger, result: EvalResult, job_run: JobRun, epoch: int | None) -> None:
+    """The metrics at the run's step, the per-class AP (titled with the run, the checkpoint's epoch and the mAP) and
+    the detections; a stand-alone evaluation's own run ends here."""
+    metrics = {key: value for key, value in result.metrics.items() if not (job_run.has_map and key == "val/mAP")}
+    logger.log_metrics(metrics, step=job_run.step)
+    of_epoch = f"epoch {epoch + 1}, " if epoch is not None else ""
+    title = f"{job_run.name}: {of_epoch}step {job_run.step}, frame-mAP@0.5 {result.mAP:.4f}"
+    log_per_class_ap(logger, result.per_class_named, title, prefix="eval_")
     logger.log_artifact(result.detections_path, "evaluation")
-    if own_run:
+    if job_run.own:
         logger.end()
     logger.finish()
+
+
+def summary_lines(result: EvalResult, cfg: ExperimentConfig) -> list[str]:
+    """What ``evadlab evaluate`` ends with (after the line with the mAP and the detections): its MLflow run and how
+    to open the dashboard."""
+    if not result.mlflow_run_id:
+        return []
+    uri = cfg.tracking.resolved_uri()
+    lines = [f"  MLflow run {result.mlflow_run_id}, experiment {result.experiment_id}, at {uri}"]
+    return lines + [f"  dashboard: {line}" for line in dashboard_lines(uri, result.experiment_id, result.mlflow_run_id)]

@@ -58,8 +58,8 @@ def _open_mlflow_artifact(location: str, tracking_uri: str | None) -> Checkpoint
 
     with tempfile.TemporaryDirectory() as folder:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder,
-                                                             tracking_uri=tracking_uri))
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_location(location, tracking_uri),
+                                                             dst_path=folder, tracking_uri=tracking_uri))
         except (MlflowException, OSError) as error:
             message = " ".join(str(error).split())[:300]
             raise CheckpointError(f"checkpoint {location} cannot be downloaded from MLflow: {message}") from None
@@ -70,6 +70,17 @@ def _open_mlflow_artifact(location: str, tracking_uri: str | None) -> Checkpoint
                 raise CheckpointError(f"{location} is a folder with {len(files)} checkpoint files, expected one")
             local = files[0]
         return read_checkpoint_file(local, name=location)
+
+
+def artifact_location(location: str, tracking_uri: str | None) -> str:
+    """A logged model's URI ``models:/<model_id>`` as the location of its files on ``tracking_uri``; any other URI as
+    it is. MLflow itself looks a logged model up on its global tracking URI, not on the one a download names."""
+    from mlflow.tracking import MlflowClient
+
+    model_id = location.removeprefix("models:/")
+    if not location.startswith("models:/") or "/" in model_id or not model_id.startswith("m-"):
+        return location
+    return MlflowClient(tracking_uri).get_logged_model(model_id).artifact_location
 
 
 def complete_checkpoint(model_cfg: ModelConfig, checkpoint: str | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from evadlab.config import ExperimentConfig
 from evadlab.storage import write_text
@@ -13,11 +14,11 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
     """Synth (if the data root is missing and the config asks for synthetic data) -> prepare (skipped when a complete
     prepare of this clip spec exists, resumed when one was interrupted) -> train -> evaluate, then a summary and
     ``summary.json``. Nothing is written before the MLflow server has answered and the starting weights (if any) have
-    been read and checked."""
-    from evadlab.platform.evaluate import evaluate
+    been read and checked. The final evaluation logs into the training's MLflow run at its final step."""
+    from evadlab.platform.evaluate import JobRun, evaluate
     from evadlab.platform.modeling import build_model, starting_weights
     from evadlab.platform.tracking import check_tracking_uri
-    from evadlab.platform.train import train
+    from evadlab.platform.train import should_evaluate, train
 
     start = time.perf_counter()
     if cfg.tracking.enabled:
@@ -31,18 +32,37 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
     if trained.checkpoint_path is None:
         raise RuntimeError("training reported no checkpoint")
     print("[4/4] evaluate")
+    job_run = JobRun(trained.mlflow_run_id, trained.run_name, trained.experiment_id, step=trained.step,
+                     has_map=should_evaluate(cfg, cfg.train.epochs - 1)) if trained.mlflow_run_id else None
     result = evaluate(cfg, trained.checkpoint_path, out_dir=cfg.run_dir / trained.run_name / "evaluation",
-                      mlflow_run_id=trained.mlflow_run_id or None)
+                      job_run=job_run)
     summary = {"mAP": result.mAP, "gflops": trained.gflops, "wall_s": round(time.perf_counter() - start, 1),
-               "mlflow_run_id": trained.mlflow_run_id, "tracking_uri": trained.tracking_uri}
+               "mlflow_run_id": trained.mlflow_run_id, "tracking_uri": trained.tracking_uri,
+               "experiment_id": trained.experiment_id, "checkpoint": trained.checkpoint_path,
+               "models": trained.models, "detections": str(result.detections_path)}
     out_dir = (cfg.run_dir / trained.run_name).resolve()
     write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-    print(f"\nframe-mAP@0.5 (val, held-out videos): {result.mAP:.4f}")
-    print(f"GFLOPs (16x288x288): {trained.gflops:.1f}")
-    print(f"wall time: {summary['wall_s']:.0f} s")
-    print(f"MLflow run: {trained.mlflow_run_id}  ->  mlflow ui --backend-store-uri {trained.tracking_uri}")
-    print(f"summary: {out_dir / 'summary.json'}")
+    print("\n".join(summary_lines(summary, cfg, out_dir / "summary.json")))
     return summary
+
+
+def summary_lines(summary: dict, cfg: ExperimentConfig, summary_file: Path) -> list[str]:
+    """What ``evadlab run`` ends with: the trade-off, what it wrote (checkpoint, logged models, detections, manifest,
+    summary.json), its MLflow run and how to open the dashboard."""
+    from evadlab.platform.tracking import dashboard_lines
+
+    lines = ["", f"frame-mAP@0.5 (val, held-out videos): {summary['mAP']:.4f}",
+             f"GFLOPs (16x288x288): {summary['gflops']:.1f}", f"wall time: {summary['wall_s']:.0f} s",
+             f"checkpoint: {summary['checkpoint']}"]
+    lines += [f"model '{name}': {uri}" for name, uri in summary["models"].items()]
+    lines += [f"detections: {summary['detections']}", f"shards: {cfg.data.shards_path / 'manifest.json'}"]
+    if summary["mlflow_run_id"]:
+        lines.append(f"MLflow run: {summary['mlflow_run_id']}, experiment '{cfg.experiment_name}' "
+                     f"({summary['experiment_id']}) at {summary['tracking_uri']}")
+        lines += [f"dashboard: {line}" for line in dashboard_lines(summary["tracking_uri"], summary["experiment_id"],
+                                                                  summary["mlflow_run_id"])]
+    lines.append(f"summary: {summary_file}")
+    return lines
 
 
 def synthesise_if_needed(cfg: ExperimentConfig) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -41,6 +42,12 @@ BACKLOG_ARTIFACTS = "mlflow_backlog_artifacts"
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 METRICS_PER_BATCH = 1000
+# The saved view evadlab keeps in every experiment it logs to: the runs table and charts of the EVAD trade-off.
+VIEW_KEY = "evadlab"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+# A logged model carries the id of the backlog record that created it, so that sending the record twice creates it once.
+MODEL_RECORD_TAG = "evadlab.record_id"
+MODEL_TYPE = "evad-checkpoint"
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
@@ -82,8 +89,7 @@ def start_run(cfg: ExperimentConfig, *, run_name: str, parent_run_id: str | None
         all_tags["mlflow.parentRunId"] = parent_run_id
     try:
         with quick_http():
-            experiment = client.get_experiment_by_name(cfg.experiment_name)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment_name)
+            experiment_id = experiment_with_view(client, cfg.experiment_name)
             run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
     except Exception as error:
         if not is_outage(error):
@@ -91,6 +97,66 @@ def start_run(cfg: ExperimentConfig, *, run_name: str, parent_run_id: str | None
         raise TrackingError(f"MLflow tracking server at {uri} stopped answering ({short_reason(error)})") from None
     RunLogger(uri, run.info.run_id).log_params(cfg.flat())
     return run.info.run_id
+
+
+def experiment_with_view(client: MlflowClient, name: str) -> str:
+    """The id of the experiment ``name`` (created when missing), which gets (again) evadlab's saved view."""
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    client.set_experiment_tag(experiment_id, VIEW_TAG, saved_view())
+    return experiment_id
+
+
+def saved_view() -> str:
+    """evadlab's saved view of an experiment's runs (the envelope MLflow's UI writes for a view it saves): the
+    trade-off columns (Models, Dataset, mAP, GFLOPs, keep rate, enhanced weight, clips/s), sorted by the final mAP
+    (which also lists a sweep's trials flat instead of folded under their parent), and the charts val/mAP over
+    steps, mAP against GFLOPs and the parallel coordinates of keep rate, enhanced weight, GFLOPs and mAP."""
+    section = "evadlab-trade-off"
+    common = {"runsCountToCompare": 100, "metricSectionId": section, "deleted": False, "isGenerated": False}
+    charts = [
+        {**common, "uuid": "evadlab-pcp", "type": "PARALLEL", "showAllRuns": True,
+         "selectedParams": ["model.keep_rate", "model.enhanced_weight"],
+         "selectedMetrics": ["model/gflops", "val/mAP"]},
+        {**common, "uuid": "evadlab-scatter", "type": "SCATTER", "xaxis": {"key": "model/gflops", "type": "METRIC"},
+         "yaxis": {"key": "val/mAP", "type": "METRIC"}},
+        {**common, "uuid": "evadlab-val-map", "type": "LINE", "metricKey": "val/mAP", "selectedMetricKeys": ["val/mAP"],
+         "xAxisKey": "step", "xAxisScaleType": "linear", "scaleType": "linear", "lineSmoothness": 0,
+         "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [], "ignoreOutliers": False,
+         "useGlobalXaxisKey": True, "useGlobalLineSmoothing": True,
+         "range": {"xMin": None, "xMax": None, "yMin": None, "yMax": None}},
+        {**common, "uuid": "evadlab-best-map", "type": "BAR", "metricKey": "best/mAP"},
+    ]
+    state = {
+        "searchFilter": "", "orderByKey": "metrics.`val/mAP`", "orderByAsc": False, "startTime": "ALL",
+        "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+        "selectedColumns": ["attributes.`Models`", "attributes.`Dataset`", "metrics.`val/mAP`", "metrics.`best/mAP`",
+                            "metrics.`model/gflops`", "metrics.`train/clips_per_s`", "params.`model.keep_rate`",
+                            "params.`model.enhanced_weight`"],
+        "columnOrder": [], "columnWidths": {}, "runsHiddenMode": "SHOW_ALL", "groupBy": None,
+        "compareRunCharts": charts,
+        "compareRunSections": [{"uuid": section, "name": "EVAD trade-off", "display": True, "isReordered": False,
+                                "deleted": False, "isGenerated": False}],
+        "hideEmptyCharts": True, "useGroupedValuesInCharts": True,
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
+    }
+    # Fixed times: setting the view again leaves it as it was.
+    return json.dumps({"name": "evadlab: mAP vs GFLOPs", "createdAt": 0, "updatedAt": 0, "state": json.dumps(state)})
+
+
+def dashboard_lines(uri: str, experiment_id: str, run_id: str | None = None) -> list[str]:
+    """How to see a run, or an experiment, in the MLflow UI: the command that serves a local store, and the page of
+    the training view (``workflowType=machine_learning``; MLflow 3 opens on its GenAI view) with evadlab's saved
+    view of the experiment's runs."""
+    if uri.startswith(("http://", "https://")):
+        base, lines = uri.rstrip("/"), []
+    else:
+        base, lines = "http://127.0.0.1:5000", [f"mlflow ui --backend-store-uri {uri}"]
+    lines.append(f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+                 f"&viewStateShareKey={VIEW_KEY}")
+    if run_id:
+        lines.append(f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning")
+    return lines
 
 
 @contextlib.contextmanager
@@ -136,8 +202,89 @@ def send_records(client: MlflowClient, records: list[dict[str, Any]]) -> None:
             client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in record["tags"].items()])
         elif kind == "artifact":
             client.log_artifact(run_id, record["path"], record["artifact_path"])
+        elif kind == "inputs":
+            client.log_inputs(run_id, datasets=[dataset_input(entry) for entry in record["datasets"]])
+        elif kind == "model":
+            send_logged_model(client, record)
         else:
             client.set_terminated(run_id, record["status"], end_time=record["end_time"])
+
+
+def shard_datasets(cfg: ExperimentConfig, manifest: dict[str, Any], contexts: dict[str, str]) -> list[dict[str, Any]]:
+    """The prepared shards of each split in ``contexts`` (split -> ``training`` or ``evaluation``) as a dataset record
+    for :meth:`RunLogger.log_datasets`: named ``<data root's name>/<split>``; its digest the first 12 hex digits of the
+    SHA-256 of what the manifest says of the split (clip spec, source files, keyframes per video), so the same shards
+    have the same digest in every run; its source the split's shard folder; its profile the keyframes and videos of
+    the split and the keyframes of every split."""
+    records = []
+    for split, context in contexts.items():
+        described = {"clip_spec": manifest["clip_spec"], "split": split, "videos": manifest["videos"][split],
+                     "sources": {key: value for key, value in manifest["sources"]["videos"].items()
+                                 if key.startswith(f"{split}/")}}
+        digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
+        profile = {"keyframes": manifest["counts"][split], "videos": len(manifest["videos"][split]),
+                   "clip_spec": manifest.get("clip_spec_name", ""), "keyframes_per_split": manifest["counts"]}
+        records.append({"name": f"{cfg.data.root_path.name}/{split}", "digest": digest, "source_type": "local",
+                        "source": json.dumps({"uri": str(cfg.data.shards_path / split)}),
+                        "profile": json.dumps(profile), "context": context})
+    return records
+
+
+def dataset_input(entry: dict[str, Any]) -> mlflow.entities.DatasetInput:
+    """A dataset record (``name``, ``digest``, ``source_type``, ``source``, ``profile``, ``context``) as MLflow's
+    input of a run; the context (``training``, ``evaluation``) is the badge the UI shows beside the dataset."""
+    dataset = mlflow.entities.Dataset(name=entry["name"], digest=entry["digest"], source_type=entry["source_type"],
+                                      source=entry["source"], profile=entry["profile"])
+    return mlflow.entities.DatasetInput(dataset, tags=[mlflow.entities.InputTag("mlflow.data.context",
+                                                                                entry["context"])])
+
+
+def send_logged_model(client: MlflowClient, record: dict[str, Any]) -> None:
+    """Creates the logged model of a model record (see :meth:`RunLogger.log_model`): its files, params and tags, READY,
+    an output of the run at the record's step, with the record's metrics. A model of the same name and run made by
+    an earlier record is deleted (a newer best model replaces the older); one this record made already is kept."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    run_id = record["run_id"]
+    experiment_id = client.get_run(run_id).info.experiment_id
+    for model in client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"):
+        if model.tags.get(MODEL_RECORD_TAG) == record["record_id"] and model.status == LoggedModelStatus.READY:
+            return
+        if model.name == record["name"]:
+            client.delete_logged_model(model.model_id)
+    model = client.create_logged_model(experiment_id, name=record["name"], source_run_id=run_id,
+                                       tags={**record["tags"], MODEL_RECORD_TAG: record["record_id"]},
+                                       params=record["params"], model_type=MODEL_TYPE)
+    client.log_model_artifacts(model.model_id, record["path"])
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, record["step"])])
+    # The run logged these values already, at the same step and time: MLflow keeps them once in the run's history
+    # and adds them to the model's metrics.
+    metrics = [mlflow.entities.Metric(key, value["value"], value["timestamp"], value["step"], model_id=model.model_id)
+               for key, value in record["metrics"].items()]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)
+
+
+def experiment_of(uri: str, run_id: str) -> str:
+    """The id of the experiment that holds ``run_id``."""
+    with quick_http():
+        return MlflowClient(uri).get_run(run_id).info.experiment_id
+
+
+def logged_models_of(uri: str, experiment_id: str, run_id: str) -> dict[str, str]:
+    """The run's logged models, name -> ``models:/<model_id>`` (oldest first); empty without a run or when the server
+    does not answer (the models may still wait in the run's backlog)."""
+    if not run_id:
+        return {}
+    try:
+        with quick_http():
+            models = MlflowClient(uri).search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    except Exception as error:
+        if not is_outage(error):
+            raise
+        return {}
+    return {model.name: f"models:/{model.model_id}" for model in sorted(models, key=lambda m: m.creation_timestamp)}
 
 
 def record_groups(records: list[dict[str, Any]]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
@@ -183,7 +330,7 @@ def send_backlog(file: Path, uri: str | None = None) -> tuple[int, BaseException
             storage.write_text(file, "".join(json.dumps(record) + "\n" for record in records[start:]))
             return start, error
         for record in group:
-            if record["kind"] == "artifact":
+            if record["kind"] in ("artifact", "model"):
                 shutil.rmtree(Path(record["path"]).parent, ignore_errors=True)
     file.unlink()
     shutil.rmtree(file.parent / BACKLOG_ARTIFACTS, ignore_errors=True)
@@ -242,10 +389,27 @@ class RunLogger:
     def log_params(self, params: dict[str, Any]) -> None:
         self._send({"kind": "params", "params": {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()}})
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp: int | None = None) -> None:
+        """``metrics`` at ``step`` (see the x-axis convention in the README), at ``timestamp`` (ms; default now).
+        None and non-finite values are left out."""
         values = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         if values:
-            self._send({"kind": "metrics", "metrics": values, "step": int(step), "timestamp": now_ms()})
+            self._send({"kind": "metrics", "metrics": values, "step": int(step),
+                        "timestamp": now_ms() if timestamp is None else int(timestamp)})
+
+    def log_datasets(self, datasets: list[dict[str, Any]]) -> None:
+        """Dataset inputs of the run (see :func:`dataset_input` for the fields of each); logging one again changes
+        nothing."""
+        self._send({"kind": "inputs", "datasets": datasets})
+
+    def log_model(self, folder: str | Path, name: str, *, step: int, params: dict[str, Any], tags: dict[str, str],
+                  metrics: dict[str, dict[str, float]]) -> None:
+        """The files of ``folder`` as the run's logged model ``name`` (``models:/<model_id>``), output at ``step``;
+        ``metrics`` maps a key to the ``value``, ``step`` and ``timestamp`` the run logged it with (the model shares
+        those points). A later model of the same name replaces it (see :func:`send_logged_model`)."""
+        self._send({"kind": "model", "path": str(folder), "name": name, "step": int(step),
+                    "params": {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()},
+                    "tags": {k: str(v) for k, v in tags.items()}, "metrics": metrics, "record_id": uuid.uuid4().hex})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._send({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
@@ -294,13 +458,17 @@ class RunLogger:
             self._went_away(error)
 
     def _keep(self, record: dict[str, Any]) -> None:
-        """Appends a record to the backlog; an artifact's file is copied first (it is usually a temporary)."""
+        """Appends a record to the backlog; an artifact's file, or a model's folder, is copied first (it is usually a
+        temporary)."""
         file = self.backlog_file
         file.parent.mkdir(parents=True, exist_ok=True)
-        if record["kind"] == "artifact":
+        if record["kind"] in ("artifact", "model"):
             copy = file.parent / BACKLOG_ARTIFACTS / uuid.uuid4().hex / Path(record["path"]).name
             copy.parent.mkdir(parents=True)
-            shutil.copy2(record["path"], copy)
+            if record["kind"] == "model":
+                shutil.copytree(record["path"], copy)
+            else:
+                shutil.copy2(record["path"], copy)
             record = {**record, "path": str(copy)}
         with open(file, "a") as backlog:
             backlog.write(json.dumps(record) + "\n")
@@ -350,8 +518,9 @@ def per_class_ap_csv(per_class: dict[str, float | None]) -> str:
     return text.getvalue()
 
 
-def log_per_class_ap(logger: RunLogger, per_class: dict[str, float | None], prefix: str = "") -> None:
-    """Per-class AP as a CSV and a bar chart, for the MLflow artifact view."""
+def log_per_class_ap(logger: RunLogger, per_class: dict[str, float | None], title: str, prefix: str = "") -> None:
+    """Per-class AP as a CSV and a bar chart titled ``title`` (the run, the epoch and the mAP), for the MLflow artifact
+    view."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,7 +532,24 @@ def log_per_class_ap(logger: RunLogger, per_class: dict[str, float | None], pref
     axis.bar([name for name, _ in scored], [ap for _, ap in scored], color="tab:blue")
     axis.set_ylabel("AP@0.5")
     axis.set_ylim(0, 1)
+    axis.set_title(title, fontsize=9)
     axis.tick_params(axis="x", labelrotation=90, labelsize=7)
     figure.tight_layout()
     logger.log_figure(figure, f"{prefix}per_class_ap.png")
     plt.close(figure)
+
+
+def start_system_metrics(logger: RunLogger, node_id: str, interval_s: float):
+    """MLflow's system-metrics monitor (CPU, memory, disk, network; GPU where NVML finds one) of this machine for the
+    logger's run, its keys ``system/<node_id>/<name>``, sampled every ``interval_s`` seconds and continuing the steps a
+    resumed run logged. Returns the monitor; stop it with ``finish()``. A server lost while it runs ends it."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # The monitor's thread calls the server at any time, so the quick HTTP settings hold for the whole process (only
+    # training workers run monitors, and their other calls use those settings too): against a lost server it gives
+    # up in seconds instead of holding the worker's end for minutes.
+    os.environ.update({name: value for name, value in HTTP_SETTINGS.items() if name not in os.environ})
+    monitor = SystemMetricsMonitor(logger.run_id, sampling_interval=interval_s, resume_logging=True,
+                                   node_id=node_id, tracking_uri=logger.uri)
+    monitor.start()
+    return monitor

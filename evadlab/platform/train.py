@@ -9,6 +9,7 @@ learning rate) is in :mod:`evadlab.platform.recipe`, the input pipeline in :mod:
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ import yaml
 
 from evadlab import storage
 from evadlab.config import ExperimentConfig
+from evadlab.console import EpochProgress, duration
 from evadlab.models.checkpoints import load_training_checkpoint, save_training_checkpoint
 from evadlab.models.flops import flops_report
 from evadlab.pipelines.prepare import require_prepared
@@ -40,23 +42,47 @@ from evadlab.platform.ingest import (
 from evadlab.platform.modeling import StartingWeights, build_model, starting_weights
 from evadlab.platform.recipe import build_optimizer, learning_rate, set_learning_rate
 from evadlab.platform.runs import new_run_name, run_to_resume, why_none_matches, write_run_marker
-from evadlab.platform.tracking import RunLogger, check_tracking_uri, log_per_class_ap, start_run
+from evadlab.platform.tracking import (
+    RunLogger,
+    check_tracking_uri,
+    dashboard_lines,
+    experiment_of,
+    log_per_class_ap,
+    logged_models_of,
+    now_ms,
+    shard_datasets,
+    start_run,
+    start_system_metrics,
+    trade_off_tags,
+)
 from evadlab.ray_session import ensure_ray
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_MODEL_FILE = "best_model.pt"
+FINAL_MODEL_FILE = "final_model.pt"
 MLFLOW_RUN_FILE = "mlflow_run_id"
+# Loss terms of an auxiliary stage or decoder block end in its index (loss_ce_0); per step only the final ones are
+# logged (the total and four terms), per epoch all of them.
+AUXILIARY_TERM = re.compile(r".*_\d+")
 
 
 @dataclass
 class TrainResult:
     run_name: str
     run_path: str
-    mlflow_run_id: str
+    mlflow_run_id: str  # '' when tracking is off
+    experiment_id: str
     tracking_uri: str
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # the last report: the epoch's metrics and ``progress/*`` (see :func:`report_epoch`)
     checkpoint_path: str | None
     gflops: float
+    seconds: float
+    models: dict[str, str] = field(default_factory=dict)  # logged model name -> ``models:/<model_id>``
+
+    @property
+    def step(self) -> int:
+        """Optimiser steps of the whole run: the step of its final metrics."""
+        return int(self.metrics.get("progress/step", 0))
 
 
 @dataclass
@@ -66,7 +92,8 @@ class Progress:
     epoch: int = 0  # the next epoch to train
     step: int = 0  # optimiser steps taken so far
     best_map: float | None = None
-    last_map: float | None = None
+    best_epoch: int | None = None
+    last_map: float | None = None  # of the last evaluated epoch
 
 
 @dataclass
@@ -83,7 +110,14 @@ class Worker:
     train_rows: int
     run_path: str
     logger: RunLogger | None  # rank 0 only, when tracking is on
+    progress_channel: EpochProgress | None  # rank 0 only
+    gflops: float  # at 16x288x288
     hooks: list[TrainingHooks] = field(default_factory=list)
+    last_lr: float = 0.0
+
+    @property
+    def run_name(self) -> str:
+        return Path(self.run_path).name
 
     @property
     def core_model(self) -> torch.nn.Module:
@@ -98,11 +132,26 @@ class Worker:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     worker = start_worker(loop_config)
     shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
-    for epoch in range(worker.progress.epoch, worker.cfg.train.epochs):
-        metrics = train_one_epoch(worker, shard, epoch)
-        if should_evaluate(worker.cfg, epoch):
-            metrics |= evaluate_epoch(worker, epoch)
-        report_epoch(worker, epoch, metrics)
+    monitor = system_monitor(worker.cfg, loop_config["mlflow"])
+    try:
+        for epoch in range(worker.progress.epoch, worker.cfg.train.epochs):
+            started = time.perf_counter()
+            metrics = train_one_epoch(worker, shard, epoch)
+            if should_evaluate(worker.cfg, epoch):
+                metrics |= evaluate_epoch(worker, epoch)
+            report_epoch(worker, epoch, metrics, seconds=time.perf_counter() - started)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def system_monitor(cfg: ExperimentConfig, logger: RunLogger | None):
+    """MLflow's system metrics of this node, sampled by its first worker (local rank 0) and keyed by its node rank
+    (``system/node0/...``); None on the other workers, without tracking or with ``tracking.system_metrics=false``."""
+    context = ray.train.get_context()
+    if logger is None or not cfg.tracking.system_metrics or context.get_local_rank() != 0:
+        return None
+    return start_system_metrics(logger, f"node{context.get_node_rank()}", cfg.tracking.system_metrics_interval_s)
 
 
 def start_worker(loop_config: dict[str, Any]) -> Worker:
@@ -128,7 +177,9 @@ def start_worker(loop_config: dict[str, Any]) -> Worker:
         logger.log_metrics(loop_config["model_metrics"], step=0)
     return Worker(cfg=cfg, rank=rank, world=world, device=ray.train.torch.get_device(), model=model,
                   optimizer=optimizer, progress=progress, train_rows=loop_config["train_rows"],
-                  run_path=loop_config["run_path"], logger=logger, hooks=loop_config["hooks"])
+                  run_path=loop_config["run_path"], logger=logger,
+                  progress_channel=loop_config["progress"] if rank == 0 else None,
+                  gflops=loop_config["model_metrics"]["model/gflops"], hooks=loop_config["hooks"])
 
 
 def train_one_epoch(worker: Worker, shard, epoch: int) -> dict[str, float]:
@@ -142,6 +193,7 @@ def train_one_epoch(worker: Worker, shard, epoch: int) -> dict[str, float]:
         progress_in_epoch = min(clips_done * worker.world / max(worker.train_rows, 1), 1.0)
         lr = learning_rate(epoch + progress_in_epoch, cfg.train)
         set_learning_rate(worker.optimizer, lr)
+        worker.last_lr = lr
         accumulated += 1
         steps_now = accumulated == cfg.train.grad_accum or batch.is_last
         losses = forward_backward(worker, batch, synchronise=steps_now)
@@ -158,8 +210,9 @@ def train_one_epoch(worker: Worker, shard, epoch: int) -> dict[str, float]:
             for hook in worker.hooks:
                 hook.after_optimizer_step(epoch, worker.progress.step, worker.rank, worker.world)
             if worker.logger and worker.progress.step % cfg.train.log_every == 0:
-                step_metrics = {f"train/{key}": value for key, value in losses.items()} | {"train/lr": lr}
-                worker.logger.log_metrics(step_metrics, worker.progress.step)
+                step_metrics = {f"train/{key}": value for key, value in losses.items()
+                                if not AUXILIARY_TERM.fullmatch(key)}
+                worker.logger.log_metrics(step_metrics | {"train/lr": lr}, worker.progress.step)
     for hook in worker.hooks:
         hook.after_epoch(epoch, worker.rank, worker.core_model)
     elapsed = time.perf_counter() - start
@@ -197,7 +250,8 @@ def should_evaluate(cfg: ExperimentConfig, epoch: int) -> bool:
 
 
 def evaluate_epoch(worker: Worker, epoch: int) -> dict[str, float]:
-    """Frame-mAP on the val shards, inferred by all workers and scored on rank 0; rank 0 keeps the best model."""
+    """Frame-mAP on the val shards, inferred by all workers and scored on rank 0: ``val/mAP``, and ``best/mAP`` when
+    it is the best so far (rank 0; the other ranks get nothing)."""
     out_dir = Path(worker.run_path) / f"eval_epoch_{epoch}" if worker.rank == 0 else None
     result = evaluate_in_workers(worker.core_model, worker.cfg, rank=worker.rank, world=worker.world,
                                  device=worker.device, out_dir=out_dir)
@@ -206,25 +260,33 @@ def evaluate_epoch(worker: Worker, epoch: int) -> dict[str, float]:
     progress = worker.progress
     progress.last_map = result.mAP
     if worker.logger:
-        log_per_class_ap(worker.logger, result.per_class_named, prefix=f"epoch_{epoch:03d}_")
+        title = (f"{worker.run_name}: epoch {epoch + 1}/{worker.cfg.train.epochs} (step {progress.step}), "
+                 f"frame-mAP@0.5 {result.mAP:.4f}")
+        log_per_class_ap(worker.logger, result.per_class_named, title, prefix=f"epoch_{epoch:03d}_")
+    metrics = {"val/mAP": result.mAP}
     if progress.best_map is None or result.mAP > progress.best_map:
-        progress.best_map = result.mAP
-        if worker.logger:
-            log_best_model(worker, epoch, result.mAP)
-    return {"val/mAP": result.mAP}
+        progress.best_map, progress.best_epoch = result.mAP, epoch
+        metrics["best/mAP"] = result.mAP
+    return metrics
 
 
-def report_epoch(worker: Worker, epoch: int, metrics: dict[str, float]) -> None:
-    """Logs the epoch to MLflow (rank 0) and reports it to Ray Train; rank 0 attaches the checkpoint (the weights
-    are identical on all ranks)."""
+def report_epoch(worker: Worker, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+    """Logs the epoch to MLflow at the step it ended (rank 0), with the best model when it is new and the final model
+    after the last epoch, tells the driver, and reports to Ray Train; rank 0 attaches the checkpoint (the weights are
+    identical on all ranks). The report holds the epoch's metrics and the run's ``progress/*``."""
     progress = worker.progress
     progress.epoch = epoch + 1
-    if progress.best_map is not None:
-        metrics["best/mAP"] = progress.best_map
+    timestamp = now_ms()
     if worker.logger:
-        worker.logger.log_metrics(metrics, progress.step)
-    # Tune (and its schedulers) need the metric in every report: 0 until the first evaluation.
-    reported = {"val/mAP": progress.last_map or 0.0, **metrics}
+        worker.logger.log_metrics(metrics, progress.step, timestamp)
+        if "best/mAP" in metrics:
+            log_model(worker, "best", BEST_MODEL_FILE, epoch, metrics, timestamp)
+    if worker.progress_channel:
+        worker.progress_channel.send(epoch_message(worker, epoch, metrics, seconds))
+    # Tune's schedulers need the metric in every report: the last one measured, 0 before the first evaluation. This
+    # goes to Ray Train and Tune only, never to MLflow.
+    reported = {"val/mAP": progress.last_map or 0.0, **metrics,
+                **{f"progress/{key}": value for key, value in asdict(progress).items() if value is not None}}
     if worker.rank != 0:
         ray.train.report(reported)
         return
@@ -233,16 +295,45 @@ def report_epoch(worker: Worker, epoch: int, metrics: dict[str, float]) -> None:
                                  optimizer_state=worker.optimizer.state_dict(), epoch=epoch,
                                  config_yaml=config_yaml(worker.cfg), extra={"progress": asdict(progress)})
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    if worker.logger and progress.epoch == worker.cfg.train.epochs:
+        log_model(worker, "final", FINAL_MODEL_FILE, epoch, metrics, timestamp)
 
 
-def log_best_model(worker: Worker, epoch: int, mAP: float) -> None:
-    """The best model so far as a self-describing checkpoint (weights, config, epoch, mAP) in MLflow."""
+def epoch_message(worker: Worker, epoch: int, metrics: dict[str, float], seconds: float) -> dict[str, Any]:
+    """What the driver prints of an epoch (see :meth:`EpochProgress.send`)."""
+    progress = worker.progress
+    message = {"epoch": epoch, "epochs": worker.cfg.train.epochs, "step": progress.step, "lr": worker.last_lr,
+               "clips_per_s": metrics["train/clips_per_s"], "seconds": seconds,
+               "losses": {key.removeprefix("train/epoch_"): value for key, value in metrics.items()
+                          if key.startswith("train/epoch_")}}
+    if "val/mAP" in metrics:
+        message |= {"mAP": metrics["val/mAP"], "best_mAP": progress.best_map, "best_epoch": progress.best_epoch}
+    return message
+
+
+def log_model(worker: Worker, name: str, file_name: str, epoch: int, metrics: dict[str, float],
+              timestamp: int) -> None:
+    """The model as it is now, a self-describing checkpoint (weights, config, epoch, its mAP when measured), as the
+    run's logged model ``name`` (``best`` replaces the previous best) carrying the trade-off params and the epoch's
+    ``val/mAP``; the best one also as the run's artifact ``checkpoints/best_model.pt``."""
+    progress = worker.progress
+    extra = {"step": progress.step} | ({"mAP": metrics["val/mAP"]} if "val/mAP" in metrics else {})
     with tempfile.TemporaryDirectory() as folder:
-        path = save_training_checkpoint(Path(folder) / BEST_MODEL_FILE, model_state=worker.core_model.state_dict(),
+        path = save_training_checkpoint(Path(folder) / file_name, model_state=worker.core_model.state_dict(),
                                         optimizer_state={}, epoch=epoch, config_yaml=config_yaml(worker.cfg),
-                                        extra={"mAP": mAP})
-        worker.logger.log_artifact(path, "checkpoints")
-    worker.logger.set_tags({"evadlab.best_epoch": str(epoch)})
+                                        extra=extra)
+        Path(folder, "config.yaml").write_text(config_yaml(worker.cfg))
+        if name == "best":
+            worker.logger.log_artifact(path, "checkpoints")
+            worker.logger.set_tags({"evadlab.best_epoch": str(epoch)})
+        model_metrics = {key: {"value": metrics[key], "step": progress.step, "timestamp": timestamp}
+                         for key in ("val/mAP",) if key in metrics}
+        evad = worker.cfg.model.evad
+        worker.logger.log_model(folder, name, step=progress.step, metrics=model_metrics,
+                                tags=trade_off_tags(worker.cfg, worker.gflops) | {"evadlab.model": name},
+                                params={"model.keep_rate": evad.keep_rate_label, "epoch": epoch,
+                                        "step": progress.step, "model.enhanced_weight": evad.enhanced_weight,
+                                        "model.variant": worker.cfg.model.variant, "gflops": f"{worker.gflops:.2f}"})
 
 
 def config_yaml(cfg: ExperimentConfig) -> str:
@@ -258,6 +349,7 @@ class RunSetup:
     storage: str  # train.storage_path as an absolute path or a URI
     local_path: str  # the run folder on this machine's file system: evaluation outputs, the MLflow backlog
     mlflow_run_id: str
+    experiment_id: str
     tracking_uri: str
     model_metrics: dict[str, float]
 
@@ -279,7 +371,8 @@ def training_splits(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks: list | None = None,
           hooks: list[TrainingHooks] | None = None, start: StartingWeights | None = None) -> TrainResult:
-    """``evadlab train``: fit EVAD on the prepared train shards, evaluating on val as configured.
+    """``evadlab train``: fit EVAD on the prepared train shards, evaluating on val as configured; prints one line per
+    epoch (see :class:`EpochProgress`).
 
     ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback``); ``hooks`` run inside the workers (tests);
     ``start`` are starting weights the caller has read and checked already (else ``model.checkpoint`` /
@@ -287,24 +380,29 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
     incomplete or empty, TrackingError when MLflow is unreachable and CheckpointError when the starting weights
     cannot be read or do not fit. Once training runs, MLflow may go away: see :class:`RunLogger`.
     """
-    require_prepared(cfg, training_splits(cfg))
+    manifest = require_prepared(cfg, training_splits(cfg))
     if cfg.tracking.enabled:
         check_tracking_uri(cfg.tracking.resolved_uri())
     if start is None:
         start = starting_weights(cfg.model, cfg.tracking.resolved_uri())
         build_model(cfg.model, start, device="meta")
-    setup = set_up_run(cfg, parent_run_id)
+    began = time.perf_counter()
+    setup = set_up_run(cfg, parent_run_id, manifest)
     ensure_ray()
     warn_if_no_cpu_left_for_data(cfg)
     start_ref = ray.put(start) if start is not None else None
     logger = setup.logger(retry_s=0.0)
+    progress = EpochProgress()
+    progress.start()
     try:
-        result = build_trainer(cfg, setup, callbacks, hooks or [], start_ref).fit()
+        result = build_trainer(cfg, setup, callbacks, hooks or [], start_ref, progress).fit()
     except BaseException:
         if logger:
             logger.end("FAILED")
             logger.finish()
         raise
+    finally:
+        progress.stop()
     checkpoint_path = None
     if result.checkpoint is not None:
         checkpoint_path = storage.join(storage.uri_of(result.checkpoint.filesystem, result.checkpoint.path),
@@ -315,11 +413,31 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
         logger.end()
         logger.finish()
     return TrainResult(run_name=setup.run_name, run_path=setup.run_path, mlflow_run_id=setup.mlflow_run_id,
-                       tracking_uri=setup.tracking_uri, metrics=dict(result.metrics or {}),
-                       checkpoint_path=checkpoint_path, gflops=setup.model_metrics["model/gflops"])
+                       experiment_id=setup.experiment_id, tracking_uri=setup.tracking_uri,
+                       metrics=dict(result.metrics or {}), checkpoint_path=checkpoint_path,
+                       gflops=setup.model_metrics["model/gflops"], seconds=time.perf_counter() - began,
+                       models=logged_models_of(setup.tracking_uri, setup.experiment_id, setup.mlflow_run_id))
 
 
-def set_up_run(cfg: ExperimentConfig, parent_run_id: str | None) -> RunSetup:
+def summary_lines(result: TrainResult, epochs: int) -> list[str]:
+    """What ``evadlab train`` ends with: the epochs and their mAP, the checkpoint, the MLflow run and its models, and
+    how to open the dashboard."""
+    metrics = result.metrics
+    text = f"evadlab train: {epochs} epochs ({result.step} steps) in {duration(result.seconds)}"
+    if "progress/last_map" in metrics:
+        text += (f"; frame-mAP@0.5 {metrics['progress/last_map']:.4f} at the last evaluation, best "
+                 f"{metrics['progress/best_map']:.4f} (epoch {int(metrics['progress/best_epoch']) + 1})")
+    lines = [text, f"  checkpoint: {result.checkpoint_path}"]
+    if result.mlflow_run_id:
+        lines.append(f"  MLflow run {result.mlflow_run_id} ({result.run_name}), experiment {result.experiment_id}, "
+                     f"at {result.tracking_uri}")
+        lines += [f"  model '{name}': {uri}" for name, uri in result.models.items()]
+        lines += [f"  dashboard: {line}" for line in dashboard_lines(result.tracking_uri, result.experiment_id,
+                                                                    result.mlflow_run_id)]
+    return lines
+
+
+def set_up_run(cfg: ExperimentConfig, parent_run_id: str | None, manifest: dict[str, Any]) -> RunSetup:
     """Names the run (or finds the one to resume), counts the model and opens its MLflow run."""
     location = storage.absolute(cfg.train.storage_path)
     run_name = run_name_for(cfg, location)
@@ -331,9 +449,10 @@ def set_up_run(cfg: ExperimentConfig, parent_run_id: str | None) -> RunSetup:
     run_path = storage.join(location, run_name)
     local_path = run_path if storage.is_local(location) else str(cfg.run_dir / run_name)
     setup = RunSetup(run_name=run_name, storage=location, local_path=str(storage.local_path(local_path)),
-                     mlflow_run_id="", tracking_uri=cfg.tracking.resolved_uri(), model_metrics=model_metrics)
+                     mlflow_run_id="", experiment_id="", tracking_uri=cfg.tracking.resolved_uri(),
+                     model_metrics=model_metrics)
     if cfg.tracking.enabled:
-        setup.mlflow_run_id = mlflow_run_of(cfg, setup, parent_run_id)
+        setup.mlflow_run_id, setup.experiment_id = mlflow_run_of(cfg, setup, parent_run_id, manifest)
     print(f"evadlab train: run {run_name} ({report['gflops_16x288x288']:.1f} GFLOPs at 16x288x288, "
           f"{report['params'] / 1e6:.2f} M parameters), MLflow run {setup.mlflow_run_id or 'disabled'}")
     return setup
@@ -354,8 +473,10 @@ def run_name_for(cfg: ExperimentConfig, location: str) -> str:
     return run_name
 
 
-def mlflow_run_of(cfg: ExperimentConfig, setup: RunSetup, parent_run_id: str | None) -> str:
-    """The run's MLflow run: the one recorded in the run folder (a resumed run), else a new one."""
+def mlflow_run_of(cfg: ExperimentConfig, setup: RunSetup, parent_run_id: str | None,
+                  manifest: dict[str, Any]) -> tuple[str, str]:
+    """The run's MLflow run and experiment ids: the run recorded in the run folder (a resumed run), else a new one,
+    with its trade-off tags, config and dataset inputs (train for training, val for evaluation)."""
     marker = storage.join(setup.run_path, MLFLOW_RUN_FILE)
     run_id = storage.read_text(marker).strip() if storage.exists(marker) else ""
     if not run_id:
@@ -365,11 +486,13 @@ def mlflow_run_of(cfg: ExperimentConfig, setup: RunSetup, parent_run_id: str | N
     logger.set_tags({"evadlab.gflops": f"{setup.model_metrics['model/gflops']:.1f}",
                      "evadlab.run_path": setup.run_path})
     logger.log_text(config_yaml(cfg), "config.yaml")
-    return run_id
+    contexts = {TRAIN_SPLIT: "training"} | ({"val": "evaluation"} if cfg.eval.every_epochs > 0 else {})
+    logger.log_datasets(shard_datasets(cfg, manifest, contexts))
+    return run_id, experiment_of(setup.tracking_uri, run_id)
 
 
 def build_trainer(cfg: ExperimentConfig, setup: RunSetup, callbacks: list | None, hooks: list[TrainingHooks],
-                  starting_weights_ref: ray.ObjectRef | None) -> ray.train.torch.TorchTrainer:
+                  starting_weights_ref: ray.ObjectRef | None, progress: EpochProgress) -> ray.train.torch.TorchTrainer:
     train_rows = count_rows(cfg, TRAIN_SPLIT)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -381,6 +504,7 @@ def build_trainer(cfg: ExperimentConfig, setup: RunSetup, callbacks: list | None
             "train_rows": train_rows,
             "hooks": hooks,
             "starting_weights": starting_weights_ref,
+            "progress": progress,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ray.tune import Callback
 
 from evadlab.config import (
     VALID_KEYS,
@@ -26,9 +27,9 @@ from evadlab.config import (
 )
 from evadlab.errors import original_error
 from evadlab.pipelines.prepare import require_prepared
-from evadlab.platform.compare import format_table, plot_map_vs_gflops, trade_off_table
-from evadlab.platform.tracking import RunLogger, is_outage, quick_http, start_run
-from evadlab.platform.train import train, training_splits
+from evadlab.platform.compare import format_table, plot_map_vs_gflops, sweep_trials, trade_off_table
+from evadlab.platform.tracking import RunLogger, dashboard_lines, is_outage, quick_http, start_run
+from evadlab.platform.train import should_evaluate, train, training_splits
 from evadlab.storage import absolute, exists, join, read_text, write_bytes, write_text
 
 
@@ -119,7 +120,7 @@ def run_sweep(sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = (
     """``evadlab tune``: run (or, with ``tune.resume=true``, continue) a sweep and summarise it in MLflow."""
     from ray import tune
 
-    from evadlab.ray_session import ensure_ray
+    from evadlab.ray_session import ensure_ray, verbose_console
 
     spec, base = load_sweep(sweep_path, overrides)
     require_prepared(base, training_splits(base))
@@ -141,7 +142,9 @@ def run_sweep(sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = (
                                         num_samples=base.tune.num_samples,
                                         max_concurrent_trials=base.tune.max_concurrent_trials,
                                         scheduler=_scheduler(base)),
-            run_config=tune.RunConfig(name=spec.name, storage_path=storage_path),
+            # Tune's own status tables only with --verbose; TrialLines prints a line per trial and epoch.
+            run_config=tune.RunConfig(name=spec.name, storage_path=storage_path, callbacks=[TrialLines(base)],
+                                      verbose=None if verbose_console() else 0),
         )
     results = tuner.fit()
     rows = summarise_or_say_why_not(spec, base, parent_run_id, sweep_dir, results)
@@ -152,6 +155,26 @@ def run_sweep(sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = (
               file=sys.stderr)
         raise errors[0]
     return rows
+
+
+class TrialLines(Callback):
+    """Tune callback, in the driver: one line per trial and epoch (its sampled values, loss, clips/s, and the
+    frame-mAP of an evaluated epoch) and one per failed trial."""
+
+    def __init__(self, base: ExperimentConfig):
+        self.base = base
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        epoch = int(result.get("progress/epoch", 0)) - 1
+        sampled = ", ".join(f"{key}={trial.config[key]}" for key in trial.config.get("search_keys", []))
+        line = (f"trial {trial.trial_id} ({sampled}): epoch {epoch + 1}/{self.base.train.epochs}, loss "
+                f"{result.get('train/epoch_loss', float('nan')):.3f}, {result.get('train/clips_per_s', 0.0):.1f} clips/s")
+        if should_evaluate(self.base, epoch):
+            line += f", frame-mAP {result.get('val/mAP', float('nan')):.4f}"
+        print(line, flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        print(f"trial {trial.trial_id}: failed (the error follows at the end)", flush=True)
 
 
 def summarise_or_say_why_not(spec: SweepSpec, base: ExperimentConfig, parent_run_id: str, sweep_dir: str,
@@ -192,9 +215,7 @@ def summarise_sweep(spec: SweepSpec, base: ExperimentConfig, parent_run_id: str,
     uri = base.tracking.resolved_uri()
     client = MlflowClient(uri)
     parent = client.get_run(parent_run_id)
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000)
-    rows = trade_off_table(children)
+    rows = trade_off_table(sweep_trials(client, parent))
     logger = RunLogger(uri, parent_run_id)
     if rows:
         table = format_table(rows)
@@ -207,8 +228,16 @@ def summarise_sweep(spec: SweepSpec, base: ExperimentConfig, parent_run_id: str,
         best = max(rows, key=lambda r: r["mAP"] if base.tune.mode == "max" else -r["mAP"])
         best_params = client.get_run(best["run_id"]).data.params
         logger.log_text(yaml.safe_dump({k: best_params[k] for k in sorted(best_params)}), "best_config.yaml")
-        logger.log_metrics({"best/mAP": best["mAP"], "best/gflops": best["gflops"]}, step=0)
+        # At the parent's start time: a resumed sweep summarised again logs the same points, which MLflow keeps once.
+        logger.log_metrics({"best/mAP": best["mAP"], "best/gflops": best["gflops"]}, step=0,
+                           timestamp=parent.info.start_time)
         logger.set_tags({"evadlab.best_run_id": best["run_id"], "evadlab.best_keep_rate": str(best["keep_rate"]),
                          "evadlab.best_enhanced_weight": str(best["enhanced_weight"])})
     logger.end()
+    experiment_id = parent.info.experiment_id
+    print(f"evadlab tune: sweep {spec.name}, {len(rows)} trial(s) with a frame-mAP; MLflow parent run {parent_run_id}, "
+          f"experiment {experiment_id}, at {uri}")
+    for line in dashboard_lines(uri, experiment_id):
+        print(f"  dashboard: {line}")
+    print(f"  table and plot again: evadlab compare --sweep {spec.name} --tracking-uri {uri}")
     return rows
