@@ -210,11 +210,13 @@ def main(argv: list[str] | None = None) -> int:
 def configure_console(verbose: bool) -> None:
     """``--verbose``: Ray and MLflow print what they print by themselves (see evadlab.ray_session). Otherwise MLflow
     prints its warnings and errors only (its INFO lines, such as creating a SQLite store's tables, ask nothing of a
-    user), through MLflow's own ``MLFLOW_LOGGING_LEVEL``, unless it is set."""
+    user) and no link per finished run (the commands' summaries give the dashboard's page), through MLflow's own
+    settings, unless they are set."""
     if verbose:
         os.environ[VERBOSE_VARIABLE] = "1"
     else:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

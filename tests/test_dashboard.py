@@ -137,7 +137,7 @@ def test_every_experiment_gets_the_saved_view_of_the_trade_off(mlflow_server, tm
     view = json.loads(experiment.tags[VIEW_TAG])
     state = json.loads(view["state"])
     assert {"metrics.`val/mAP`", "metrics.`model/gflops`", "params.`model.keep_rate`",
-            "params.`model.enhanced_weight`", "attributes.`Models`", "attributes.`Dataset`"} <= set(
+            "params.`model.enhanced_weight`", "attributes.`Models`"} <= set(
         state["selectedColumns"])
     parallel = next(chart for chart in state["compareRunCharts"] if chart["type"] == "PARALLEL")
     assert parallel["selectedParams"] == ["model.keep_rate", "model.enhanced_weight"]

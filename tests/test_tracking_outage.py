@@ -125,3 +125,6 @@ def test_training_survives_a_tracking_server_that_stops_and_comes_back(own_serve
     assert stored_config(checkpoint).model.evad == cfg.model.evad
     assert checkpoint.epoch in (0, 1, 2) and "mAP" in checkpoint.extra
     assert yaml.safe_load(checkpoint.config_text)["name"] == "quickstart"
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert sorted(model.name for model in models) == ["best", "final"], "models logged while away were created later"
+    assert result.models == {model.name: f"models:/{model.model_id}" for model in models}

@@ -78,6 +78,9 @@ def test_three_trial_sweep_logs_parent_and_children_and_resumes(tmp_path, mini_a
     table = compare_runs("sweep_test", mlflow_server, tmp_path / "compare")
     assert {r["run_id"] for r in table} == {r.info.run_id for r in children}
     assert (tmp_path / "compare" / "map_vs_gflops.png").stat().st_size > 0
+    for sweep in ("tiny_sweep", parents[0].info.run_id):
+        trials = compare_runs(None, mlflow_server, tmp_path / "compare_sweep", sweep=sweep)
+        assert sorted(r["run_id"] for r in trials) == sorted(r["run_id"] for r in table), "a sweep's trials only"
 
     # Resume: make one trial look interrupted before its training started (status RUNNING, no Ray Train run,
     # no MLflow run). The resumed sweep must run that trial again and leave the two finished ones untouched.

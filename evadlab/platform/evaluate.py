@@ -8,6 +8,7 @@ them with the official-equivalent evaluator.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import pyarrow as pa
 import ray
 import ray.data
 import torch
+from ray.util.annotations import RayDeprecationWarning
 
 from evadlab.config import ExperimentConfig
 from evadlab.console import progress_bar
@@ -197,16 +199,18 @@ def infer_and_score(cfg: ExperimentConfig, start_weights: StartingWeights, out_d
     # Blocks of one batch each: every clip is heavy, so they must spread over all actors even when the
     # shards are small.
     val_clips = read_shards(cfg.data.shards_path, "val").repartition(target_num_rows_per_block=cfg.eval.batch_size)
-    detections = val_clips.map_batches(
-        ClipDetector,
-        fn_constructor_kwargs={"experiment": cfg.model_dump(mode="json"), "start": ray.put(start_weights)},
-        batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.eval.concurrency),
-        num_gpus=cfg.eval.num_gpus, num_cpus=cfg.eval.cpus_per_actor, batch_format="numpy",
+    with warnings.catch_warnings():
         # Ray Data passes its actors their constructor arguments (its own transformer, these weights) through the
         # object store, from where a restarted actor cannot count on them (ray-project/ray#53727), and Ray says so at
         # error level for every actor it may restart. An evaluation is cheap to rerun: its actors are not restarted.
-        max_restarts=0,
-    )
+        # max_restarts has no named parameter in Ray 2.60, whose map_batches calls the free remote args deprecated.
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        detections = val_clips.map_batches(
+            ClipDetector,
+            fn_constructor_kwargs={"experiment": cfg.model_dump(mode="json"), "start": ray.put(start_weights)},
+            batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.eval.concurrency),
+            num_gpus=cfg.eval.num_gpus, num_cpus=cfg.eval.cpus_per_actor, batch_format="numpy", max_restarts=0,
+        )
     with progress_bar(clips, "clip", "evaluating") as bar:
         table = _sorted_table(counted(detections.iter_batches(batch_format="numpy", batch_size=None), bar))
     result = score_detections(table, cfg, out_dir)

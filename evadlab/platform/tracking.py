@@ -79,12 +79,13 @@ def trade_off_tags(cfg: ExperimentConfig, gflops: float | None = None) -> dict[s
 
 def start_run(cfg: ExperimentConfig, *, run_name: str, parent_run_id: str | None = None,
               tags: dict[str, str] | None = None) -> str:
-    """Create the MLflow run of a job with the flattened config as params; returns its id. Raises TrackingError when
-    the server does not answer."""
+    """Create the MLflow run of a job with the flattened config as params (its name as the tag
+    ``evadlab.config_name``) in the experiment of the config, which gets evadlab's saved view; returns the run's id.
+    Raises TrackingError when the server does not answer."""
     uri = cfg.tracking.resolved_uri()
     check_tracking_uri(uri)
     client = MlflowClient(uri)
-    all_tags = {"mlflow.runName": run_name, **trade_off_tags(cfg), **(tags or {})}
+    all_tags = {"mlflow.runName": run_name, "evadlab.config_name": cfg.name, **trade_off_tags(cfg), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     try:
@@ -95,7 +96,9 @@ def start_run(cfg: ExperimentConfig, *, run_name: str, parent_run_id: str | None
         if not is_outage(error):
             raise
         raise TrackingError(f"MLflow tracking server at {uri} stopped answering ({short_reason(error)})") from None
-    RunLogger(uri, run.info.run_id).log_params(cfg.flat())
+    # The config's name is a tag, not a param: it differs for every sweep trial, and MLflow's compare view plots the
+    # params that differ between the runs (the first three by name), which are then the swept keys.
+    RunLogger(uri, run.info.run_id).log_params({key: value for key, value in cfg.flat().items() if key != "name"})
     return run.info.run_id
 
 
@@ -109,7 +112,7 @@ def experiment_with_view(client: MlflowClient, name: str) -> str:
 
 def saved_view() -> str:
     """evadlab's saved view of an experiment's runs (the envelope MLflow's UI writes for a view it saves): the
-    trade-off columns (Models, Dataset, mAP, GFLOPs, keep rate, enhanced weight, clips/s), sorted by the final mAP
+    trade-off columns (Models, mAP, GFLOPs, clips/s, keep rate, enhanced weight), sorted by the final mAP
     (which also lists a sweep's trials flat instead of folded under their parent), and the charts val/mAP over
     steps, mAP against GFLOPs and the parallel coordinates of keep rate, enhanced weight, GFLOPs and mAP."""
     section = "evadlab-trade-off"
@@ -130,9 +133,10 @@ def saved_view() -> str:
     state = {
         "searchFilter": "", "orderByKey": "metrics.`val/mAP`", "orderByAsc": False, "startTime": "ALL",
         "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
-        "selectedColumns": ["attributes.`Models`", "attributes.`Dataset`", "metrics.`val/mAP`", "metrics.`best/mAP`",
-                            "metrics.`model/gflops`", "metrics.`train/clips_per_s`", "params.`model.keep_rate`",
-                            "params.`model.enhanced_weight`"],
+        # Without the Dataset column (MLflow's default view has it), which would take a third of a laptop's screen
+        # and push the trade-off out of sight.
+        "selectedColumns": ["attributes.`Models`", "metrics.`val/mAP`", "metrics.`best/mAP`", "metrics.`model/gflops`",
+                            "metrics.`train/clips_per_s`", "params.`model.keep_rate`", "params.`model.enhanced_weight`"],
         "columnOrder": [], "columnWidths": {}, "runsHiddenMode": "SHOW_ALL", "groupBy": None,
         "compareRunCharts": charts,
         "compareRunSections": [{"uuid": section, "name": "EVAD trade-off", "display": True, "isReordered": False,
