@@ -1,13 +1,13 @@
 """Screenshots of the MLflow UI for the README, taken in headless Chromium from runs that evadlab logged.
 
-    pip install playwright          # the Python package only: it drives the system's Chromium (Debian: chromium)
+    pip install -e ".[docs]"        # playwright, the Python package only: it drives the system's Chromium
     mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db --workers 1
-    evadlab tune experiments/sweeps/quickstart.yaml tracking.uri=http://127.0.0.1:5000
+    evadlab tune experiments/sweeps/quickstart.yaml tracking.uri=http://127.0.0.1:5000 train.epochs=8 eval.every_epochs=4
     python docs/screenshots.py --tracking-uri http://127.0.0.1:5000 --experiment quickstart
 
 writes ``docs/mlflow_runs_table.png`` (the runs table with evadlab's saved view), ``docs/mlflow_trade_off_charts.png``
 (its charts: parallel coordinates, mAP against GFLOPs, val/mAP over steps) and ``docs/mlflow_compare_runs.png``
-(MLflow's compare view of the runs), each 1400x900 and reduced to 256 colours.
+(MLflow's compare view of the runs), each 1600x900 and reduced to 256 colours.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def shoot(shots: dict[str, str], out: Path, chromium: str, wait_s: float) -> Non
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
         for name, url in shots.items():
-            context = browser.new_context(viewport={"width": 1400, "height": 900})
+            context = browser.new_context(viewport={"width": 1600, "height": 900})
             context.add_init_script(storage)
             page = context.new_page()
             page.goto(url, wait_until="networkidle", timeout=120_000)
