@@ -2,9 +2,10 @@
 resume, and a real MLflow server. Each test is a real TorchTrainer run, so they are few and tiny."""
 
 import json
-import re
+import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -175,13 +176,23 @@ def test_unreachable_tracking_server_stops_at_start(prepared, mini_ava, tmp_path
 
 
 def test_an_error_raised_in_a_worker_ends_the_command_in_its_own_line(prepared, mini_ava, tmp_path, capsys):
-    """Labels outside model.num_actions fail inside Ray Data, inside the training worker: Ray wraps the error three
-    times (WorkerGroupError, RayTaskError, UserCodeException); the command prints the one line the code raised."""
+    """A shard row whose JPEG is damaged fails inside Ray Data, inside the training worker: Ray wraps the error
+    three times (WorkerGroupError, RayTaskError, UserCodeException); the command prints the one line the code
+    raised, naming the row and the frame."""
     folder, shards = prepared
-    argv = ["train", str(QUICKSTART), *tiny_overrides(tmp_path, mini_ava, f"data.shards={shards}",
-                                                      "model.num_actions=10", "tracking.enabled=false")]
+    damaged = tmp_path / "damaged_shards"
+    shutil.copytree(shards, damaged)
+    shard = sorted((damaged / "train").glob("part-*.parquet"))[0]
+    table = pq.read_table(shard)
+    frames = table["frames"].to_pylist()
+    frames[0][3] = b"\xff\xd8 this is no JPEG"
+    pq.write_table(table.set_column(table.schema.get_field_index("frames"), "frames",
+                                    pa.array(frames, table.schema.field("frames").type)), shard)
+    video, timestamp = table["video_id"][0].as_py(), table["timestamp"][0].as_py()
+    argv = ["train", str(QUICKSTART), *tiny_overrides(tmp_path, mini_ava, f"data.shards={damaged}",
+                                                      "tracking.enabled=false")]
     assert main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evadlab train: error:")]
     assert len(errors) == 1
-    assert re.fullmatch(r"evadlab train: error: row \w+,\d+: action ids \[[\d, ]+\] of box \d+ are outside 1\.\.10",
-                        errors[0]), errors[0]
+    assert errors[0].startswith(f"evadlab train: error: row {video},{timestamp}: frame 3 is not a readable JPEG"), \
+        errors[0]

@@ -57,8 +57,11 @@ def decode_clip(row: dict[str, Any], *, flip: bool = False) -> tuple[np.ndarray,
     ``flip`` mirrors the frames horizontally and the boxes with them. The mirror is taken in normalised
     coordinates (x -> 1 - x, i.e. x -> W - x in pixels), the exact image of a box under the flip; the released
     code uses W - x - 1 on pixel boxes at the original resolution, a shift of one original pixel (about 0.3
-    stored pixels at short side 288) that we do not copy."""
-    frames = decode_jpegs(row["frames"])
+    stored pixels at short side 288) that we do not copy. Raises ValueError naming the row for an undecodable frame."""
+    try:
+        frames = decode_jpegs(row["frames"])
+    except ValueError as error:
+        raise ValueError(f"row {row['video_id']},{row['timestamp']}: {error}") from None
     boxes = box_array(row["boxes"])
     if flip:
         frames = frames[:, :, ::-1]
@@ -72,8 +75,15 @@ def decode_clip(row: dict[str, Any], *, flip: bool = False) -> tuple[np.ndarray,
 
 def decode_jpegs(encoded: Sequence[bytes]) -> np.ndarray:
     """JPEG images of one size -> (T, H, W, 3) uint8 RGB. Pillow rather than torchvision.io, whose JPEG codecs
-    are deprecated since torchvision 0.29; it is about as fast."""
-    return np.stack([np.asarray(rgb(Image.open(io.BytesIO(data)))) for data in encoded])
+    are deprecated since torchvision 0.29; it is about as fast. Raises ValueError naming the image (0-based) that
+    Pillow cannot decode."""
+    frames = []
+    for index, data in enumerate(encoded):
+        try:
+            frames.append(np.asarray(rgb(Image.open(io.BytesIO(data)))))
+        except OSError as error:  # Pillow's UnidentifiedImageError and truncated-file errors are OSErrors
+            raise ValueError(f"frame {index} is not a readable JPEG ({error})") from None
+    return np.stack(frames)
 
 
 def rgb(image: Image.Image) -> Image.Image:
