@@ -7,6 +7,7 @@ them with the official-equivalent evaluator.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ from evadlab.pipelines.prepare import require_prepared
 from evadlab.platform.modeling import StartingWeights, build_model, complete_checkpoint
 from evadlab.platform.tracking import RunLogger, check_tracking_uri, log_per_class_ap, start_run
 from evadlab.ray_session import ensure_ray
+from evadlab.storage import atomic_path
+
+DETECTIONS_FILE = "detections.csv"
 
 
 @dataclass
@@ -78,8 +82,13 @@ def _sorted_table(parts: Iterable[dict[str, np.ndarray]]) -> pa.Table:
 def score_detections(table: pa.Table, cfg: ExperimentConfig, out_dir: Path) -> EvalResult:
     """Writes the AVA detections CSV and scores it against the val ground truth."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    detections_path = out_dir / "detections.csv"
+    detections_path = out_dir / DETECTIONS_FILE
     write_detections_csv(detections_path, table)
+    return score_file(detections_path, cfg)
+
+
+def score_file(detections_path: Path, cfg: ExperimentConfig) -> EvalResult:
+    """The frame-mAP (``eval.iou``) and per-class AP of an AVA detections CSV against the val ground truth."""
     annotations = cfg.data.annotation_dir
     exclusions = annotations / cfg.data.exclusions
     result = evaluate_files(annotations / cfg.data.label_map, annotations / cfg.data.val_annotations, detections_path,
@@ -88,17 +97,23 @@ def score_detections(table: pa.Table, cfg: ExperimentConfig, out_dir: Path) -> E
     names = distinct_class_names(read_label_map(annotations / cfg.data.label_map))
     per_class_named = {names[class_id]: ap for class_id, ap in sorted(result.per_class.items())}
     return EvalResult(mAP=float(result.mAP), per_class_named=per_class_named, detections_path=detections_path,
-                      num_detections=table.num_rows)
+                      num_detections=result.num_detections)
 
 
 def evaluate_in_workers(model, cfg: ExperimentConfig, *, rank: int, world: int, device: torch.device,
                         out_dir: Path | None) -> EvalResult | None:
     """Periodic evaluation inside training: every worker infers a strided share of the val rows, rank 0
-    gathers, writes and scores. Returns the result on rank 0, None elsewhere."""
+    gathers, writes and scores. Returns the result on rank 0 (its metrics: ``speed/eval_clips_per_s`` and
+    ``speed/eval_s``, inference to score), None elsewhere."""
     import torch.distributed as dist
 
+    start = time.perf_counter()
     class_ids = label_map_ids(cfg)
-    rows = [row for index, row in enumerate(iter_shard_rows(cfg.data.shards_path, "val")) if index % world == rank]
+    rows, clips = [], 0
+    for index, row in enumerate(iter_shard_rows(cfg.data.shards_path, "val")):
+        clips += 1
+        if index % world == rank:
+            rows.append(row)
     part = detect_clips(model, rows, cfg, class_ids, device)
     parts = [part]
     if world > 1:
@@ -107,7 +122,14 @@ def evaluate_in_workers(model, cfg: ExperimentConfig, *, rank: int, world: int, 
     model.train()
     if rank != 0:
         return None
-    return score_detections(_sorted_table(parts), cfg, out_dir)
+    result = score_detections(_sorted_table(parts), cfg, out_dir)
+    result.metrics = eval_speed(clips, time.perf_counter() - start)
+    return result
+
+
+def eval_speed(clips: int, seconds: float) -> dict[str, float]:
+    """The evaluation's throughput metrics: clips inferred and scored per second, and its seconds."""
+    return {"speed/eval_clips_per_s": clips / seconds, "speed/eval_s": seconds}
 
 
 class ClipDetector:
@@ -159,6 +181,24 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
     return result
 
 
+def evaluation_of_detections(cfg: ExperimentConfig, detections: Path, out_dir: Path,
+                             mlflow_run_id: str | None) -> EvalResult:
+    """An evaluation whose inference is done: ``detections`` (a CSV written by an evaluation of the same weights,
+    such as the last epoch's inside training) copied into ``out_dir``, scored, printed and logged like
+    :func:`evaluate`'s (into ``mlflow_run_id``, when tracking is on); no model is loaded and Ray is not used."""
+    copied = out_dir / DETECTIONS_FILE
+    with atomic_path(copied) as temporary:
+        shutil.copyfile(detections, temporary)
+    result = score_file(copied, cfg)
+    result.metrics = {"val/mAP": result.mAP}
+    print(f"evadlab evaluate: frame-mAP@0.5 = {result.mAP:.4f} ({result.num_detections} detection rows, inferred "
+          f"by the evaluation of the same weights at {detections.parent}); detections: {result.detections_path}")
+    if cfg.tracking.enabled and mlflow_run_id:
+        logger = RunLogger(cfg.tracking.resolved_uri(), mlflow_run_id, backlog=str(out_dir), retry_s=0.0)
+        log_evaluation(logger, result, own_run=False)
+    return result
+
+
 def infer_and_score(cfg: ExperimentConfig, start_weights: StartingWeights, out_dir: Path) -> EvalResult:
     """Ray Data inference over the val shards, the detections CSV in ``out_dir`` and its frame-mAP."""
     ensure_ray()
@@ -177,7 +217,7 @@ def infer_and_score(cfg: ExperimentConfig, start_weights: StartingWeights, out_d
     result = score_detections(table, cfg, out_dir)
     seconds = time.perf_counter() - start
     clips = len({(v, t) for v, t in zip(table["video_id"].to_pylist(), table["timestamp"].to_pylist())})
-    result.metrics = {"val/mAP": result.mAP, "eval/seconds": seconds, "eval/clips_per_s": clips / seconds}
+    result.metrics = {"val/mAP": result.mAP, **eval_speed(clips, seconds)}
     print(f"evadlab evaluate: frame-mAP@0.5 = {result.mAP:.4f} on {clips} keyframes ({result.num_detections} "
           f"detection rows, {seconds:.1f} s); detections: {result.detections_path}")
     return result

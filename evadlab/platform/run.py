@@ -11,10 +11,11 @@ from evadlab.storage import write_text
 
 def run_main_job(cfg: ExperimentConfig) -> dict:
     """Synth (if the data root is missing and the config asks for synthetic data) -> prepare (skipped when a complete
-    prepare of this clip spec exists, resumed when one was interrupted) -> train -> evaluate, then a summary and
+    prepare of this clip spec exists, resumed when one was interrupted) -> train -> evaluate (the last epoch's
+    evaluation inside training when there was one, else Ray Data inference on the final checkpoint), then a summary and
     ``summary.json``. Nothing is written before the MLflow server has answered and the starting weights (if any) have
     been read and checked."""
-    from evadlab.platform.evaluate import evaluate
+    from evadlab.platform.evaluate import evaluate, evaluation_of_detections
     from evadlab.platform.modeling import build_model, starting_weights
     from evadlab.platform.tracking import check_tracking_uri
     from evadlab.platform.train import train
@@ -31,8 +32,12 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
     if trained.checkpoint_path is None:
         raise RuntimeError("training reported no checkpoint")
     print("[4/4] evaluate")
-    result = evaluate(cfg, trained.checkpoint_path, out_dir=cfg.run_dir / trained.run_name / "evaluation",
-                      mlflow_run_id=trained.mlflow_run_id or None)
+    # The last epoch was evaluated inside training on the final weights: score its detections rather than infer again.
+    out_dir = cfg.run_dir / trained.run_name / "evaluation"
+    if trained.final_detections is not None:
+        result = evaluation_of_detections(cfg, trained.final_detections, out_dir, trained.mlflow_run_id or None)
+    else:
+        result = evaluate(cfg, trained.checkpoint_path, out_dir=out_dir, mlflow_run_id=trained.mlflow_run_id or None)
     summary = {"mAP": result.mAP, "gflops": trained.gflops, "wall_s": round(time.perf_counter() - start, 1),
                "mlflow_run_id": trained.mlflow_run_id, "tracking_uri": trained.tracking_uri}
     out_dir = (cfg.run_dir / trained.run_name).resolve()
