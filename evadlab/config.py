@@ -91,7 +91,10 @@ class DataConfig(Section):
     label_map: str = AVA_ANNOTATIONS["label_map"]
     train_frame_list: str = "train.csv"
     val_frame_list: str = "val.csv"
+    # Cores of one prepare task: its decoder and torch threads (see evadlab/pipelines/prepare.py).
     prepare_cpus: float = Field(1.0, gt=0)
+    # Keyframes per shard part, the unit a prepare writes atomically and resumes from.
+    keyframes_per_part: int = Field(120, ge=1)
 
     _local_folders = field_validator("root", "shards")(local_folder)
 

@@ -26,7 +26,7 @@ RUN_MARKER = "evadlab_run.json"
 RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.resume", "train.max_failures", "train.keep_checkpoints", "train.log_every",
     "train.storage_path", "train.num_workers", "train.use_gpu", "train.cpus_per_worker",
-    "data.root", "data.shards", "data.prepare_cpus", "data.ingest", "output_dir",
+    "data.root", "data.shards", "data.prepare_cpus", "data.keyframes_per_part", "data.ingest", "output_dir",
 })
 # ... and how it is evaluated, swept and tracked. Everything else (data, model, recipe) identifies the run.
 RESUMABLE_SECTIONS = ("eval", "tune", "tracking")
