@@ -186,6 +186,13 @@ def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared,
     assert sorted(epochs) == [0, 1, 2], "epoch 0 must not be trained twice (resume, not restart)"
     assert {"train/loss", "train/lr", "train/clips_per_s", "val/mAP", "model/gflops", "model/params"} <= set(
         run.data.metrics)
+    # Measured speed: the first-batch wait and the epoch every epoch, the evaluation's clips/s, the latency once per
+    # attempt (after its first epoch), the ingest's set-up and mode.
+    assert len(client.get_metric_history(run.info.run_id, "speed/first_batch_s")) == 3
+    latencies = client.get_metric_history(run.info.run_id, "speed/latency_16x288x288_ms")
+    assert len(latencies) == 2 and all(metric.value > 0 for metric in latencies)
+    assert {"speed/epoch_s", "speed/eval_clips_per_s", "speed/ingest_setup_s"} <= set(run.data.metrics)
+    assert run.data.tags["evadlab.ingest"] == "materialize"
     assert run.data.params["model.keep_rate"] == "0.7" and run.data.params["train.num_workers"] == "2"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "checkpoints" in artifacts
