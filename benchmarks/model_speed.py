@@ -2,10 +2,12 @@
 
     python benchmarks/model_speed.py                         # CPU, float32, batch 1
     python benchmarks/model_speed.py --device cuda --dtype bf16 --batches 1 8 16 32 --train-batch 2
+    python benchmarks/model_speed.py --device cuda --dtype bf16 --batches 1 16 --train-batch 2 --compile
 
 Needs only torch + timm (no Ray, no MLflow), so it runs on a bare GPU machine. Prints a markdown table;
 ``--json`` writes the raw figures too. MFU = achieved FLOP/s (fvcore FLOPs x 2 per multiply-add) over the
-GPU's dense bf16 peak (``--peak-tflops``, default 989 for an H100 SXM).
+GPU's dense bf16 peak (``--peak-tflops``, default 989 for an H100 SXM). ``--compile`` times ``torch.compile``d models
+instead (each compiled once, its eval outputs compared with the eager model's first; the compile time is printed).
 """
 
 from __future__ import annotations
@@ -61,6 +63,21 @@ def targets(batch: int, size: int, device: torch.device) -> list[dict]:
     return [{"boxes": boxes, "actions": actions} for _ in range(batch)]
 
 
+def compiled_and_checked(model: torch.nn.Module, size: int, device: torch.device, autocast: dict) -> torch.nn.Module:
+    """``torch.compile(model)`` after one eval forward of both on the same clip: prints the compile time (with that
+    forward) and the largest difference of each output from the eager model's."""
+    inputs = clips(1, size, device)
+    with torch.no_grad(), torch.autocast(**autocast):
+        eager = model(inputs)
+        start = time.perf_counter()
+        compiled = torch.compile(model)
+        outputs = compiled(inputs)
+        synchronize(device)
+    differences = {key: float((outputs[key].float() - value.float()).abs().max()) for key, value in eager.items()}
+    print(json.dumps({"compile_s": time.perf_counter() - start, "max_abs_difference": differences}), flush=True)
+    return compiled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -73,6 +90,7 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--compile", action="store_true", help="time torch.compile'd models (checked against eager)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -81,6 +99,8 @@ def main() -> None:
     rows = []
     for name, config in SETTINGS.items():
         model = EVAD(config).to(device).eval()
+        if args.compile:
+            model = compiled_and_checked(model, args.size, device, autocast)
         gflops = count_flops(EVAD(config), (16, args.size, args.size)) / 1e9
         for batch in args.batches:
             inputs = clips(batch, args.size, device)

@@ -41,9 +41,17 @@ from evadlab.pipelines.clips import (
     resize_short_side,
     to_model_input,
 )
-from evadlab.pipelines.prepare import PrepareHooks, plan_tasks, prepare, shard_path, task_item, write_shard
-from evadlab.pipelines.video import VideoFileFrames
+from evadlab.pipelines.prepare import (
+    PartTask,
+    PrepareHooks,
+    plan_tasks,
+    prepare,
+    shard_path,
+    task_item,
+    write_shard,
+)
 from evadlab.pipelines.synthetic import generate_mini_ava
+from evadlab.pipelines.video import VideoFileFrames
 
 
 @contextlib.contextmanager
@@ -62,27 +70,27 @@ def pinned_to_cores(count: int) -> Iterator[None]:
 
 
 class WarmedUp(Exception):
-    """Ends the warm-up prepare once every worker has handled a video."""
+    """Ends the warm-up prepare once every worker has handled a part."""
 
 
-class StopAfterVideos(PrepareHooks):
-    def __init__(self, videos: int):
-        self.videos = videos
+class StopAfterParts(PrepareHooks):
+    def __init__(self, parts: int):
+        self.parts = parts
 
-    def after_video(self, finished: int, pending: int) -> None:
-        if finished >= self.videos:
+    def after_part(self, finished: int, pending: int) -> None:
+        if finished >= self.parts:
             raise WarmedUp
 
 
 def timed_prepare(cfg: ExperimentConfig, cpus: int, warm_up: ExperimentConfig) -> tuple[int, float]:
     """Clips written and seconds of one prepare on a fresh local Ray with ``cpus`` CPUs, after a warm-up run
-    of one video per worker (so that every worker has imported torch and decord). Ray, its workers and this
+    of one part per worker (so that every worker has imported torch and the decoders). Ray, its workers and this
     driver all run on ``cpus`` cores."""
     with pinned_to_cores(cpus):
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
         try:
             with contextlib.suppress(WarmedUp):
-                prepare(warm_up, hooks=StopAfterVideos(cpus))
+                prepare(warm_up, hooks=StopAfterParts(cpus))
             start = time.perf_counter()
             summary = prepare(cfg)
             return summary.written, time.perf_counter() - start
@@ -96,10 +104,11 @@ def seek_per_keyframe(data: DataConfig, out: Path) -> tuple[int, float]:
     tasks, _ = plan_tasks(data, ("train", "val"), NUM_ACTIONS)
     start, written = time.perf_counter(), 0
     for task in tasks:
-        item = task_item(task)
+        item = task_item(PartTask(task, 0, task.keyframes))
         frames = VideoFileFrames(str(task.source), data)
         rows = (clip_row(frames, item, keyframe, data) for keyframe in item["keyframes"])
-        written += write_shard(shard_path(out, task.split, task.video_id), rows, data.clip_spec, [])
+        timestamps = [keyframe["timestamp"] for keyframe in item["keyframes"]]
+        written += write_shard(shard_path(out, task.split, task.video_id, 0), rows, data.clip_spec, timestamps, [])
     return written, time.perf_counter() - start
 
 

@@ -80,6 +80,9 @@ class DataConfig(Section):
     video_offset_sec: float = Field(900.0, ge=0)
     jpeg_quality: int = Field(90, ge=1, le=100)
     flip_prob: float = Field(0.5, ge=0, le=1)
+    # How the train split reaches the workers (evadlab/platform/ingest.py): decoded once and kept in Ray's object store,
+    # or read and decoded every epoch; auto materializes when it fits.
+    ingest: Literal["auto", "materialize", "stream"] = "auto"
     mean: float = 0.45
     std: float = Field(0.225, gt=0)
     train_annotations: str = AVA_ANNOTATIONS["train_annotations"]
@@ -88,7 +91,10 @@ class DataConfig(Section):
     label_map: str = AVA_ANNOTATIONS["label_map"]
     train_frame_list: str = "train.csv"
     val_frame_list: str = "val.csv"
+    # Cores of one prepare task: its decoder and torch threads (see evadlab/pipelines/prepare.py).
     prepare_cpus: float = Field(1.0, gt=0)
+    # Keyframes per shard part, the unit a prepare writes atomically and resumes from.
+    keyframes_per_part: int = Field(120, ge=1)
 
     _local_folders = field_validator("root", "shards")(local_folder)
 

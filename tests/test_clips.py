@@ -86,14 +86,18 @@ def test_model_input_is_rgb_channels_first_and_normalised():
     assert torch.allclose(to_model_input(frames, mean=0.5, std=0.5)[0], torch.tensor(1.0))
 
 
+def decoded_batch(rows: list[dict]) -> dict[str, list]:
+    """Shard rows decoded as Ray Data decodes them, gathered column by column as a batch."""
+    decoded = [decode_training_row(row, num_actions=80) for row in rows]
+    return {key: [row[key] for row in decoded] for key in decoded[0]}
+
+
 def test_training_rows_keep_sizes_and_build_targets():
     rows = [clip_row(left_bright_frames(), [[0.1, 0.1, 0.5, 0.5]], [[12, 80]], video_id="a"),
             clip_row(left_bright_frames(64, 48), [[0.2, 0.2, 0.4, 0.4], [0.5, 0.5, 1.0, 1.0]], [[1], [14]],
                      video_id="b")]
-    decoded = [decode_training_row(row, flip_prob=0.0, num_actions=80) for row in rows]
-    numpy_batch = {key: [row[key] for row in decoded] for key in decoded[0]}
-    cfg = ExperimentConfig()
-    batch = to_model_batch(numpy_batch, cfg, torch.device("cpu"), loss_scale=1.0)
+    cfg = ExperimentConfig(data={"flip_prob": 0.0})
+    batch = to_model_batch(decoded_batch(rows), cfg, torch.device("cpu"), loss_scale=1.0, rng=np.random.default_rng(0))
     assert [tuple(c.shape) for c in batch.clips] == [(3, FRAMES, 64, 85), (3, FRAMES, 64, 48)]
     assert batch.keys == [("a", 902), ("b", 902)]
     np.testing.assert_allclose(batch.targets[0]["boxes"], [[8.5, 6.4, 42.5, 32]], rtol=1e-5)
@@ -103,18 +107,20 @@ def test_training_rows_keep_sizes_and_build_targets():
     assert batch.targets[1]["actions"].nonzero().tolist() == [[0, 0], [1, 13]]
 
 
-def test_training_rows_flip_about_half_the_clips():
-    row = clip_row(left_bright_frames(), [[0.0, 0.0, 0.25, 1.0]], [[12]])
-    rng = np.random.default_rng(0)
-    flipped = []
-    for _ in range(40):
-        decoded = decode_training_row(row, flip_prob=0.5, num_actions=80, rng=rng)
-        bright_on_right = decoded["frames"][0, 0, -1, 0] > 128
-        flipped.append(bool(bright_on_right))
-        # The box always covers the bright quarter, wherever the flip put it.
-        expected_x1 = 0.75 * WIDTH if bright_on_right else 0.0
-        assert decoded["boxes"][0, 0] == pytest.approx(expected_x1)
+def test_training_batches_flip_about_half_the_clips_with_their_boxes():
+    """The workers flip (data.flip_prob): every flipped clip has its bright quarter and its box on the right."""
+    rows = [clip_row(left_bright_frames(), [[0.0, 0.0, 0.25, 1.0]], [[12]])] * 40
+    cfg = ExperimentConfig(data={"flip_prob": 0.5})
+    batch = to_model_batch(decoded_batch(rows), cfg, torch.device("cpu"), loss_scale=1.0, rng=np.random.default_rng(0))
+    flipped = [bool(clip[0, 0, 0, -1] > 0) for clip in batch.clips]
+    for clip_is_flipped, target in zip(flipped, batch.targets):
+        # x1' = W - x2 of the unflipped box, clipped boxes as decode_clip gives them.
+        expected = [0.75 * WIDTH, 0, WIDTH - 1, HEIGHT - 1] if clip_is_flipped else [0, 0, 0.25 * WIDTH, HEIGHT - 1]
+        np.testing.assert_allclose(target["boxes"][0], expected, rtol=1e-5)
     assert 10 <= sum(flipped) <= 30
+    unflipped = to_model_batch(decoded_batch(rows[:4]), ExperimentConfig(data={"flip_prob": 0.0}),
+                               torch.device("cpu"), loss_scale=1.0, rng=np.random.default_rng(0))
+    assert not any(bool(clip[0, 0, 0, -1] > 0) for clip in unflipped.clips)
 
 
 def test_action_ids_outside_the_vocabulary_are_named():
@@ -125,5 +131,4 @@ def test_action_ids_outside_the_vocabulary_are_named():
     with pytest.raises(ValueError, match=r"action ids \[6\] of box 0 are outside 1..5"):
         multi_hot([[6]], 5)
     with pytest.raises(ValueError, match="row v,902"):
-        decode_training_row(clip_row(left_bright_frames(), [[0.1, 0.1, 0.5, 0.5]], [[81]]), flip_prob=0.0,
-                            num_actions=80)
+        decode_training_row(clip_row(left_bright_frames(), [[0.1, 0.1, 0.5, 0.5]], [[81]]), num_actions=80)

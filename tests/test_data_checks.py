@@ -23,8 +23,8 @@ class Killed(Exception):
     """Stands for the job being killed."""
 
 
-class KillAfterFirstVideo(PrepareHooks):
-    def after_video(self, finished: int, pending: int) -> None:
+class KillAfterFirstPart(PrepareHooks):
+    def after_part(self, finished: int, pending: int) -> None:
         raise Killed
 
 
@@ -63,7 +63,7 @@ def test_an_interrupted_prepare_is_refused_with_what_is_missing_and_run_resumes_
     settings = overrides(tmp_path, mini_ava)
     cfg = load_config(QUICKSTART, settings)
     with pytest.raises(Killed):
-        prepare(cfg, hooks=KillAfterFirstVideo())
+        prepare(cfg, hooks=KillAfterFirstPart())
     manifest = json.loads((cfg.data.shards_path / "manifest.json").read_text())
     assert not manifest["complete"]
     capsys.readouterr()

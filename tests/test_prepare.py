@@ -11,6 +11,7 @@ from pathlib import Path
 import av
 import decord
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
@@ -120,33 +121,61 @@ class Killed(Exception):
     """Stands for the job being killed."""
 
 
-class KillAfterFirstVideo(PrepareHooks):
-    def after_video(self, finished: int, pending: int) -> None:
-        raise Killed
+class CheckManifest(PrepareHooks):
+    """After every part: the manifest counts only parts that are on disk, each with the rows it says. With ``kill_after``
+    the run stops there, as a killed job stops."""
+
+    def __init__(self, shards: Path, kill_after: int | None = None):
+        self.shards, self.kill_after = shards, kill_after
+
+    def after_part(self, finished: int, pending: int) -> None:
+        manifest = json.loads((self.shards / "manifest.json").read_text())
+        for split, videos in manifest["parts"].items():
+            for video, parts in videos.items():
+                for index, rows in parts.items():
+                    assert pq.read_metadata(self.shards / split / f"part-{video}-{index}.parquet").num_rows == rows
+            assert manifest["counts"][split] == sum(sum(parts.values()) for parts in videos.values())
+        if finished == self.kill_after:
+            raise Killed
 
 
-def test_an_interrupted_prepare_finishes_only_the_missing_videos(mini_ava, tmp_path, ray_local):
-    cfg = config(mini_ava, tmp_path / "shards")
+def test_a_killed_prepare_leaves_a_manifest_of_the_parts_it_saw_finish(mini_ava, tmp_path, ray_local):
+    cfg = config(mini_ava, tmp_path / "shards", keyframes_per_part=2)
     with pytest.raises(Killed):
-        prepare(cfg, hooks=KillAfterFirstVideo())
+        prepare(cfg, hooks=CheckManifest(cfg.data.shards_path, kill_after=1))
     manifest = json.loads((cfg.data.shards_path / "manifest.json").read_text())
-    assert not manifest["complete"]
-    # The manifest counts the video it saw finish; tasks already running may have finished more shards since.
-    finished = {path: path.stat().st_mtime_ns for path in cfg.data.shards_path.glob("*/part-*.parquet")}
-    counted = sum(manifest["counts"].values())
-    assert counted > 0 and len(finished) >= 1
-    # What a job killed mid-write leaves behind: a temporary shard no reader may see.
-    stale = next(iter(finished)).parent / ".part-broken.parquet.123.tmp"
-    stale.write_bytes(b"half a shard")
+    # Tasks already running may finish more parts after the kill; the manifest counts the one it saw finish.
+    counted = [rows for videos in manifest["parts"].values() for parts in videos.values() for rows in parts.values()]
+    assert not manifest["complete"] and len(counted) == 1 and sum(manifest["counts"].values()) == counted[0] > 0
+    assert manifest["videos"] == {"train": {}, "val": {}}
 
-    second = prepare(cfg)
-    assert second.skipped_videos == len(finished) and not stale.exists()
-    assert all(path.stat().st_mtime_ns == written_at for path, written_at in finished.items())
+
+def test_a_rerun_writes_only_the_missing_parts_even_within_a_video(mini_ava, tmp_path, ray_local):
+    """Parts of 2 keyframes, 3 per video. Left as a killed run leaves them: the first video without its middle part,
+    the second without any, a temporary part, and the one-file shard of an earlier version. The rerun keeps what is on
+    disk untouched, writes only the missing parts and removes what no reader may see."""
+    cfg = config(mini_ava, tmp_path / "shards", keyframes_per_part=2)
+    prepare(cfg)
+    train = cfg.data.shards_path / "train"
+    first, second = sorted({path.name.rsplit("-", 1)[0] for path in train.glob("part-*.parquet")})
+    for path in [train / f"{first}-0001.parquet", *train.glob(f"{second}-*.parquet")]:
+        path.unlink()
+    kept = {path: path.stat().st_mtime_ns for path in cfg.data.shards_path.glob("*/part-*.parquet")}
+    stale = [train / ".part-broken.parquet.123.tmp", train / f"{first}.parquet"]
+    for path in stale:
+        path.write_bytes(b"half a shard")
+
+    again = prepare(cfg, hooks=CheckManifest(cfg.data.shards_path))
+    assert again.skipped_parts == len(kept) == 5 and again.skipped_videos == 1 and again.written == 2 + 5
+    assert not any(path.exists() for path in stale)
+    assert all(path.stat().st_mtime_ns == written_at for path, written_at in kept.items())
     expected = {split: expected_keyframes(cfg, split) for split in SPLITS}
     for split in SPLITS:
         assert rows_by_key(cfg.data.shards_path, split).keys() == expected[split].keys()
     manifest = json.loads((cfg.data.shards_path / "manifest.json").read_text())
     assert manifest["complete"] and sum(manifest["counts"].values()) == sum(len(keys) for keys in expected.values())
+    assert {video: list(parts) for video, parts in manifest["parts"]["train"].items()} == {
+        video: ["0000", "0001", "0002"] for video in manifest["videos"]["train"]}
 
 
 def test_bad_inputs_are_named_and_the_good_ones_finish(mini_ava, tmp_path, ray_local):
@@ -167,7 +196,7 @@ def test_bad_inputs_are_named_and_the_good_ones_finish(mini_ava, tmp_path, ray_l
                             (str(train_csv), good_lines + 2)}
     assert "timestamp '09o2'" in reasons[(str(train_csv), good_lines + 1)]
     assert "3 fields, expected 8" in reasons[(str(train_csv), good_lines + 2)]
-    assert reasons[(str(corrupt), None)].startswith("ValueError: cannot decode the video (decord: ")
+    assert reasons[(str(corrupt), None)].startswith("ValueError: cannot decode the video (PyAV: ")
     assert "no video file for 'ghost'" in reasons[(ghost, None)]
     assert not list(cfg.data.shards_path.glob("*/.part-*")), "a failed video left a temporary shard"
     manifest = json.loads((cfg.data.shards_path / "manifest.json").read_text())

@@ -3,6 +3,7 @@ resume, and a real MLflow server. Each test is a real TorchTrainer run, so they 
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,8 +15,10 @@ from mlflow.tracking import MlflowClient
 from evadlab.cli import main
 from evadlab.config import load_config
 from evadlab.models.checkpoints import load_training_checkpoint
+from evadlab.pipelines.clips import decode_jpegs, iter_shard_rows
 from evadlab.pipelines.prepare import prepare
 from evadlab.platform.hooks import FailOnceAtEpoch, RecordSeenSamples, RecordWeights
+from evadlab.platform.ingest import ExactlyOnceDataConfig, plan_ingest, training_dataset
 from evadlab.platform.modeling import build_model
 from evadlab.platform.recipe import learning_rate, parameter_groups
 from evadlab.platform.train import train
@@ -53,6 +56,42 @@ def seen_keys(folder: Path, epoch: int) -> list[str]:
 def all_train_keys(shards: Path) -> list[str]:
     table = pq.read_table(shards / "train", columns=["video_id", "timestamp"])
     return [f"{v},{t}" for v, t in zip(table["video_id"].to_pylist(), table["timestamp"].to_pylist())]
+
+
+def test_ingest_materializes_what_fits_and_every_epoch_splits_each_keyframe_once(prepared, mini_ava, tmp_path):
+    """The decoded train split is kept in Ray's object store when it fits (auto), streamed otherwise. A materialized
+    split is decoded once: its epochs go on with the shard files gone, its blocks of one batch in a new order each
+    epoch. Either way each epoch hands every keyframe to exactly one of 2 workers."""
+    folder, shards = prepared
+    expected = sorted(all_train_keys(shards))
+    cfg = tiny_config(folder, mini_ava, f"data.shards={shards}")
+    plan = plan_ingest(cfg)
+    decoded = sum(decode_jpegs(row["frames"]).nbytes for row in iter_shard_rows(shards, "train"))
+    assert plan.mode == "materialize" and plan.decoded_bytes == decoded and plan.object_store_bytes > 2 * decoded
+    assert plan_ingest(cfg, object_store_bytes=decoded).mode == "stream"
+    for mode in ("materialize", "stream"):
+        copy = tmp_path / mode
+        shutil.copytree(shards, copy)
+        cfg = tiny_config(folder, mini_ava, f"data.shards={copy}", f"data.ingest={mode}", "train.batch_size=2")
+        dataset = training_dataset(cfg, plan_ingest(cfg))
+        if mode == "materialize":
+            shutil.rmtree(copy / "train")
+        splits = ExactlyOnceDataConfig(len(expected)).configure({"train": dataset}, world_size=2, worker_handles=None,
+                                                                worker_node_ids=None)
+        orders = []
+        for _ in range(3):
+            with ThreadPoolExecutor(2) as pool:  # streaming splits are consumed side by side, as by DDP workers
+                seen = list(pool.map(lambda split: split_keys(split["train"]), splits))
+            assert sorted(seen[0] + seen[1]) == expected and seen[0] and seen[1], mode
+            orders.append(seen[0] + seen[1])
+        if mode == "materialize":
+            assert len({tuple(order) for order in orders}) > 1, "the same order every epoch"
+
+
+def split_keys(split) -> list[str]:
+    """One epoch of a worker's split: its keyframes as ``video_id,timestamp``, in the order they came."""
+    return [f"{video},{timestamp}" for batch in split.iter_batches(batch_size=2, batch_format="numpy")
+            for video, timestamp in zip(batch["video_id"], batch["timestamp"])]
 
 
 def test_recipe_groups_and_schedule():
@@ -146,6 +185,13 @@ def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared,
     assert sorted(epochs) == [0, 1, 2], "epoch 0 must not be trained twice (resume, not restart)"
     assert {"train/loss", "train/lr", "train/clips_per_s", "val/mAP", "model/gflops", "model/params"} <= set(
         run.data.metrics)
+    # Measured speed: the first-batch wait and the epoch every epoch, the evaluation's clips/s, the latency once per
+    # attempt (after its first epoch), the ingest's set-up and mode.
+    assert len(client.get_metric_history(run.info.run_id, "speed/first_batch_s")) == 3
+    latencies = client.get_metric_history(run.info.run_id, "speed/latency_16x288x288_ms")
+    assert len(latencies) == 2 and all(metric.value > 0 for metric in latencies)
+    assert {"speed/epoch_s", "speed/eval_clips_per_s", "speed/ingest_setup_s"} <= set(run.data.metrics)
+    assert run.data.tags["evadlab.ingest"] == "materialize"
     assert run.data.params["model.keep_rate"] == "0.7" and run.data.params["train.num_workers"] == "2"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "checkpoints" in artifacts
@@ -175,10 +221,12 @@ def test_unreachable_tracking_server_stops_at_start(prepared, mini_ava, tmp_path
     assert not (tmp_path / "ray").exists(), "nothing may start before the tracking check"
 
 
-def test_an_error_raised_in_a_worker_ends_the_command_in_its_own_line(prepared, mini_ava, tmp_path, capsys):
-    """A shard row whose JPEG is damaged fails inside Ray Data, inside the training worker: Ray wraps the error
-    three times (WorkerGroupError, RayTaskError, UserCodeException); the command prints the one line the code
-    raised, naming the row and the frame."""
+@pytest.mark.parametrize("ingest", ["materialize", "stream"])
+def test_an_error_raised_in_ray_data_ends_the_command_in_its_own_line(prepared, mini_ava, tmp_path, capsys, ingest):
+    """A shard row whose JPEG is damaged fails inside Ray Data as the train split is decoded: in the driver when it
+    is materialized, inside the training worker when it streams (Ray wraps the error three times there:
+    WorkerGroupError, RayTaskError, UserCodeException). Either way the command prints the one line the code raised,
+    naming the row and the frame."""
     folder, shards = prepared
     damaged = tmp_path / "damaged_shards"
     shutil.copytree(shards, damaged)
@@ -190,7 +238,7 @@ def test_an_error_raised_in_a_worker_ends_the_command_in_its_own_line(prepared, 
                                     pa.array(frames, table.schema.field("frames").type)), shard)
     video, timestamp = table["video_id"][0].as_py(), table["timestamp"][0].as_py()
     argv = ["train", str(QUICKSTART), *tiny_overrides(tmp_path, mini_ava, f"data.shards={damaged}",
-                                                      "tracking.enabled=false")]
+                                                      f"data.ingest={ingest}", "tracking.enabled=false")]
     assert main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evadlab train: error:")]
     assert len(errors) == 1

@@ -54,6 +54,16 @@ def test_both_decoders_give_the_same_time_line_and_frames(tmp_path, rate):
     assert levels(by_pyav.read(indices)) == levels(by_decord.read(indices)) == indices
 
 
+def test_pyav_jumps_far_ahead_by_a_seek_and_reads_the_right_frames(tmp_path):
+    """A prepare task that starts part way into a video reads its first frame after a forward seek to the key frame
+    before it (key frames every 60 frames here), and reads on and back from there."""
+    path = str(write_numbered_video(tmp_path / "long.mp4", count=900, quality={"crf": "10", "g": "60"}))
+    decoder = PyAVDecoder(path)
+    assert len(decoder.key_frames) == 15
+    indices = [701, 705, 899, 3, 640]
+    assert levels(decoder.read(indices)) == [index % 80 for index in indices]
+
+
 def test_variable_frame_rate_times_are_read_as_written(tmp_path):
     times_ms = [0, 33, 70, 100, 180, 400, 420, 1000, 1033, 2500]
     path = str(write_numbered_video(tmp_path / "vfr.mp4", times_ms=times_ms))

@@ -2,7 +2,7 @@
 
 Shared by preprocessing (``resize_short_side``), training, evaluation and the demo, so that every consumer
 sees a clip exactly as the released EVAD data pipeline would (spec section 5.4), with one difference kept on
-purpose: frames are stored already resized, so the flip happens on the stored frames (see ``decode_clip``).
+purpose: frames are stored already resized, so the flip happens on the stored frames (see ``flip_clip``).
 
 A row is one annotated keyframe as written by ``evadlab.pipelines.prepare``: ``frames`` holds the clip's
 JPEG bytes, ``boxes`` the normalised xyxy person boxes, ``actions`` their AVA action ids.
@@ -52,25 +52,35 @@ def resize_short_side(frames: np.ndarray | torch.Tensor, short_side: int, max_lo
 
 def decode_clip(row: dict[str, Any], *, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The row's frames as a (T, H, W, 3) uint8 RGB array and its boxes as (n, 4) float32 absolute xyxy pixels
-    of the stored frames, clipped to [0, W-1] x [0, H-1].
-
-    ``flip`` mirrors the frames horizontally and the boxes with them. The mirror is taken in normalised
-    coordinates (x -> 1 - x, i.e. x -> W - x in pixels), the exact image of a box under the flip; the released
-    code uses W - x - 1 on pixel boxes at the original resolution, a shift of one original pixel (about 0.3
-    stored pixels at short side 288) that we do not copy. Raises ValueError naming the row for an undecodable frame."""
+    of the stored frames, clipped to [0, W-1] x [0, H-1]; mirrored horizontally when ``flip`` (see ``flip_clip``).
+    Raises ValueError naming the row for an undecodable frame."""
     try:
         frames = decode_jpegs(row["frames"])
     except ValueError as error:
         raise ValueError(f"row {row['video_id']},{row['timestamp']}: {error}") from None
     boxes = box_array(row["boxes"])
     if flip:
-        frames = frames[:, :, ::-1]
-        boxes = np.stack([1.0 - boxes[:, 2], boxes[:, 1], 1.0 - boxes[:, 0], boxes[:, 3]], axis=1)
-    height, width = int(row["height"]), int(row["width"])
-    absolute = boxes * np.array([width, height, width, height], dtype=np.float32)
+        frames, boxes = flip_clip(frames, boxes)
+    return frames, absolute_boxes(boxes, int(row["height"]), int(row["width"]))
+
+
+def flip_clip(frames: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(T, H, W, 3) frames mirrored horizontally (a contiguous copy) and their (n, 4) normalised xyxy boxes with them.
+
+    The mirror is taken in normalised coordinates (x -> 1 - x, i.e. x -> W - x in pixels), the exact image of a box
+    under the flip; the released code uses W - x - 1 on pixel boxes at the original resolution, a shift of one
+    original pixel (about 0.3 stored pixels at short side 288) that we do not copy."""
+    mirrored = np.stack([1.0 - boxes[:, 2], boxes[:, 1], 1.0 - boxes[:, 0], boxes[:, 3]], axis=1)
+    return np.ascontiguousarray(frames[:, :, ::-1]), mirrored.astype(np.float32).reshape(-1, 4)
+
+
+def absolute_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(n, 4) normalised xyxy boxes -> float32 pixels of a ``height`` x ``width`` frame, clipped to [0, W-1] x
+    [0, H-1]."""
+    absolute = np.asarray(boxes, np.float32).reshape(-1, 4) * np.array([width, height, width, height], np.float32)
     np.clip(absolute[:, 0::2], 0, width - 1, out=absolute[:, 0::2])
     np.clip(absolute[:, 1::2], 0, height - 1, out=absolute[:, 1::2])
-    return np.ascontiguousarray(frames), absolute.astype(np.float32)
+    return absolute
 
 
 def decode_jpegs(encoded: Sequence[bytes]) -> np.ndarray:

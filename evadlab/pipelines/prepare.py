@@ -2,8 +2,9 @@
 
 Layout written under ``cfg.data.shards_path``::
 
-    <split>/part-<video_id>.parquet   one shard per video and split, one row per annotated keyframe
-    manifest.json                     clip spec, sources, counts, rejected inputs, ``complete``
+    <split>/part-<video_id>-<NNNN>.parquet   shard part NNNN of a video: its keyframes number NNNN * P .. NNNN * P +
+                                             P - 1 in timestamp order (P = data.keyframes_per_part), one row each
+    manifest.json                            clip spec, sources, counts, parts, rejected inputs, ``complete``
 
 Row schema (``SHARD_SCHEMA``):
 
@@ -17,10 +18,13 @@ Row schema (``SHARD_SCHEMA``):
     actions      list<list<int32>>     action ids (1..model.num_actions) of each box
     person_ids   list<int32>           the CSV's person id of each box
 
-Every shard also carries its clip spec and the video's keyframes that lie outside its media in the Parquet key-value
-metadata (``evadlab.clip_spec``, ``evadlab.outside_media``), which is what makes a rerun skip finished videos: a
-shard is only ever visible complete (written under a hidden temporary name, then renamed), so an existing shard with
-the right spec whose rows and keyframes outside the media add up to the video's keyframes is done.
+Every part also carries its clip spec, the timestamps of its keyframes and those of them that lie outside the media in
+the Parquet key-value metadata (``evadlab.clip_spec``, ``evadlab.keyframes``, ``evadlab.outside_media``), which is
+what makes a rerun skip finished work: a part is only ever visible complete (written under a hidden temporary name,
+then renamed), so an existing part with the right spec and keyframes, whose rows and keyframes outside the media add
+up to them, is done. A killed prepare therefore redoes at most the parts that were being written, never a whole
+15-minute video; part files no longer planned (another part size, a keyframe dropped from the annotations, the one-file
+shards of earlier versions) are removed, so the split folders hold exactly the planned parts.
 
 A keyframe whose instant lies outside its media (past the end of a video that was cut short, before its start, or
 beyond the frames of a frame folder) has no frames to show: it is rejected, named in the manifest with the video, the
@@ -29,17 +33,21 @@ A keyframe inside the media whose clip window reaches past an end takes the firs
 released code does (``clip_frame_indices``, ``nearest_frame_indices``). A split left with no rows (no annotated
 keyframes, or every one rejected) is an error once the manifest is written.
 
-Each Ray task handles one video: it works out the frames every keyframe's clip needs, decodes each of them
-once, in order, resizes and JPEG-encodes it, and streams the rows into the shard. Video files are read by
-time (the frames nearest to the 30 fps sampling instants, whatever the file's frame rate); frame folders by
-index, as the released code does. A video that cannot be read (by decord, nor by PyAV) is recorded as rejected in
-the manifest; the other videos finish. A progress bar over the keyframe clips (on a terminal) shows the videos done,
-clips/s and the time left; a one-line summary ends the run.
+Each Ray task writes one part of one video: it works out the frames its keyframes' clips need, seeks to the first,
+decodes each of them once, in order, resizes and JPEG-encodes it, and streams the rows into the part. A task keeps to
+``data.prepare_cpus`` cores: that many decoding threads (PyAV, see ``video.py``) and torch threads for the resize,
+Arrow's pool sized the same. Video files are read by time (the frames nearest to the 30 fps sampling instants,
+whatever the file's frame rate); frame folders by index, as the released code does. A video that cannot be read (by
+PyAV, nor by decord) is recorded as rejected in the manifest; the other videos finish. The manifest is rewritten as
+each part finishes. A progress bar over the keyframe clips (on a terminal) shows the parts done, clips/s and the time
+left; a one-line summary ends the run.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import resource
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -52,6 +60,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
+import torch
 
 from evadlab.config import DataConfig, ExperimentConfig, check_action_ids
 from evadlab.console import progress_bar
@@ -82,6 +91,7 @@ SHARD_SCHEMA = pa.schema([
 # JPEG bytes do not compress; the small columns do.
 SHARD_COMPRESSION = {name: "NONE" if name == "frames" else "ZSTD" for name in SHARD_SCHEMA.names}
 CLIP_SPEC_KEY = b"evadlab.clip_spec"
+KEYFRAMES_KEY = b"evadlab.keyframes"
 OUTSIDE_MEDIA_KEY = b"evadlab.outside_media"
 MANIFEST = "manifest.json"
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
@@ -109,11 +119,13 @@ class KeyframeRejection(Rejection):
 @dataclass
 class PrepareSummary:
     written: int
-    skipped_videos: int
+    skipped_videos: int  # videos whose every part an earlier run had written
     rejected: list[Rejection]
     seconds: float
     clips_per_s: float
     shards_path: Path
+    skipped_parts: int = 0  # parts an earlier run had written (those of the skipped videos included)
+    task_peak_memory_bytes: int = 0  # the largest peak resident memory of a process that ran a task of this run
 
     @property
     def outside_media(self) -> list[KeyframeRejection]:
@@ -131,25 +143,48 @@ class VideoTask:
     keyframes: list[Keyframe]
 
 
-def shard_path(out: str | Path, split: str, video_id: str) -> Path:
-    return Path(out) / split / f"part-{video_id}.parquet"
+@dataclass
+class PartTask:
+    """One shard part: up to ``data.keyframes_per_part`` consecutive keyframes of a video, the unit of a Ray task."""
+
+    video: VideoTask
+    index: int
+    keyframes: list[Keyframe]
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.video.split, self.video.video_id, self.index
+
+    @property
+    def timestamps(self) -> list[int]:
+        return [int(keyframe.timestamp) for keyframe in self.keyframes]
+
+
+def video_parts(task: VideoTask, per_part: int) -> list[PartTask]:
+    """The video's keyframes (timestamp order) in parts of ``per_part``."""
+    return [PartTask(task, index, task.keyframes[start:start + per_part])
+            for index, start in enumerate(range(0, len(task.keyframes), per_part))]
+
+
+def shard_path(out: str | Path, split: str, video_id: str, part: int) -> Path:
+    return Path(out) / split / f"part-{video_id}-{part:04d}.parquet"
 
 
 class PrepareHooks:
     """Called on the driver while ``prepare`` runs; this base class does nothing. Tests subclass it, e.g. to stop a
     run part way through as a killed job would stop."""
 
-    def after_video(self, finished: int, pending: int) -> None:
-        """``finished`` of the ``pending`` videos of this run are written (or rejected) and in the manifest."""
+    def after_part(self, finished: int, pending: int) -> None:
+        """``finished`` of the ``pending`` parts of this run are written (or rejected) and in the manifest."""
 
 
 # --------------------------------------------------------------------------------------------- driver
 def prepare(cfg: ExperimentConfig, *, splits: tuple[str, ...] = ("train", "val"),
             hooks: PrepareHooks | None = None) -> PrepareSummary:
-    """Writes the shards of ``splits`` and the manifest; videos already done by an earlier run are skipped.
+    """Writes the shard parts of ``splits`` and the manifest; parts already written by an earlier run are skipped.
 
-    The manifest describes the splits of this call. It is rewritten (atomically) as each video finishes, so its
-    counts are those of the shards on disk and ``complete`` turns true only at the end: a killed run leaves a
+    The manifest describes the splits of this call. It is rewritten (atomically) as each part finishes, so its
+    counts are those of the parts on disk and ``complete`` turns true only at the end: a killed run leaves a
     manifest that says how far it got. Raises ConfigError for a label map with ids above ``model.num_actions``, and
     ValueError, once the manifest is complete, when a split has no rows.
     """
@@ -158,42 +193,65 @@ def prepare(cfg: ExperimentConfig, *, splits: tuple[str, ...] = ("train", "val")
     check_action_ids(cfg)
     check_clip_spec(out, data.clip_spec)
     tasks, rejected = plan_tasks(data, splits, cfg.model.num_actions)
-    rows: dict[tuple[str, str], int] = {}
-    pending = []
-    for task in tasks:
-        outside = finished_shard(shard_path(out, task.split, task.video_id), data.clip_spec, len(task.keyframes))
-        if outside is None:
-            pending.append(task)
-        else:
-            rows[task.split, task.video_id] = len(task.keyframes) - len(outside)
-            rejected += keyframe_rejections(task, outside)
-    remove_stale_temporaries(out, splits)
+    parts = [part for task in tasks for part in video_parts(task, data.keyframes_per_part)]
+    pending, rows = find_finished_parts(parts, out, data.clip_spec, rejected)
+    remove_stale_shards(out, splits, {shard_path(out, *part.key) for part in parts})
     write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=False)
 
-    written = 0
-    by_key = {(task.split, task.video_id): task for task in pending}
-    with progress_bar(sum(len(task.keyframes) for task in pending), "clip", "preparing") as bar:
-        for finished, result in enumerate(run_video_tasks(pending, data, out), start=1):
-            task = by_key[result["split"], result["video_id"]]
-            if result["error"]:
-                rejected.append(Rejection(str(task.source), None, result["error"]))
-            else:
-                rows[result["split"], result["video_id"]] = result["rows"]
-                written += result["rows"]
-                rejected += keyframe_rejections(task, json.loads(result["outside"]))
-            write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=False)
-            bar.update(len(task.keyframes))
-            bar.set_postfix_str(f"{finished}/{len(pending)} videos")
-            if hooks:
-                hooks.after_video(finished, len(pending))
+    written, peak_memory = write_parts(pending, cfg, splits, tasks, rows, rejected, hooks)
     write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=True)
 
     seconds = time.perf_counter() - start
-    summary = PrepareSummary(written=written, skipped_videos=len(tasks) - len(pending), rejected=rejected,
-                             seconds=seconds, clips_per_s=written / seconds, shards_path=out)
+    unfinished = {(part.video.split, part.video.video_id) for part in pending}
+    summary = PrepareSummary(written=written, skipped_videos=len(tasks) - len(unfinished), rejected=rejected,
+                             seconds=seconds, clips_per_s=written / seconds, shards_path=out,
+                             skipped_parts=len(parts) - len(pending), task_peak_memory_bytes=peak_memory)
     print(summary_line(summary))
     refuse_empty_splits(summary, splits, rows)
     return summary
+
+
+def write_parts(pending: list[PartTask], cfg: ExperimentConfig, splits: tuple[str, ...], tasks: list[VideoTask],
+                rows: dict[tuple[str, str, int], int], rejected: list[Rejection],
+                hooks: PrepareHooks | None) -> tuple[int, int]:
+    """Runs the ``pending`` part tasks, adding each finished part's rows to ``rows`` and its rejections to
+    ``rejected`` and rewriting the (incomplete) manifest; a progress bar over the keyframe clips on a terminal.
+    Returns the rows written and the largest peak memory of a task (bytes)."""
+    data, out = cfg.data, cfg.data.shards_path
+    written, peak_memory = 0, 0
+    by_key = {part.key: part for part in pending}
+    with progress_bar(sum(len(part.keyframes) for part in pending), "clip", "preparing") as bar:
+        for finished, result in enumerate(run_part_tasks(pending, data, out), start=1):
+            part = by_key[result["split"], result["video_id"], result["part"]]
+            peak_memory = max(peak_memory, result["peak_memory_bytes"])
+            if result["error"]:
+                rejection = Rejection(str(part.video.source), None, result["error"])
+                rejected += [rejection] if rejection not in rejected else []
+            else:
+                rows[part.key] = result["rows"]
+                written += result["rows"]
+                rejected += keyframe_rejections(part.video, json.loads(result["outside"]))
+            write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=False)
+            bar.update(len(part.keyframes))
+            bar.set_postfix_str(f"{finished}/{len(pending)} parts")
+            if hooks:
+                hooks.after_part(finished, len(pending))
+    return written, peak_memory
+
+
+def find_finished_parts(parts: list[PartTask], out: Path, clip_spec: dict[str, Any],
+                        rejected: list[Rejection]) -> tuple[list[PartTask], dict[tuple[str, str, int], int]]:
+    """The parts still to write, and the rows of those an earlier run finished; the keyframes outside the media that
+    finished parts recorded are added to ``rejected``."""
+    pending, rows = [], {}
+    for part in parts:
+        outside = finished_shard(shard_path(out, *part.key), clip_spec, part.timestamps)
+        if outside is None:
+            pending.append(part)
+        else:
+            rows[part.key] = len(part.keyframes) - len(outside)
+            rejected += keyframe_rejections(part.video, outside)
+    return pending, rows
 
 
 def summary_line(summary: PrepareSummary) -> str:
@@ -203,16 +261,18 @@ def summary_line(summary: PrepareSummary) -> str:
             f"{summary.clips_per_s:.1f} clips/s; manifest: {summary.shards_path / MANIFEST}")
 
 
-def refuse_empty_splits(summary: PrepareSummary, splits: tuple[str, ...], rows: dict[tuple[str, str], int]) -> None:
+def refuse_empty_splits(summary: PrepareSummary, splits: tuple[str, ...],
+                        rows: dict[tuple[str, str, int], int]) -> None:
     """A split without rows cannot train or be evaluated: ValueError naming it and the manifest."""
-    empty = [split for split in splits if not any(count for (owner, _), count in rows.items() if owner == split)]
+    empty = [split for split in splits if not any(count for (owner, _, _), count in rows.items() if owner == split)]
     if empty:
         raise ValueError(f"split(s) {', '.join(empty)} have no rows: their annotations list no keyframe, or every "
                          f"keyframe was rejected (see 'rejected' in {summary.shards_path / MANIFEST})")
 
 
 def keyframe_rejections(task: VideoTask, outside: list[dict[str, Any]]) -> list[KeyframeRejection]:
-    """The keyframes of ``task`` that lie outside its media, from the records ``split_by_media`` made."""
+    """The keyframes of ``task`` (of one of its parts) that lie outside its media, from the records
+    ``split_by_media`` made."""
     return [KeyframeRejection(str(task.source), None, record["reason"], video_id=task.video_id,
                               timestamp=record["timestamp"], media=record["media"]) for record in outside]
 
@@ -288,9 +348,9 @@ def locate_frames(data: DataConfig, video_id: str, frame_lists: dict[str, list[s
     return folder, frame_paths
 
 
-def finished_shard(path: Path, clip_spec: dict[str, Any], expected_keyframes: int) -> list[dict[str, Any]] | None:
-    """The records of the keyframes outside the media of a shard written by an earlier run for the same clip spec
-    and the same keyframes (its rows and those records add up to them); None when the shard must be (re)written."""
+def finished_shard(path: Path, clip_spec: dict[str, Any], timestamps: list[int]) -> list[dict[str, Any]] | None:
+    """The records of the keyframes outside the media of a part written by an earlier run for the same clip spec and
+    the same keyframes (its rows and those records add up to them); None when the part must be (re)written."""
     if not path.exists():
         return None
     try:
@@ -300,51 +360,62 @@ def finished_shard(path: Path, clip_spec: dict[str, Any], expected_keyframes: in
     recorded = metadata.metadata or {}
     if CLIP_SPEC_KEY not in recorded or json.loads(recorded[CLIP_SPEC_KEY]) != clip_spec:
         return None
+    if json.loads(recorded.get(KEYFRAMES_KEY, b"null")) != timestamps:
+        return None
     outside = json.loads(recorded.get(OUTSIDE_MEDIA_KEY, b"[]"))
-    return outside if metadata.num_rows + len(outside) == expected_keyframes else None
+    return outside if metadata.num_rows + len(outside) == len(timestamps) else None
 
 
-def remove_stale_temporaries(out: Path, splits: tuple[str, ...]) -> None:
-    """Temporary shards left by a killed run are never complete; nothing else removes them. ``atomic_path`` names
-    the temporary of ``part-<video>.parquet`` ``.part-<video>.parquet.<random>.tmp``."""
+def remove_stale_shards(out: Path, splits: tuple[str, ...], planned: set[Path]) -> None:
+    """Removes what no reader may see in the split folders: temporaries left by a killed run (``atomic_path`` names
+    the temporary of ``part-<video>-<NNNN>.parquet`` ``.part-<video>-<NNNN>.parquet.<random>.tmp``), and parts that
+    are not planned (another part size, keyframes no longer annotated, shards of an earlier layout)."""
     for split in splits:
         for temporary in (out / split).glob(".part-*.tmp"):
             temporary.unlink(missing_ok=True)
+        for shard in (out / split).glob("part-*.parquet"):
+            if shard not in planned:
+                shard.unlink(missing_ok=True)
 
 
-def run_video_tasks(tasks: list[VideoTask], data: DataConfig, out: Path) -> Iterator[dict[str, Any]]:
-    """Runs one Ray task per video (``data.prepare_cpus`` CPUs each; Ray Data limits how many run at once to
-    what the cluster has) and yields each video's result row (``split``, ``video_id``, ``rows``, ``error``) as it
-    finishes."""
-    if not tasks:
+def run_part_tasks(parts: list[PartTask], data: DataConfig, out: Path) -> Iterator[dict[str, Any]]:
+    """Runs one Ray task per part (``data.prepare_cpus`` CPUs each; Ray Data limits how many run at once to what the
+    cluster has) and yields each part's result row (see ``prepare_part``) as it finishes."""
+    if not parts:
         return
     ensure_ray()
-    items = [task_item(task) for task in tasks]
+    items = [task_item(part) for part in parts]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map(
-        prepare_video, fn_kwargs={"data": data, "out": str(out)}, num_cpus=data.prepare_cpus)
+        prepare_part, fn_kwargs={"data": data, "out": str(out)}, num_cpus=data.prepare_cpus)
     # Ray Data reserves part of the CPUs for each operator; this job's only other operator (the item list)
     # does no work, and with the reservation on, one of 2 CPUs sits idle most of the time.
     dataset.context.op_resource_reservation_enabled = False
     yield from dataset.iter_rows()
 
 
-def task_item(task: VideoTask) -> dict[str, Any]:
-    """A task as plain values, the form Ray Data carries between processes."""
+def task_item(part: PartTask) -> dict[str, Any]:
+    """A part as plain values, the form Ray Data carries between processes."""
     return {
-        "split": task.split,
-        "video_id": task.video_id,
-        "source": str(task.source),
-        "frame_paths": task.frame_paths,
+        "split": part.video.split,
+        "video_id": part.video.video_id,
+        "part": part.index,
+        "source": str(part.video.source),
+        "frame_paths": part.video.frame_paths,
         "keyframes": [{"timestamp": int(k.timestamp), "boxes": np.asarray(k.boxes, np.float32).tolist(),
                        "actions": [list(map(int, ids)) for ids in k.actions],
-                       "person_ids": list(map(int, k.person_ids))} for k in task.keyframes],
+                       "person_ids": list(map(int, k.person_ids))} for k in part.keyframes],
     }
 
 
 def write_manifest(out: Path, data: DataConfig, splits: tuple[str, ...], tasks: list[VideoTask],
-                   rows: dict[tuple[str, str], int], rejected: list[Rejection], complete: bool) -> None:
-    """The manifest, replaced atomically. ``counts`` and ``videos`` cover the shards on disk."""
+                   rows: dict[tuple[str, str, int], int], rejected: list[Rejection], complete: bool) -> None:
+    """The manifest, replaced atomically. ``counts`` (keyframe rows per split) and ``parts`` (rows per written part,
+    by split, video and part number) cover the parts on disk; ``videos`` the videos whose every part is written."""
     annotations = [annotation_path(data, split) for split in splits]
+    parts: dict[str, dict[str, dict[str, int]]] = {split: {} for split in splits}
+    for (split, video, index), count in sorted(rows.items()):
+        parts[split].setdefault(video, {})[f"{index:04d}"] = count
+    planned = {(task.split, task.video_id): math.ceil(len(task.keyframes) / data.keyframes_per_part) for task in tasks}
     manifest = {
         "clip_spec": data.clip_spec,
         "clip_spec_name": data.clip_spec_name,
@@ -353,9 +424,11 @@ def write_manifest(out: Path, data: DataConfig, splits: tuple[str, ...], tasks: 
             "annotations": {str(path): path.stat().st_size for path in annotations},
             "videos": {f"{task.split}/{task.video_id}": source_record(task) for task in tasks},
         },
-        "counts": {split: sum(n for (s, _), n in rows.items() if s == split) for split in splits},
+        "counts": {split: sum(n for (s, _, _), n in rows.items() if s == split) for split in splits},
         "expected": {split: sum(len(task.keyframes) for task in tasks if task.split == split) for split in splits},
-        "videos": {split: {video: n for (s, video), n in sorted(rows.items()) if s == split} for split in splits},
+        "videos": {split: {video: sum(done.values()) for video, done in parts[split].items()
+                           if len(done) == planned[split, video]} for split in splits},
+        "parts": parts,
         "rejected": [rejection_record(rejection) for rejection in rejected],
     }
     write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -433,20 +506,35 @@ def source_record(task: VideoTask) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- worker
-def prepare_video(item: dict[str, Any], *, data: DataConfig, out: str) -> dict[str, Any]:
-    """Ray Data task: writes one video's shard. Returns ``rows`` written, ``outside`` (JSON text: the records of the
-    keyframes outside the media, see ``split_by_media``) and ``error`` ('' on success)."""
-    shard = shard_path(out, item["split"], item["video_id"])
-    result = {"split": item["split"], "video_id": item["video_id"], "rows": 0, "outside": "[]", "error": ""}
+def prepare_part(item: dict[str, Any], *, data: DataConfig, out: str) -> dict[str, Any]:
+    """Ray Data task: writes one part's shard, on ``data.prepare_cpus`` cores (see ``task_threads``). Returns
+    ``split``, ``video_id``, ``part``, ``rows`` written, ``outside`` (JSON text: the records of its keyframes outside
+    the media, see ``split_by_media``), ``error`` ('' on success) and ``peak_memory_bytes`` (of this process so far)."""
+    threads = task_threads(data.prepare_cpus)
+    path = shard_path(out, item["split"], item["video_id"], item["part"])
+    timestamps = [keyframe["timestamp"] for keyframe in item["keyframes"]]
+    result = {"split": item["split"], "video_id": item["video_id"], "part": item["part"], "rows": 0, "outside": "[]",
+              "error": ""}
     try:
-        frames = open_frames(item, data)
+        frames = open_frames(item, data, threads)
         inside, outside = split_by_media(frames, item["keyframes"])
-        result["rows"] = write_shard(shard, clip_rows(frames, {**item, "keyframes": inside}, data), data.clip_spec,
-                                     outside)
+        rows = clip_rows(frames, {**item, "keyframes": inside}, data)
+        result["rows"] = write_shard(path, rows, data.clip_spec, timestamps, outside)
         result["outside"] = json.dumps(outside)
     except Exception as error:  # noqa: BLE001 - a corrupt input of any kind rejects this video only
         result["error"] = error_reason(error)
-    return result
+    # ru_maxrss is in KiB on Linux.
+    return {**result, "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def task_threads(cpus: float) -> int:
+    """Makes this process's thread pools match a task's CPU request: torch (the resize) and Arrow (the Parquet writer)
+    get ``floor(cpus)`` threads (at least 1), which is also what the decoder is given. Ray sets OMP_NUM_THREADS for a
+    task, but torch reads it once per process, and Ray reuses processes across tasks."""
+    threads = max(1, math.floor(cpus))
+    torch.set_num_threads(threads)
+    pa.set_cpu_count(threads)
+    return threads
 
 
 def split_by_media(frames: FrameSource, keyframes: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
@@ -490,12 +578,14 @@ def clip_rows(frames: FrameSource, item: dict[str, Any], data: DataConfig) -> It
             encoded = {index: jpeg for index, jpeg in encoded.items() if index >= oldest_needed}
 
 
-def write_shard(path: Path, rows: Iterator[dict[str, Any]], clip_spec: dict[str, Any],
+def write_shard(path: Path, rows: Iterator[dict[str, Any]], clip_spec: dict[str, Any], timestamps: list[int],
                 outside: list[dict[str, Any]]) -> int:
     """Streams rows into a hidden temporary file beside ``path`` and renames it into place once complete, so a
-    shard is never visible half-written; its metadata holds the clip spec and the records of the video's keyframes
-    outside its media. Returns the number of rows (a video whose every keyframe is outside gets an empty shard)."""
+    shard is never visible half-written; its metadata holds the clip spec, the ``timestamps`` of the keyframes it
+    stands for and the records of those outside the media. Returns the number of rows (a part whose every keyframe is
+    outside gets an empty shard)."""
     schema = SHARD_SCHEMA.with_metadata({CLIP_SPEC_KEY: json.dumps(clip_spec).encode(),
+                                         KEYFRAMES_KEY: json.dumps(timestamps).encode(),
                                          OUTSIDE_MEDIA_KEY: json.dumps(outside).encode()})
     count = 0
     with atomic_path(path) as temporary, pq.ParquetWriter(temporary, schema, compression=SHARD_COMPRESSION) as writer:

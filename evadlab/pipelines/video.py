@@ -3,13 +3,15 @@
 Used by ``evadlab prepare`` (inside Ray Data tasks) and by ``evadlab demo`` (which must run where Ray is not
 installed). A clip is asked for by its keyframe's AVA second; the reader answers with frame indices and decodes them.
 
-Video files are decoded with decord, which seeks quickly and decodes on several threads. A file decord cannot open or
-decode is decoded with PyAV (FFmpeg's own bindings): WebM / Matroska written live (browsers' MediaRecorder, OBS,
-live muxers) carry no duration and no cues and decord stops on them ("Failed to measure duration/frame-count due to
-broken metadata"); decord also fails on some tiny widths and on MPEG-TS. Both decoders give the same time line: each
-frame's presentation time in seconds from the stream's first frame, in presentation order, and a clip takes the
-frames nearest to its sampling instants on either (``nearest_frame_indices``). Any decoder error becomes a
-ValueError naming the file and the decoder's first line.
+Two decoders read video files, each taking the file the other refuses. decord seeks quickly; the demo reads with it
+first. PyAV (FFmpeg's own bindings) decodes in the calling thread when given one thread, where decord always adds a
+decoding thread of its own beside the caller (a 1-thread decord reader keeps about 1.5 cores busy), and it decodes a
+forward pass with about 30 % less CPU time per frame; ``prepare``, whose tasks must use the cores they request, reads
+with it first. decord stops on WebM / Matroska written live (browsers' MediaRecorder, OBS, live muxers: no duration,
+no cues; "Failed to measure duration/frame-count due to broken metadata"), on some tiny widths and on MPEG-TS, which
+PyAV reads. Both decoders give the same time line: each frame's presentation time in seconds from the stream's first
+frame, in presentation order, and a clip takes the frames nearest to its sampling instants on either
+(``nearest_frame_indices``). Any decoder error becomes a ValueError naming the file and the decoder's first line.
 
 The media spans from time 0 to the end of its last frame (its start plus its duration); a frame folder spans its
 frame count. A keyframe whose instant lies outside is not read (``keyframe_outside`` says why); a clip whose keyframe
@@ -36,6 +38,10 @@ from evadlab.pipelines.clips import decode_jpegs
 # decord's time stamps are float32 (about 6e-5 s apart at second 900) and Matroska counts milliseconds: an instant
 # within this of the end of the media counts as the end, which is outside.
 END_TOLERANCE_S = 1e-3
+# PyAV seeks forward (to the key frame before the wanted frame) rather than decoding on when the wanted frame is more
+# than this many frames ahead and a key frame lies between: a prepare task that starts part way into a video (a shard
+# part, see prepare.py) jumps there instead of decoding everything before it.
+FORWARD_SEEK_FRAMES = 300
 # What each decoder raises on a file it cannot read: decord's DECORDError is no RuntimeError, PyAV's FFmpegError
 # covers FFmpeg's codes, and a file with no video stream has no streams.video[0].
 _DECORD_ERRORS = (decord.DECORDError, RuntimeError, OSError, ValueError)
@@ -99,15 +105,16 @@ class DecordDecoder:
 
 
 class PyAVDecoder:
-    """PyAV for the files decord refuses. The time line comes from one pass over the packets (no decoding); frames
-    are decoded forward, with a seek when a read goes back."""
+    """PyAV: the time line comes from one pass over the packets (no decoding); frames are decoded forward, with a seek
+    when a read goes back or jumps far ahead (``FORWARD_SEEK_FRAMES``). ``threads`` FFmpeg decoding threads; with 1
+    the caller's thread decodes."""
 
     name = "PyAV"
 
     def __init__(self, path: str, threads: int = 1):
         self.path, self.threads = path, threads
         self.container, self.stream = self._open()
-        self.pts, last_duration = _presentation_times(self.container, self.stream)
+        self.pts, last_duration, self.key_frames = _presentation_times(self.container, self.stream)
         start = self.stream.start_time if self.stream.start_time is not None else int(self.pts[0])
         seconds = float(self.stream.time_base)
         self.timeline = Timeline.of((self.pts - start) * seconds, last_duration * seconds)
@@ -130,7 +137,7 @@ class PyAVDecoder:
         """The frame shown at ``pts`` (a value of ``self.pts``) as (H, W, 3) uint8 RGB at the first frame's size."""
         if self._last is not None and self._last[0] == pts:
             return self._last[1]
-        if self._last is None or pts < self._last[0]:
+        if self._last is None or pts < self._last[0] or self._far_ahead(self._last[0], pts):
             self._seek(pts)
         for frame in self._frames:
             if frame.pts is not None and frame.pts >= pts:
@@ -142,6 +149,13 @@ class PyAVDecoder:
         size = {"width": self.width, "height": self.height} if self.width else {}
         self._last = (pts, frame.to_ndarray(format="rgb24", **size))
         return self._last[1]
+
+    def _far_ahead(self, current: int, wanted: int) -> bool:
+        """Whether a seek to ``wanted`` saves decoding: it lies more than ``FORWARD_SEEK_FRAMES`` frames after
+        ``current`` and a key frame lies between them (a seek lands on the last one)."""
+        frames_ahead = np.searchsorted(self.pts, wanted) - np.searchsorted(self.pts, current)
+        key = np.searchsorted(self.key_frames, wanted, side="right") - 1
+        return frames_ahead > FORWARD_SEEK_FRAMES and key >= 0 and self.key_frames[key] > current
 
     def _seek(self, pts: int) -> None:
         """Decoding restarts at the key frame at or before ``pts``; from the first frame when the container cannot
@@ -164,30 +178,34 @@ class PyAVDecoder:
         self._frames = self.container.decode(self.stream)
 
 
-def _presentation_times(container, stream) -> tuple[np.ndarray, int]:
-    """The stream's frame pts in presentation order (one pass over the packets, no decoding) and the duration of the
-    last frame (0 when the container does not say)."""
-    packets = [(packet.pts, packet.duration or 0) for packet in container.demux(stream) if packet.pts is not None]
+def _presentation_times(container, stream) -> tuple[np.ndarray, int, np.ndarray]:
+    """The stream's frame pts in presentation order (one pass over the packets, no decoding), the duration of the
+    last frame (0 when the container does not say) and the pts of its key frames, ascending."""
+    packets = [(packet.pts, packet.duration or 0, packet.is_keyframe) for packet in container.demux(stream)
+               if packet.pts is not None]
     if not packets:
         raise ValueError("the video stream has no frames with presentation times")
-    pts, durations = np.asarray(packets, np.int64).T
+    pts, durations, key = np.asarray(packets, np.int64).T
     order = np.argsort(pts, kind="stable")
-    pts, durations = pts[order], durations[order]
+    pts, durations, key = pts[order], durations[order], key[order].astype(bool)
     unique = np.concatenate([[True], pts[1:] != pts[:-1]])
-    return pts[unique], int(durations[unique][-1])
+    return pts[unique], int(durations[unique][-1]), pts[unique & key]
 
 
-def open_video(path: str, threads: int = 1) -> VideoDecoder:
-    """decord when it opens the file and decodes its first frame, else PyAV. Raises ValueError with both decoders'
-    reasons when neither reads it."""
-    try:
-        return DecordDecoder(path, threads)
-    except _DECORD_ERRORS as decord_error:
+DECODERS = {"decord": (DecordDecoder, _DECORD_ERRORS), "PyAV": (PyAVDecoder, _PYAV_ERRORS)}
+
+
+def open_video(path: str, threads: int = 1, first: str = "decord") -> VideoDecoder:
+    """The decoder named ``first`` ("decord" or "PyAV") when it opens the file and decodes its first frame, else the
+    other one. Raises ValueError with both decoders' reasons, in that order, when neither reads it."""
+    reasons = []
+    for name in sorted(DECODERS, key=lambda name: name != first):
+        decoder, errors = DECODERS[name]
         try:
-            return PyAVDecoder(path, threads)
-        except _PYAV_ERRORS as pyav_error:
-            raise ValueError(f"cannot decode the video (decord: {error_reason(decord_error)}; PyAV: "
-                             f"{error_reason(pyav_error)})") from None
+            return decoder(path, threads)
+        except errors as error:
+            reasons.append(f"{name}: {error_reason(error)}")
+    raise ValueError(f"cannot decode the video ({'; '.join(reasons)})")
 
 
 @dataclass(frozen=True)
@@ -237,11 +255,11 @@ class FrameSource(Protocol):
 
 class VideoFileFrames:
     """A video file addressed by time: the clip is the frames nearest to the 30 fps sampling times, whatever
-    the file's real frame rate (many AVA videos are not 30 fps)."""
+    the file's real frame rate (many AVA videos are not 30 fps). ``threads`` and ``first`` go to ``open_video``."""
 
-    def __init__(self, path: str, data: DataConfig):
+    def __init__(self, path: str, data: DataConfig, threads: int = 1, first: str = "decord"):
         self.path, self.data = str(path), data
-        self.decoder = open_video(self.path, threads=max(1, int(data.prepare_cpus)))
+        self.decoder = open_video(self.path, threads=threads, first=first)
 
     @property
     def timeline(self) -> Timeline:
@@ -319,7 +337,9 @@ class FrameFolderFrames:
         return np.stack(frames)
 
 
-def open_frames(item: dict[str, Any], data: DataConfig) -> FrameSource:
+def open_frames(item: dict[str, Any], data: DataConfig, threads: int) -> FrameSource:
+    """The frames of a prepare task's video: its file, read by PyAV first with ``threads`` decoding threads (see the
+    module's notes), or its frame folder."""
     if item["frame_paths"] is None:
-        return VideoFileFrames(item["source"], data)
+        return VideoFileFrames(item["source"], data, threads=threads, first="PyAV")
     return FrameFolderFrames(item["source"], item["frame_paths"], data)

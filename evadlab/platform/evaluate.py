@@ -7,6 +7,7 @@ them with the official-equivalent evaluator.
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -44,6 +45,9 @@ from evadlab.platform.tracking import (
     start_run,
 )
 from evadlab.ray_session import ensure_ray
+from evadlab.storage import atomic_path
+
+DETECTIONS_FILE = "detections.csv"
 
 
 @dataclass
@@ -106,8 +110,13 @@ def _sorted_table(parts: Iterable[dict[str, np.ndarray]]) -> pa.Table:
 def score_detections(table: pa.Table, cfg: ExperimentConfig, out_dir: Path) -> EvalResult:
     """Writes the AVA detections CSV and scores it against the val ground truth."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    detections_path = out_dir / "detections.csv"
+    detections_path = out_dir / DETECTIONS_FILE
     write_detections_csv(detections_path, table)
+    return score_file(detections_path, cfg)
+
+
+def score_file(detections_path: Path, cfg: ExperimentConfig) -> EvalResult:
+    """The frame-mAP (``eval.iou``) and per-class AP of an AVA detections CSV against the val ground truth."""
     annotations = cfg.data.annotation_dir
     exclusions = annotations / cfg.data.exclusions
     result = evaluate_files(annotations / cfg.data.label_map, annotations / cfg.data.val_annotations, detections_path,
@@ -116,17 +125,23 @@ def score_detections(table: pa.Table, cfg: ExperimentConfig, out_dir: Path) -> E
     names = distinct_class_names(read_label_map(annotations / cfg.data.label_map))
     per_class_named = {names[class_id]: ap for class_id, ap in sorted(result.per_class.items())}
     return EvalResult(mAP=float(result.mAP), per_class_named=per_class_named, detections_path=detections_path,
-                      num_detections=table.num_rows)
+                      num_detections=result.num_detections)
 
 
 def evaluate_in_workers(model, cfg: ExperimentConfig, *, rank: int, world: int, device: torch.device,
                         out_dir: Path | None) -> EvalResult | None:
     """Periodic evaluation inside training: every worker infers a strided share of the val rows, rank 0
-    gathers, writes and scores. Returns the result on rank 0, None elsewhere."""
+    gathers, writes and scores. Returns the result on rank 0 (its metrics: ``speed/eval_clips_per_s`` and
+    ``speed/eval_s``, inference to score), None elsewhere."""
     import torch.distributed as dist
 
+    start = time.perf_counter()
     class_ids = label_map_ids(cfg)
-    rows = [row for index, row in enumerate(iter_shard_rows(cfg.data.shards_path, "val")) if index % world == rank]
+    rows, clips = [], 0
+    for index, row in enumerate(iter_shard_rows(cfg.data.shards_path, "val")):
+        clips += 1
+        if index % world == rank:
+            rows.append(row)
     part = detect_clips(model, rows, cfg, class_ids, device)
     parts = [part]
     if world > 1:
@@ -135,7 +150,14 @@ def evaluate_in_workers(model, cfg: ExperimentConfig, *, rank: int, world: int, 
     model.train()
     if rank != 0:
         return None
-    return score_detections(_sorted_table(parts), cfg, out_dir)
+    result = score_detections(_sorted_table(parts), cfg, out_dir)
+    result.metrics = eval_speed(clips, time.perf_counter() - start)
+    return result
+
+
+def eval_speed(clips: int, seconds: float) -> dict[str, float]:
+    """The evaluation's throughput metrics: clips inferred and scored per second, and its seconds."""
+    return {"speed/eval_clips_per_s": clips / seconds, "speed/eval_s": seconds}
 
 
 class ClipDetector:
@@ -191,6 +213,25 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
     return result
 
 
+def evaluation_of_detections(cfg: ExperimentConfig, detections: Path, out_dir: Path, job_run: JobRun | None,
+                             epoch: int | None) -> EvalResult:
+    """An evaluation whose inference is done: ``detections`` (a CSV written by an evaluation of the same weights,
+    such as the last epoch's inside training) copied into ``out_dir``, scored, printed and logged like
+    :func:`evaluate`'s (into ``job_run``, when tracking is on); no model is loaded and Ray is not used."""
+    copied = out_dir / DETECTIONS_FILE
+    with atomic_path(copied) as temporary:
+        shutil.copyfile(detections, temporary)
+    result = score_file(copied, cfg)
+    result.metrics = {"val/mAP": result.mAP}
+    print(f"evadlab evaluate: frame-mAP@0.5 = {result.mAP:.4f} ({result.num_detections} detection rows, inferred "
+          f"by the evaluation of the same weights at {detections.parent}); detections: {result.detections_path}")
+    if job_run:
+        logger = RunLogger(cfg.tracking.resolved_uri(), job_run.run_id, backlog=str(out_dir), retry_s=0.0)
+        log_evaluation(logger, result, job_run, epoch=epoch)
+        result.mlflow_run_id, result.experiment_id = job_run.run_id, job_run.experiment_id
+    return result
+
+
 def infer_and_score(cfg: ExperimentConfig, start_weights: StartingWeights, out_dir: Path, clips: int) -> EvalResult:
     """Ray Data inference over the ``clips`` val keyframes (a progress bar on a terminal), the detections CSV in
     ``out_dir`` and its frame-mAP."""
@@ -215,7 +256,7 @@ def infer_and_score(cfg: ExperimentConfig, start_weights: StartingWeights, out_d
         table = _sorted_table(counted(detections.iter_batches(batch_format="numpy", batch_size=None), bar))
     result = score_detections(table, cfg, out_dir)
     seconds = time.perf_counter() - start
-    result.metrics = {"val/mAP": result.mAP, "eval/seconds": seconds, "eval/clips_per_s": clips / seconds}
+    result.metrics = {"val/mAP": result.mAP, **eval_speed(clips, seconds)}
     print(f"evadlab evaluate: frame-mAP@0.5 = {result.mAP:.4f} on {clips} keyframes ({result.num_detections} "
           f"detection rows, {seconds:.1f} s); detections: {result.detections_path}")
     return result

@@ -12,10 +12,11 @@ from evadlab.storage import write_text
 
 def run_main_job(cfg: ExperimentConfig) -> dict:
     """Synth (if the data root is missing and the config asks for synthetic data) -> prepare (skipped when a complete
-    prepare of this clip spec exists, resumed when one was interrupted) -> train -> evaluate, then a summary and
+    prepare of this clip spec exists, resumed when one was interrupted) -> train -> evaluate (the last epoch's
+    evaluation inside training when there was one, else Ray Data inference on the final checkpoint), then a summary and
     ``summary.json``. Nothing is written before the MLflow server has answered and the starting weights (if any) have
     been read and checked. The final evaluation logs into the training's MLflow run at its final step."""
-    from evadlab.platform.evaluate import JobRun, evaluate
+    from evadlab.platform.evaluate import JobRun, evaluate, evaluation_of_detections
     from evadlab.platform.modeling import build_model, starting_weights
     from evadlab.platform.tracking import check_tracking_uri
     from evadlab.platform.train import should_evaluate, train
@@ -34,8 +35,12 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
     print("[4/4] evaluate")
     job_run = JobRun(trained.mlflow_run_id, trained.run_name, trained.experiment_id, step=trained.step,
                      has_map=should_evaluate(cfg, cfg.train.epochs - 1)) if trained.mlflow_run_id else None
-    result = evaluate(cfg, trained.checkpoint_path, out_dir=cfg.run_dir / trained.run_name / "evaluation",
-                      job_run=job_run)
+    out_dir = cfg.run_dir / trained.run_name / "evaluation"
+    # The last epoch was evaluated inside training on the final weights: score its detections rather than infer again.
+    if trained.final_detections is not None:
+        result = evaluation_of_detections(cfg, trained.final_detections, out_dir, job_run, epoch=cfg.train.epochs - 1)
+    else:
+        result = evaluate(cfg, trained.checkpoint_path, out_dir=out_dir, job_run=job_run)
     summary = {"mAP": result.mAP, "gflops": trained.gflops, "wall_s": round(time.perf_counter() - start, 1),
                "mlflow_run_id": trained.mlflow_run_id, "tracking_uri": trained.tracking_uri,
                "experiment_id": trained.experiment_id, "checkpoint": trained.checkpoint_path,

@@ -21,11 +21,12 @@ from evadlab import storage
 from evadlab.config import ExperimentConfig
 
 RUN_MARKER = "evadlab_run.json"
-# What a resumed run may change: how long it trains and how it checkpoints, where its files are, on what resources.
+# What a resumed run may change: how long it trains and how it checkpoints, where its files are, on what resources
+# (and how its input reaches them).
 RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.resume", "train.max_failures", "train.keep_checkpoints", "train.log_every",
     "train.storage_path", "train.num_workers", "train.use_gpu", "train.cpus_per_worker",
-    "data.root", "data.shards", "data.prepare_cpus", "output_dir",
+    "data.root", "data.shards", "data.prepare_cpus", "data.keyframes_per_part", "data.ingest", "output_dir",
 })
 # ... and how it is evaluated, swept and tracked. Everything else (data, model, recipe) identifies the run.
 RESUMABLE_SECTIONS = ("eval", "tune", "tracking")

@@ -27,16 +27,20 @@ from evadlab import storage
 from evadlab.config import ExperimentConfig
 from evadlab.console import EpochProgress, duration
 from evadlab.models.checkpoints import load_training_checkpoint, save_training_checkpoint
-from evadlab.models.flops import flops_report
+from evadlab.models.flops import REFERENCE_INPUT_SIZE, flops_report
+from evadlab.models.latency import inference_latency_s
 from evadlab.pipelines.prepare import require_prepared
-from evadlab.platform.evaluate import evaluate_in_workers
+from evadlab.platform.evaluate import DETECTIONS_FILE, evaluate_in_workers
 from evadlab.platform.hooks import TrainingHooks
 from evadlab.platform.ingest import (
+    STREAM,
     TRAIN_SPLIT,
     ExactlyOnceDataConfig,
+    IngestPlan,
     MicroBatch,
     count_rows,
     epoch_batches,
+    plan_ingest,
     training_dataset,
 )
 from evadlab.platform.modeling import StartingWeights, build_model, starting_weights
@@ -64,6 +68,8 @@ MLFLOW_RUN_FILE = "mlflow_run_id"
 # Loss terms of an auxiliary stage or decoder block end in its index (loss_ce_0); per step only the final ones are
 # logged (the total and four terms), per epoch all of them.
 AUXILIARY_TERM = re.compile(r".*_\d+")
+# The measured inference latency of the model at the table's input, logged once per attempt (see measure_latency).
+LATENCY_METRIC = "speed/latency_{}x{}x{}_ms".format(*REFERENCE_INPUT_SIZE)
 
 
 @dataclass
@@ -78,6 +84,9 @@ class TrainResult:
     gflops: float
     seconds: float
     models: dict[str, str] = field(default_factory=dict)  # logged model name -> ``models:/<model_id>``
+    # The detections of the last epoch's evaluation inside training (the final weights), when it ran and the file is on
+    # this machine: `evadlab run` scores them instead of inferring again.
+    final_detections: Path | None = None
 
     @property
     def step(self) -> int:
@@ -133,10 +142,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     worker = start_worker(loop_config)
     shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
     monitor = system_monitor(worker.cfg, loop_config["mlflow"])
+    first_epoch = worker.progress.epoch
     try:
-        for epoch in range(worker.progress.epoch, worker.cfg.train.epochs):
+        for epoch in range(first_epoch, worker.cfg.train.epochs):
             started = time.perf_counter()
             metrics = train_one_epoch(worker, shard, epoch)
+            if epoch == first_epoch:
+                metrics |= measure_latency(worker)
             if should_evaluate(worker.cfg, epoch):
                 metrics |= evaluate_epoch(worker, epoch)
             report_epoch(worker, epoch, metrics, seconds=time.perf_counter() - started)
@@ -184,12 +196,17 @@ def start_worker(loop_config: dict[str, Any]) -> Worker:
 
 def train_one_epoch(worker: Worker, shard, epoch: int) -> dict[str, float]:
     """One pass over this worker's split. Gradients are accumulated over ``train.grad_accum`` micro-batches; the
-    epoch's last micro-batch always ends a step, so no gradient crosses an epoch boundary unsynchronised."""
+    epoch's last micro-batch always ends a step, so no gradient crosses an epoch boundary unsynchronised.
+
+    Besides the losses it returns ``train/clips_per_s`` (all workers), ``speed/epoch_s`` (this worker's epoch) and
+    ``speed/first_batch_s``, the wait from the epoch's start to its first batch: the ingest's per-epoch overhead."""
     cfg, model = worker.cfg, worker.model
     model.train()
     start, clips_done, micro_batches, accumulated = time.perf_counter(), 0, 0, 0
+    first_batch_s = None
     loss_sums: dict[str, float] = {}
-    for batch in epoch_batches(shard, cfg, worker.device):
+    for batch in epoch_batches(shard, cfg, worker.device, epoch):
+        first_batch_s = first_batch_s if first_batch_s is not None else time.perf_counter() - start
         progress_in_epoch = min(clips_done * worker.world / max(worker.train_rows, 1), 1.0)
         lr = learning_rate(epoch + progress_in_epoch, cfg.train)
         set_learning_rate(worker.optimizer, lr)
@@ -216,7 +233,8 @@ def train_one_epoch(worker: Worker, shard, epoch: int) -> dict[str, float]:
     for hook in worker.hooks:
         hook.after_epoch(epoch, worker.rank, worker.core_model)
     elapsed = time.perf_counter() - start
-    return {"epoch": epoch, "train/clips_per_s": clips_done * worker.world / elapsed,
+    return {"epoch": epoch, "train/clips_per_s": clips_done * worker.world / elapsed, "speed/epoch_s": elapsed,
+            "speed/first_batch_s": first_batch_s or 0.0,
             **{f"train/epoch_{key}": value / max(micro_batches, 1) for key, value in loss_sums.items()}}
 
 
@@ -244,15 +262,26 @@ def optimizer_step(worker: Worker, micro_batches: int) -> None:
     worker.progress.step += 1
 
 
+def measure_latency(worker: Worker) -> dict[str, float]:
+    """Rank 0 times the model's inference at 16x288x288 on its device (:func:`inference_latency_s`); the others return
+    nothing. It costs the run about 1.5 s for the quickstart's model on a CPU core, about 9 s for ViT-B on a CPU (a
+    warm-up and one timed forward), milliseconds on a GPU."""
+    if worker.rank != 0:
+        return {}
+    seconds = inference_latency_s(worker.core_model, worker.device, amp=worker.amp)
+    return {LATENCY_METRIC: 1000 * seconds}
+
+
 def should_evaluate(cfg: ExperimentConfig, epoch: int) -> bool:
     every = cfg.eval.every_epochs
     return every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs)
 
 
 def evaluate_epoch(worker: Worker, epoch: int) -> dict[str, float]:
-    """Frame-mAP on the val shards, inferred by all workers and scored on rank 0: ``val/mAP``, and ``best/mAP`` when
-    it is the best so far (rank 0; the other ranks get nothing)."""
-    out_dir = Path(worker.run_path) / f"eval_epoch_{epoch}" if worker.rank == 0 else None
+    """Frame-mAP on the val shards, inferred by all workers and scored on rank 0: ``val/mAP``, the evaluation's
+    ``speed/eval_clips_per_s`` and ``speed/eval_s`` (inference and scoring, all workers), and ``best/mAP`` when it is
+    the best so far (rank 0; the other ranks get nothing)."""
+    out_dir = eval_dir(worker.run_path, epoch) if worker.rank == 0 else None
     result = evaluate_in_workers(worker.core_model, worker.cfg, rank=worker.rank, world=worker.world,
                                  device=worker.device, out_dir=out_dir)
     if result is None:
@@ -267,7 +296,12 @@ def evaluate_epoch(worker: Worker, epoch: int) -> dict[str, float]:
     if progress.best_map is None or result.mAP > progress.best_map:
         progress.best_map, progress.best_epoch = result.mAP, epoch
         metrics["best/mAP"] = result.mAP
-    return metrics
+    return metrics | {key: value for key, value in result.metrics.items() if key.startswith("speed/")}
+
+
+def eval_dir(run_path: str | Path, epoch: int) -> Path:
+    """Where the evaluation of ``epoch`` inside training writes its detections, in the local run folder."""
+    return Path(run_path) / f"eval_epoch_{epoch}"
 
 
 def report_epoch(worker: Worker, epoch: int, metrics: dict[str, float], seconds: float) -> None:
@@ -389,13 +423,15 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
     began = time.perf_counter()
     setup = set_up_run(cfg, parent_run_id, manifest)
     ensure_ray()
-    warn_if_no_cpu_left_for_data(cfg)
+    plan = plan_ingest(cfg)
+    warn_if_no_cpu_left_for_data(cfg, plan)
     start_ref = ray.put(start) if start is not None else None
     logger = setup.logger(retry_s=0.0)
     progress = EpochProgress()
     progress.start()
     try:
-        result = build_trainer(cfg, setup, callbacks, hooks or [], start_ref, progress).fit()
+        dataset = ingest_dataset(cfg, plan, logger)
+        result = build_trainer(cfg, setup, callbacks, hooks or [], start_ref, progress, dataset).fit()
     except BaseException:
         if logger:
             logger.end("FAILED")
@@ -416,7 +452,16 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
                        experiment_id=setup.experiment_id, tracking_uri=setup.tracking_uri,
                        metrics=dict(result.metrics or {}), checkpoint_path=checkpoint_path,
                        gflops=setup.model_metrics["model/gflops"], seconds=time.perf_counter() - began,
-                       models=logged_models_of(setup.tracking_uri, setup.experiment_id, setup.mlflow_run_id))
+                       models=logged_models_of(setup.tracking_uri, setup.experiment_id, setup.mlflow_run_id),
+                       final_detections=last_epoch_detections(cfg, setup.local_path))
+
+
+def last_epoch_detections(cfg: ExperimentConfig, local_path: str) -> Path | None:
+    """The detections CSV of the last epoch's evaluation inside training, None when that epoch was not evaluated (a
+    trial stopped early) or its file is not on this machine (rank 0 ran on another node)."""
+    last = cfg.train.epochs - 1
+    path = eval_dir(local_path, last) / DETECTIONS_FILE
+    return path if should_evaluate(cfg, last) and path.is_file() else None
 
 
 def summary_lines(result: TrainResult, epochs: int) -> list[str]:
@@ -491,8 +536,22 @@ def mlflow_run_of(cfg: ExperimentConfig, setup: RunSetup, parent_run_id: str | N
     return run_id, experiment_of(setup.tracking_uri, run_id)
 
 
+def ingest_dataset(cfg: ExperimentConfig, plan: IngestPlan, logger: RunLogger | None) -> ray.data.Dataset:
+    """The train split as the workers will iterate it (:func:`training_dataset`), materialized or streamed as
+    ``plan`` says. The choice is printed and tagged (``evadlab.ingest``); the seconds spent here (decoding the whole
+    split when it is materialized) are logged as ``speed/ingest_setup_s``."""
+    print(f"evadlab train: {plan.describe()}")
+    start = time.perf_counter()
+    dataset = training_dataset(cfg, plan)
+    if logger:
+        logger.set_tags({"evadlab.ingest": plan.mode})
+        logger.log_metrics({"speed/ingest_setup_s": time.perf_counter() - start}, step=0)
+    return dataset
+
+
 def build_trainer(cfg: ExperimentConfig, setup: RunSetup, callbacks: list | None, hooks: list[TrainingHooks],
-                  starting_weights_ref: ray.ObjectRef | None, progress: EpochProgress) -> ray.train.torch.TorchTrainer:
+                  starting_weights_ref: ray.ObjectRef | None, progress: EpochProgress,
+                  dataset: ray.data.Dataset) -> ray.train.torch.TorchTrainer:
     train_rows = count_rows(cfg, TRAIN_SPLIT)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -514,14 +573,17 @@ def build_trainer(cfg: ExperimentConfig, setup: RunSetup, callbacks: list | None
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
         ),
-        datasets={TRAIN_SPLIT: training_dataset(cfg)},
+        datasets={TRAIN_SPLIT: dataset},
         dataset_config=ExactlyOnceDataConfig(train_rows),
     )
 
 
-def warn_if_no_cpu_left_for_data(cfg: ExperimentConfig) -> None:
-    """Ray Data's decode tasks each need a whole CPU next to the workers; without one the run waits forever.
-    A warning, not an error: CPUs held by a job that is just ending come back a moment later."""
+def warn_if_no_cpu_left_for_data(cfg: ExperimentConfig, plan: IngestPlan) -> None:
+    """A streamed split's decode tasks each need a whole CPU next to the workers; without one the run waits forever
+    (a materialized split is decoded before the workers start, and its epochs run no tasks). A warning, not an
+    error: CPUs held by a job that is just ending come back a moment later."""
+    if plan.mode != STREAM:
+        return
     free = ray.available_resources().get("CPU", 0.0)
     left = free - cfg.train.num_workers * cfg.train.cpus_per_worker
     if left < 1:

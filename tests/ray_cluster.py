@@ -1,0 +1,152 @@
+"""A real multi-node Ray cluster on 127.0.0.1 for the tests.
+
+Each node is a ``ray start --block`` process started in a process group of its own, with its own ``--temp-dir``,
+so that the tests end exactly the processes they started (never ``ray stop``, which ends every Ray process of the
+machine, a user's own cluster included) and so that "a node is lost" is one ``SIGKILL`` to that node's process
+group: its raylet and every worker on it die at once, as when a host crashes. Token authentication is on (one
+token for every node and client, as users run it), the dashboard and every service listen on 127.0.0.1, and all
+nodes share one storage folder the way NFS would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tracking_server import free_port
+
+RAY = Path(sys.executable).with_name("ray")
+# How long a node may take to join; the machine is small and shared.
+JOIN_TIMEOUT_S = 180
+
+
+@dataclass
+class RayNode:
+    """One node: the ``ray start --block`` process that leads the node's process group."""
+
+    name: str
+    process: subprocess.Popen
+    temp_dir: Path
+    log: Path
+
+    def kill(self) -> None:
+        """A lost host: SIGKILL to every process of the node (raylet, workers, agents), nothing drains."""
+        _signal_group(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=60)
+
+    def stop(self) -> None:
+        """A clean shutdown: SIGTERM (Ray drains the node), then SIGKILL whatever is left."""
+        _signal_group(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(self.process.pid, signal.SIGKILL)
+
+
+@dataclass
+class LocalRayCluster:
+    """A head node (no CPUs for training workers) plus worker nodes, each with a custom resource of its own name so
+    that a test can place work on it."""
+
+    storage: Path
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    gcs_port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    nodes: dict[str, RayNode] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment of every node and client: token authentication on, with this cluster's token."""
+        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def start_head(self, num_cpus: float) -> RayNode:
+        return self._start("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                                    f"--dashboard-port={self.dashboard_port}", f"--num-cpus={num_cpus}"])
+
+    def add_worker_node(self, name: str, num_cpus: float, resources: dict[str, float]) -> RayNode:
+        """A worker node that joins the head; ``resources`` are custom resources it offers (e.g. ``{name: 1}``)."""
+        node = self._start(name, [f"--address={self.address}", f"--num-cpus={num_cpus}",
+                                  f"--resources={json.dumps(resources)}"])
+        self.wait_for_nodes(sum(not other.process.poll() for other in self.nodes.values()))
+        return node
+
+    def _start(self, name: str, arguments: list[str]) -> RayNode:
+        # Short folders: Ray puts Unix sockets under the temp dir, and socket paths are limited to 107 characters.
+        temp_dir = Path(tempfile.mkdtemp(prefix=f"rc_{name[:6]}_", dir="/tmp"))
+        log = self.storage.parent / f"ray_node_{name}.log"
+        with open(log, "a") as output:
+            process = subprocess.Popen(
+                [str(RAY), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+                 "--disable-usage-stats", *arguments],
+                stdout=output, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        node = RayNode(name=name, process=process, temp_dir=temp_dir, log=log)
+        self.nodes[name] = node
+        if name == "head":
+            self._wait_for_dashboard()
+        return node
+
+    def _wait_for_dashboard(self) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.time() + JOIN_TIMEOUT_S
+        while True:
+            try:
+                JobSubmissionClient(self.dashboard_url, headers=self.auth_headers).list_jobs()
+                return
+            except Exception:  # noqa: BLE001 - any failure means "not up yet" until the deadline
+                if time.time() > deadline or self.nodes["head"].process.poll() is not None:
+                    raise RuntimeError(f"the Ray head did not start: {self.nodes['head'].log.read_text()[-3000:]}")
+                time.sleep(2)
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def alive_nodes(self) -> list[dict]:
+        """The cluster's view of its live nodes (as ``ray.nodes()`` reports them), through the dashboard."""
+        import urllib.request
+
+        request = urllib.request.Request(f"{self.dashboard_url}/nodes?view=summary", headers=self.auth_headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            summary = json.loads(response.read())["data"]["summary"]
+        return [node for node in summary if node.get("raylet", {}).get("state") == "ALIVE"]
+
+    def wait_for_nodes(self, count: int) -> None:
+        deadline = time.time() + JOIN_TIMEOUT_S
+        while len(self.alive_nodes()) != count:
+            if time.time() > deadline:
+                raise RuntimeError(f"expected {count} live Ray nodes, have {len(self.alive_nodes())}")
+            time.sleep(2)
+
+    def shutdown(self) -> None:
+        """Stops the nodes this cluster started, workers first, and removes their temp dirs."""
+        for name in [name for name in self.nodes if name != "head"] + ["head"]:
+            node = self.nodes.get(name)
+            if node is not None:
+                node.stop()
+                shutil.rmtree(node.temp_dir, ignore_errors=True)
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        pass
