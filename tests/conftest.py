@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tracking_server import free_port, start_mlflow_server, stop_process_group
+from tracking_server import free_port, start_mlflow_server, stop_server
 
 
 @pytest.fixture(scope="session")
@@ -39,5 +39,4 @@ def mlflow_server(tmp_path_factory) -> str:
     """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, local artifact store), stopped at the end."""
     server, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), free_port())
     yield uri
-    stop_process_group(server.pid)
-    server.wait(timeout=30)
+    stop_server(server)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from tracking_server import free_port, start_mlflow_server, stop_process_group
+from tracking_server import free_port, start_mlflow_server, stop_server
 
 from evadlab.config import load_config
 from evadlab.models.checkpoints import CheckpointError, save_training_checkpoint
@@ -96,8 +96,7 @@ def test_a_finished_evaluation_is_kept_when_the_tracking_server_went_away(evalua
     server, uri = start_mlflow_server(tmp_path / "mlflow", free_port())
     experiment_id = MlflowClient(uri).create_experiment("lost")
     run_id = MlflowClient(uri).create_run(experiment_id).info.run_id
-    stop_process_group(server.pid)
-    server.wait(timeout=60)
+    stop_server(server)
     run_cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
     result = evaluate(run_cfg, str(checkpoint), out_dir=tmp_path / "evaluation",
                       job_run=JobRun(run_id, "lost", experiment_id, step=7))

@@ -47,3 +47,17 @@ def stop_process_group(pid: int) -> None:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
+
+
+def stop_server(server: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Stops a server started by :func:`start_mlflow_server` and reaps it: SIGTERM to its group, then SIGKILL when it
+    has not exited within ``grace_s`` (uvicorn's graceful shutdown can take longer than that on a loaded machine)."""
+    stop_process_group(server.pid)
+    try:
+        server.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        server.wait(timeout=grace_s)
