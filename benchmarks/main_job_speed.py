@@ -64,7 +64,7 @@ def main() -> None:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], capture_output=True)
     medians = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
                for name, runs in results.items()}
-    print(f"\n| version | wall (s) | job (s) | frame-mAP | console lines |\n|---|---:|---:|---:|---:|")
+    print("\n| version | wall (s) | job (s) | frame-mAP | console lines |\n|---|---:|---:|---:|---:|")
     for name, label in (("baseline", args.baseline), ("current", "this checkout")):
         m = medians[name]
         print(f"| {label} | {m['wall_s']:.0f} | {m['job_s']:.0f} | {m['mAP']:.3f} | {m['console_lines']:.0f} |")

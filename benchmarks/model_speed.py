@@ -5,8 +5,9 @@
     python benchmarks/model_speed.py --device cuda --dtype bf16 --batches 1 16 --train-batch 2 --compile
 
 Needs only torch + timm (no Ray, no MLflow), so it runs on a bare GPU machine. Prints a markdown table;
-``--json`` writes the raw figures too. MFU = achieved FLOP/s (fvcore FLOPs x 2 per multiply-add) over the
-GPU's dense bf16 peak (``--peak-tflops``, default 989 for an H100 SXM). ``--compile`` times ``torch.compile``d models
+``--json`` writes the raw figures too. MFU = achieved FLOP/s (``torch.utils.flop_counter`` GFLOPs, the paper's
+multiply-adds, x 2) over the GPU's dense bf16 peak (``--peak-tflops``, default 989 for an H100 SXM; an H200's is the
+same). ``--compile`` times ``torch.compile``d models
 instead (each compiled once, its eval outputs compared with the eager model's first; the compile time is printed).
 """
 
