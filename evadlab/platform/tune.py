@@ -152,9 +152,12 @@ def check_search_space(spec: SweepSpec, base: ExperimentConfig, path: Path) -> N
 
 
 def base_stage_config(spec: SweepSpec, base: ExperimentConfig, path: str | Path) -> ExperimentConfig:
-    """The config that trains the warm start's base model: the sweep's with ``warm_start.train_if_missing`` applied."""
+    """The config that trains the warm start's base model: the sweep's with ``warm_start.train_if_missing`` applied,
+    logged in the sweep's MLflow experiment unless those overrides name another."""
     changes = [f"{k}={json.dumps(v)}" for k, v in (spec.warm_start.train_if_missing or {}).items()]
-    tree = apply_overrides(base.model_dump(mode="json"), changes)
+    tree = base.model_dump(mode="json")
+    tree["tracking"]["experiment"] = base.experiment_name
+    tree = apply_overrides(tree, changes)
     return build_config(tree, f"{path}: warm_start.train_if_missing")
 
 
@@ -261,6 +264,8 @@ def prepare_sweep(spec: SweepSpec, base: ExperimentConfig,
     ensure_prepared(base)
     if trains_base:
         start = train_base_model(spec, base, sweep_path)
+    elif warm is not None:
+        print(f"[3/4] warm start: every trial fine-tunes {warm.location}")
     return start, concurrency
 
 
@@ -269,7 +274,6 @@ def read_warm_start(warm: WarmStart, cfg: ExperimentConfig) -> StartingWeights:
     change no weights, so one fit holds for every trial). Raises CheckpointError naming the location."""
     weights = complete_checkpoint(cfg.model, warm.location, cfg.tracking.resolved_uri())
     build_model(cfg.model, weights, device="meta")
-    print(f"[3/4] warm start: every trial fine-tunes {warm.location}")
     return weights
 
 
