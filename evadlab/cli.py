@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tracking-uri", help="an mlflow server, or a store URI (default: sqlite mlflow.db in the "
                                                 "working directory)")
     compare.add_argument("--out", default="runs/compare", help="a folder or a storage URI (file://, s3://, ...)")
+    compare.add_argument("--cost", choices=["gflops", "latency"],
+                         help="the cost axis of the Pareto front: GFLOPs or the measured inference latency (default: "
+                              "the sweep's own, else gflops)")
 
     tracking = commands.add_parser("tracking", help="MLflow tracking: replay what a run kept while its server was away")
     actions = tracking.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=OneLineParser)
@@ -176,7 +179,8 @@ def _demo(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from evadlab.platform.compare import compare_runs
 
-    compare_runs(experiment=args.experiment, tracking_uri=args.tracking_uri, out_dir=args.out, sweep=args.sweep)
+    compare_runs(experiment=args.experiment, tracking_uri=args.tracking_uri, out_dir=args.out, sweep=args.sweep,
+                 cost=args.cost)
 
 
 def _tracking(args: argparse.Namespace) -> None:

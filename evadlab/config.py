@@ -40,6 +40,10 @@ AVA_ANNOTATIONS = {
 }
 
 
+# Checkpoint locations that MLflow resolves (``model.checkpoint=runs:/<run_id>/...``): kept as they are, not paths.
+MLFLOW_URI_PREFIXES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
@@ -234,12 +238,26 @@ class EvalConfig(Section):
 
 
 class TuneConfig(Section):
+    """How ``evadlab tune`` searches (see evadlab/platform/tune.py).
+
+    ``search``: ``basic`` is Tune's own generator (every ``grid`` value, ``choice`` / ``uniform`` / ``loguniform``
+    sampled ``num_samples`` times) optimising ``metric`` / ``mode``; ``optuna`` is Optuna's multi-objective ``sampler``
+    through Ray Tune's OptunaSearch, over (``metric`` in ``mode``, ``cost`` minimised), ``num_samples`` trials.
+    ``cost``: ``gflops`` (at 16x288x288) or ``latency``, the inference latency each trial measures on its own
+    hardware. ``max_concurrent_trials``: 0 runs as many trials at once as the cluster's free CPUs / GPUs hold (each
+    needs its workers, ``data_cpus`` for Ray Data and the trial's driver); a larger number is capped by that too.
+    """
+
     num_samples: int = Field(1, ge=1)
-    max_concurrent_trials: int = Field(1, ge=1)
+    max_concurrent_trials: int = Field(0, ge=0)
     metric: str = "val/mAP"
     mode: Literal["max", "min"] = "max"
+    search: Literal["basic", "optuna"] = "basic"
+    sampler: Literal["nsga2", "tpe"] = "nsga2"
+    cost: Literal["gflops", "latency"] = "gflops"
     scheduler: Literal["none", "asha"] = "none"
     grace_period: int = Field(1, ge=1)
+    data_cpus: float = Field(1.0, ge=0)
     resume: bool = False
 
 
@@ -286,7 +304,7 @@ class ExperimentConfig(Section):
         for section, key in _LOCAL_PATHS:
             owner = getattr(self, section) if section else self
             value = getattr(owner, key)
-            if value:
+            if value and not value.startswith(MLFLOW_URI_PREFIXES):
                 object.__setattr__(owner, key, absolute(value))
         object.__setattr__(self.tracking, "uri", self.tracking.resolved_uri())
         return self

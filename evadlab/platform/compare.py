@@ -1,10 +1,16 @@
 """``evadlab compare``: the EVAD trade-off (keep rate, enhanced weight, GFLOPs, mAP, speed) of MLflow runs as a
-table, its Pareto front and a plot. Sweeps summarise their trials with the same functions."""
+table, its Pareto front and a plot. Sweeps summarise their trials with the same functions.
+
+The cost axis is ``gflops`` (the model's GFLOPs at 16x288x288) or ``latency`` (the inference latency in ms each run
+measured on its own hardware, ``speed/latency_16x288x288_ms``); a sweep names its own in its parent run's tag
+``evadlab.cost``.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,35 +20,43 @@ from evadlab import storage
 from evadlab.config import default_tracking_uri
 from evadlab.platform.tracking import check_tracking_uri
 
+# cost name -> (its column in the table, the axis label of the plot)
+COSTS = {"gflops": ("gflops", "GFLOPs (16x288x288)"),
+         "latency": ("latency_ms", "inference latency, ms per 16x288x288 clip (measured)")}
+LATENCY_METRIC = "speed/latency_16x288x288_ms"
+INFERENCE_RATE_METRIC = "speed/infer_clips_per_s"
+
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
-    """Marks points (gflops, mAP) that no other point beats: less or equal compute and higher or equal mAP,
-    strictly better in one."""
+    """Marks points (cost, mAP) that no other point beats: less or equal cost and higher or equal mAP, strictly
+    better in one. A point with an unknown (NaN) cost is never on the front and beats none."""
+    known = [not math.isnan(cost) for cost, _ in points]
     front = []
-    for i, (flops_i, map_i) in enumerate(points):
+    for i, (cost_i, map_i) in enumerate(points):
         dominated = any(
-            flops_j <= flops_i and map_j >= map_i and (flops_j < flops_i or map_j > map_i)
-            for j, (flops_j, map_j) in enumerate(points) if j != i
+            cost_j <= cost_i and map_j >= map_i and (cost_j < cost_i or map_j > map_i)
+            for j, (cost_j, map_j) in enumerate(points) if j != i and known[j]
         )
-        front.append(not dominated)
+        front.append(known[i] and not dominated)
     return front
 
 
-def plot_map_vs_gflops(rows: list[dict[str, Any]], title: str) -> bytes:
-    """mAP against GFLOPs as a PNG image, Pareto-optimal runs joined and marked."""
+def plot_trade_off(rows: list[dict[str, Any]], title: str, cost: str = "gflops") -> bytes:
+    """mAP against the ``cost`` (see COSTS) as a PNG image, Pareto-optimal runs joined and marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    column, label = COSTS[cost]
     figure, axis = plt.subplots(figsize=(6, 4))
-    axis.scatter([r["gflops"] for r in rows], [r["mAP"] for r in rows], color="tab:gray", label="runs")
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["gflops"])
-    axis.plot([r["gflops"] for r in front], [r["mAP"] for r in front], "o-", color="tab:red", label="Pareto front")
+    axis.scatter([r[column] for r in rows], [r["mAP"] for r in rows], color="tab:gray", label="runs")
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r[column])
+    axis.plot([r[column] for r in front], [r["mAP"] for r in front], "o-", color="tab:red", label="Pareto front")
     for row in rows:
-        axis.annotate(f"k={row['keep_rate']}, ew={row['enhanced_weight']:g}", (row["gflops"], row["mAP"]),
+        axis.annotate(f"k={row['keep_rate']}, ew={row['enhanced_weight']:g}", (row[column], row["mAP"]),
                       fontsize=7, xytext=(4, 4), textcoords="offset points")
-    axis.set_xlabel("GFLOPs (16x288x288)")
+    axis.set_xlabel(label)
     axis.set_ylabel("frame-mAP@0.5")
     axis.set_title(title)
     axis.legend()
@@ -53,8 +67,10 @@ def plot_map_vs_gflops(rows: list[dict[str, Any]], title: str) -> bytes:
     return image.getvalue()
 
 
-def trade_off_table(runs) -> list[dict[str, Any]]:
-    """One row per finished MLflow run that has both GFLOPs and mAP, Pareto-optimal ones marked.
+def trade_off_table(runs, cost: str = "gflops") -> list[dict[str, Any]]:
+    """One row per finished MLflow run that has both GFLOPs and mAP, the runs on the Pareto front of (``cost``, mAP)
+    marked. ``clips_per_s`` is the training throughput, ``infer_clips_per_s`` and ``latency_ms`` the measured
+    inference speed (NaN for runs that did not measure it).
 
     ``keep_rate`` is the run's ``evadlab.keep_rate`` tag, the label of the rates its model really used (runs logged
     before that tag existed fall back to the ``model.keep_rate`` param)."""
@@ -71,18 +87,25 @@ def trade_off_table(runs) -> list[dict[str, Any]]:
             "gflops": metrics["model/gflops"],
             "mAP": metrics["val/mAP"],
             "clips_per_s": metrics.get("train/clips_per_s", float("nan")),
+            "latency_ms": metrics.get(LATENCY_METRIC, float("nan")),
+            "infer_clips_per_s": metrics.get(INFERENCE_RATE_METRIC, float("nan")),
         })
-    for row, on_front in zip(rows, pareto_front([(r["gflops"], r["mAP"]) for r in rows])):
+    column = COSTS[cost][0]
+    for row, on_front in zip(rows, pareto_front([(r[column], r["mAP"]) for r in rows])):
         row["pareto"] = on_front
     return sorted(rows, key=lambda r: (r["gflops"], -r["mAP"]))
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'keep':>5} {'EW':>4} {'GFLOPs':>8} {'mAP':>7} {'clips/s':>8}  pareto  run_id"
+    """The rows as text; ``train c/s`` is the training throughput, ``infer c/s`` and ``lat ms`` the measured inference
+    speed at 16x288x288, ``pareto`` marks the front of the rows' cost."""
+    header = (f"{'keep':>5} {'EW':>4} {'GFLOPs':>8} {'mAP':>7} {'train c/s':>9} {'infer c/s':>9} {'lat ms':>8}  pareto"
+              f"  run_id")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['keep_rate']:>5} {r['enhanced_weight']:>4g} {r['gflops']:>8.2f} {r['mAP']:>7.4f} "
-                     f"{r['clips_per_s']:>8.2f}  {'*' if r['pareto'] else ' ':^6}  {r['run_id']}")
+                     f"{r['clips_per_s']:>9.2f} {r['infer_clips_per_s']:>9.2f} {r['latency_ms']:>8.1f}  "
+                     f"{'*' if r['pareto'] else ' ':^6}  {r['run_id']}")
     return "\n".join(lines)
 
 
@@ -115,11 +138,38 @@ def sweep_trials(client: MlflowClient, parent) -> list:
                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=5000)
 
 
+def best_per_objective(rows: list[dict[str, Any]], cost: str) -> dict[str, dict[str, Any]]:
+    """The best row for each objective: ``mAP`` (the highest frame-mAP) and ``cost`` (the lowest cost, ties broken by
+    mAP; left out when no row has that cost)."""
+    column = COSTS[cost][0]
+    best = {"mAP": max(rows, key=lambda r: r["mAP"])}
+    costed = [r for r in rows if not math.isnan(r[column])]
+    if costed:
+        best[cost] = min(costed, key=lambda r: (r[column], -r["mAP"]))
+    return best
+
+
+def report_lines(rows: list[dict[str, Any]], cost: str) -> list[str]:
+    """The table, the Pareto set of (``cost``, mAP) and the best run per objective, as ``evadlab tune`` and ``evadlab
+    compare`` print them."""
+    column = COSTS[cost][0]
+
+    def described(row: dict[str, Any]) -> str:
+        return (f"keep {row['keep_rate']}, EW {row['enhanced_weight']:g}: mAP {row['mAP']:.4f}, {cost} "
+                f"{row[column]:.2f} ({row['run_id']})")
+
+    lines = [format_table(rows), f"Pareto set (max mAP, min {cost}):"]
+    lines += [f"  {described(row)}" for row in rows if row["pareto"]]
+    lines += [f"best {objective}: {described(row)}" for objective, row in best_per_objective(rows, cost).items()]
+    return lines
+
+
 def compare_runs(experiment: str | None, tracking_uri: str | None, out_dir: str | Path,
-                 sweep: str | None = None) -> list[dict[str, Any]]:
+                 sweep: str | None = None, cost: str | None = None) -> list[dict[str, Any]]:
     """``evadlab compare``: the trade-off table of every run with mAP and GFLOPs in ``experiment`` (or every
-    experiment), or of the trials of ``sweep``, and its plot. Everything is read from the tracking server (a local
-    store or a remote ``mlflow server``); the table and plot are written to ``out_dir``."""
+    experiment), or of the trials of ``sweep``, its Pareto set and best run per objective for ``cost`` (default: the
+    sweep's own cost, else GFLOPs), and the plot. Everything is read from the tracking server (a local store or a
+    remote ``mlflow server``); the table and plot are written to ``out_dir``."""
     uri = tracking_uri or default_tracking_uri()
     check_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -127,15 +177,17 @@ def compare_runs(experiment: str | None, tracking_uri: str | None, out_dir: str 
     if sweep:
         parent = sweep_parent(client, ids, sweep)
         runs, label = sweep_trials(client, parent), f"sweep {parent.data.tags.get('mlflow.runName', sweep)}"
+        cost = cost or parent.data.tags.get("evadlab.cost", "gflops")
     else:
         runs, label = client.search_runs(ids, max_results=5000), experiment or "all experiments"
-    rows = trade_off_table(runs)
+    cost = cost or "gflops"
+    rows = trade_off_table(runs, cost)
     if not rows:
         print(f"no runs with both model/gflops and val/mAP in {label} at {uri}")
         return rows
-    print(format_table(rows))
-    plot = storage.join(out_dir, "map_vs_gflops.png")
-    storage.write_bytes(plot, plot_map_vs_gflops(rows, label))
+    print("\n".join(report_lines(rows, cost)))
+    plot = storage.join(out_dir, f"map_vs_{cost}.png")
+    storage.write_bytes(plot, plot_trade_off(rows, label, cost))
     storage.write_text(storage.join(out_dir, "runs.json"), json.dumps(rows, indent=1))
     print(f"{len(rows)} runs of {label} at {uri}; plot: {plot}; table: {storage.join(out_dir, 'runs.json')}")
     return rows

@@ -17,13 +17,10 @@ import torch
 import yaml
 
 from evadlab import storage
-from evadlab.config import ConfigError, ExperimentConfig, ModelConfig, build_config
+from evadlab.config import MLFLOW_URI_PREFIXES, ConfigError, ExperimentConfig, ModelConfig, build_config
 from evadlab.models import EVAD
 from evadlab.models.checkpoints import Checkpoint, CheckpointError, load_evad_checkpoint, load_pretrained_backbone
 from evadlab.models.checkpoints import read_checkpoint as read_checkpoint_file
-
-# Artifact URIs that MLflow resolves: a run's artifact, a registered or logged model, a proxied artifact.
-MLFLOW_URI_PREFIXES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
 @dataclass

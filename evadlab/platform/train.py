@@ -70,6 +70,8 @@ MLFLOW_RUN_FILE = "mlflow_run_id"
 AUXILIARY_TERM = re.compile(r".*_\d+")
 # The measured inference latency of the model at the table's input, logged once per attempt (see measure_latency).
 LATENCY_METRIC = "speed/latency_{}x{}x{}_ms".format(*REFERENCE_INPUT_SIZE)
+# The same measurement as a rate: clips of that input per second, one clip at a time.
+INFERENCE_RATE_METRIC = "speed/infer_clips_per_s"
 
 
 @dataclass
@@ -123,6 +125,7 @@ class Worker:
     gflops: float  # at 16x288x288
     hooks: list[TrainingHooks] = field(default_factory=list)
     last_lr: float = 0.0
+    latency: dict[str, float] = field(default_factory=dict)  # rank 0: this attempt's measure_latency
 
     @property
     def run_name(self) -> str:
@@ -263,13 +266,15 @@ def optimizer_step(worker: Worker, micro_batches: int) -> None:
 
 
 def measure_latency(worker: Worker) -> dict[str, float]:
-    """Rank 0 times the model's inference at 16x288x288 on its device (:func:`inference_latency_s`); the others return
-    nothing. It costs the run about 1.5 s for the quickstart's model on a CPU core, about 9 s for ViT-B on a CPU (a
-    warm-up and one timed forward), milliseconds on a GPU."""
+    """Rank 0 times the model's inference at 16x288x288 on its device (:func:`inference_latency_s`): the latency in ms
+    and the rate in clips/s (kept in ``worker.latency`` for the reports to Tune); the others return nothing. It costs
+    the run about 1.5 s for the quickstart's model on a CPU core, about 9 s for ViT-B on a CPU (a warm-up and one timed
+    forward), milliseconds on a GPU."""
     if worker.rank != 0:
         return {}
     seconds = inference_latency_s(worker.core_model, worker.device, amp=worker.amp)
-    return {LATENCY_METRIC: 1000 * seconds}
+    worker.latency = {LATENCY_METRIC: 1000 * seconds, INFERENCE_RATE_METRIC: 1 / seconds}
+    return dict(worker.latency)
 
 
 def should_evaluate(cfg: ExperimentConfig, epoch: int) -> bool:
@@ -317,9 +322,10 @@ def report_epoch(worker: Worker, epoch: int, metrics: dict[str, float], seconds:
             log_model(worker, "best", BEST_MODEL_FILE, epoch, metrics, timestamp)
     if worker.progress_channel:
         worker.progress_channel.send(epoch_message(worker, epoch, metrics, seconds))
-    # Tune's schedulers need the metric in every report: the last one measured, 0 before the first evaluation. This
-    # goes to Ray Train and Tune only, never to MLflow.
-    reported = {"val/mAP": progress.last_map or 0.0, **metrics,
+    # Tune's schedulers need the metric in every report: the last one measured, 0 before the first evaluation; and a
+    # multi-objective search reads its costs from the last report (GFLOPs, the attempt's measured latency). This goes
+    # to Ray Train and Tune only, never to MLflow.
+    reported = {"val/mAP": progress.last_map or 0.0, "model/gflops": worker.gflops, **worker.latency, **metrics,
                 **{f"progress/{key}": value for key, value in asdict(progress).items() if value is not None}}
     if worker.rank != 0:
         ray.train.report(reported)

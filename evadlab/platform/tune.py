@@ -2,12 +2,15 @@
 
 Ray 2.60 pattern: each trial is a function that builds and fits a ``TorchTrainer`` (through ``train``), and
 ``TuneReportCallback`` passes the workers' metrics up to Tune. The sweep is an MLflow parent run; every trial
-is a child run.
+is a child run. Before the first trial the driver checks and prepares everything once (:func:`prepare_sweep`); a
+warm-started sweep reads its base model once and hands it to every trial through Ray's object store. The search is
+Tune's own (grid / random) or Optuna's multi-objective search over (frame-mAP, cost), with ASHA early stopping.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray.tune import Callback
 
 from evadlab.config import (
+    MLFLOW_URI_PREFIXES,
     VALID_KEYS,
     ConfigError,
     ExperimentConfig,
@@ -26,11 +30,26 @@ from evadlab.config import (
     read_yaml,
 )
 from evadlab.errors import original_error
-from evadlab.pipelines.prepare import require_prepared
-from evadlab.platform.compare import format_table, plot_map_vs_gflops, sweep_trials, trade_off_table
-from evadlab.platform.tracking import RunLogger, dashboard_lines, is_outage, quick_http, start_run
-from evadlab.platform.train import should_evaluate, train, training_splits
-from evadlab.storage import absolute, exists, join, read_text, write_bytes, write_text
+from evadlab.platform.compare import (
+    COSTS,
+    best_per_objective,
+    plot_trade_off,
+    report_lines,
+    sweep_trials,
+    trade_off_table,
+)
+from evadlab.platform.modeling import StartingWeights, build_model, complete_checkpoint
+from evadlab.platform.run import ensure_prepared, synthesise_if_needed
+from evadlab.platform.tracking import (
+    RunLogger,
+    check_tracking_uri,
+    dashboard_lines,
+    is_outage,
+    quick_http,
+    start_run,
+)
+from evadlab.platform.train import INFERENCE_RATE_METRIC, LATENCY_METRIC, should_evaluate, train
+from evadlab.storage import absolute, exists, join, read_bytes, read_text, write_bytes, write_text
 
 
 class SearchDimension(BaseModel):
@@ -63,20 +82,45 @@ class SearchDimension(BaseModel):
         return tune.loguniform(*self.loguniform)
 
 
+class WarmStart(BaseModel):
+    """Every trial starts from one trained model (read once, on the driver) and fine-tunes it at the trial's keep rate
+    and enhanced weight, which change no weights. ``checkpoint``: a local path (relative to the working directory), a
+    storage URI or an MLflow ``runs:/`` / ``models:/`` URI. ``train_if_missing``: dotted overrides of the sweep's
+    config that train the base model once when ``checkpoint`` (a path or storage URI) does not exist; its final
+    checkpoint is written there, so later sweeps reuse it."""
+
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str
+    train_if_missing: dict[str, Any] | None = None
+
+    @property
+    def location(self) -> str:
+        return self.checkpoint if self.checkpoint.startswith(MLFLOW_URI_PREFIXES) else absolute(self.checkpoint)
+
+    @property
+    def can_train(self) -> bool:
+        return self.train_if_missing is not None and not self.checkpoint.startswith(MLFLOW_URI_PREFIXES)
+
+
 class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     base: str = Field(description="experiment YAML, relative to the sweep file")
     overrides: dict[str, Any] = {}
     search_space: dict[str, SearchDimension]
+    warm_start: WarmStart | None = None
     trial_cpus: float = Field(0.01, ge=0, description="CPUs held by each trial's driver (the workers hold their own)")
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepSpec, ExperimentConfig]:
-    """The sweep file and its base experiment with the sweep's and the command line's overrides applied."""
+    """The sweep file and its base experiment with the sweep's and the command line's overrides applied (those of
+    ``warm_start.*`` change the sweep file's own section). Every value the search space can take (each grid or choice
+    value, the bounds of a range) and the base stage's config are validated here, before any trial. Raises
+    ConfigError naming the file and key."""
     path = Path(path)
+    own = [text for text in overrides if text.partition("=")[0].split(".")[0] == "warm_start"]
     try:
-        spec = SweepSpec.model_validate(read_yaml(path))
+        spec = SweepSpec.model_validate(apply_overrides(read_yaml(path), own))
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
     unknown = [key for key in [*spec.search_space, *spec.overrides] if key not in VALID_KEYS]
@@ -84,8 +128,37 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(f"{path}: unknown config keys in the sweep: {unknown}")
     base_path = (path.parent / spec.base).resolve()
     tree = apply_overrides(read_yaml(base_path), [f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()])
-    tree = apply_overrides(tree, list(overrides))
-    return spec, build_config(tree, str(base_path))
+    tree = apply_overrides(tree, [text for text in overrides if text not in own])
+    base = build_config(tree, str(base_path))
+    check_search_space(spec, base, path)
+    if spec.warm_start is not None and spec.warm_start.can_train:
+        base_stage_config(spec, base, path)
+    return spec, base
+
+
+def check_search_space(spec: SweepSpec, base: ExperimentConfig, path: Path) -> None:
+    """Builds the trial config of every grid / choice value and range bound, so that a value the model refuses stops
+    the sweep before it starts; refuses ``grid`` under ``tune.search=optuna`` (Optuna samples, it does not
+    enumerate). Raises ConfigError."""
+    tree = base.model_dump(mode="json")
+    for key, dimension in spec.search_space.items():
+        if dimension.grid is not None and base.tune.search == "optuna":
+            raise ConfigError(f"{path}: search_space.{key}: tune.search=optuna samples its values; use choice, "
+                              f"uniform or loguniform instead of grid")
+        values = dimension.grid or dimension.choice or dimension.uniform or dimension.loguniform
+        for value in values:
+            build_config(apply_overrides(json.loads(json.dumps(tree)), [f"{key}={json.dumps(value)}"]),
+                         f"{path}: search_space.{key} = {value!r}")
+
+
+def base_stage_config(spec: SweepSpec, base: ExperimentConfig, path: str | Path) -> ExperimentConfig:
+    """The config that trains the warm start's base model: the sweep's with ``warm_start.train_if_missing`` applied,
+    logged in the sweep's MLflow experiment unless those overrides name another."""
+    changes = [f"{k}={json.dumps(v)}" for k, v in (spec.warm_start.train_if_missing or {}).items()]
+    tree = base.model_dump(mode="json")
+    tree["tracking"]["experiment"] = base.experiment_name
+    tree = apply_overrides(tree, changes)
+    return build_config(tree, f"{path}: warm_start.train_if_missing")
 
 
 def _trial_config(base: dict[str, Any], sampled: dict[str, Any], trial_id: str) -> ExperimentConfig:
@@ -97,38 +170,146 @@ def _trial_config(base: dict[str, Any], sampled: dict[str, Any], trial_id: str) 
     return build_config(tree, f"trial {trial_id}")
 
 
-def run_trial(trial_config: dict[str, Any]) -> None:
-    """One Tune trial = one full Ray Train run, logged as a child of the sweep's MLflow run. A restored trial
-    continues its own Ray Train run (``train.resume``) instead of starting over."""
+def run_trial(trial_config: dict[str, Any], start: StartingWeights | None = None) -> None:
+    """One Tune trial = one full Ray Train run, logged as a child of the sweep's MLflow run. ``start`` are the warm
+    start's weights, read once by the sweep's driver and handed over through Ray's object store (``tune.with_parameters``).
+    A restored trial continues its own Ray Train run (``train.resume``) instead of starting over."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     sampled = {key: trial_config[key] for key in trial_config["search_keys"]}
     cfg = _trial_config(trial_config["base"], sampled, tune.get_context().get_trial_id())
-    train(cfg, parent_run_id=trial_config["parent_run_id"], callbacks=[TuneReportCallback()])
+    train(cfg, parent_run_id=trial_config["parent_run_id"], callbacks=[TuneReportCallback()], start=start)
+
+
+def cost_metric(cfg: ExperimentConfig) -> str:
+    """The metric of the sweep's cost objective: the model's GFLOPs or its measured inference latency."""
+    return "model/gflops" if cfg.tune.cost == "gflops" else LATENCY_METRIC
 
 
 def _scheduler(cfg: ExperimentConfig):
+    """ASHA stops trials on ``tune.metric`` alone (a trial's cost is fixed by its config), after
+    ``tune.grace_period`` epochs."""
     if cfg.tune.scheduler == "none":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period)
+    return ASHAScheduler(time_attr="epoch", metric=cfg.tune.metric, mode=cfg.tune.mode, max_t=cfg.train.epochs,
+                         grace_period=cfg.tune.grace_period)
+
+
+def search_algorithm(cfg: ExperimentConfig):
+    """None for Tune's own generator; for ``tune.search=optuna``, Ray Tune's OptunaSearch over two objectives
+    (``tune.metric`` in ``tune.mode``, the cost minimised) with Optuna's NSGA-II or multi-objective TPE sampler,
+    seeded with ``train.seed``. The sampler's random first phase is half of ``tune.num_samples`` (at most Optuna's
+    defaults: a population of 50, 10 start-up trials), so that a small sweep still gets guided trials."""
+    if cfg.tune.search != "optuna":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    first = max(2, cfg.tune.num_samples // 2)
+    if cfg.tune.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(population_size=min(first, 50), seed=cfg.train.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(n_startup_trials=min(first, 10), seed=cfg.train.seed)
+    return OptunaSearch(metric=[cfg.tune.metric, cost_metric(cfg)], mode=[cfg.tune.mode, "min"], sampler=sampler)
+
+
+def concurrent_trials(spec: SweepSpec, cfg: ExperimentConfig) -> int:
+    """How many trials run at once: as many as the cluster's free CPUs and GPUs hold, at most
+    ``tune.max_concurrent_trials`` (0: no further limit). One trial holds its driver (``trial_cpus``), its
+    ``train.num_workers`` workers (``train.cpus_per_worker`` each, and a GPU each with ``train.use_gpu``) and
+    ``tune.data_cpus`` for Ray Data's tasks. Raises ConfigError, in one line, when not even one trial fits."""
+    import ray
+
+    train_cfg = cfg.train
+    cpus = spec.trial_cpus + train_cfg.num_workers * train_cfg.cpus_per_worker + cfg.tune.data_cpus
+    gpus = train_cfg.num_workers if train_cfg.use_gpu else 0
+    free = ray.available_resources()
+    free_cpus, free_gpus = free.get("CPU", 0.0), free.get("GPU", 0.0)
+    fits = int(free_cpus // cpus) if cpus > 0 else 10**6
+    if gpus:
+        fits = min(fits, int(free_gpus // gpus))
+    need = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "")
+    have = f"{free_cpus:g} CPUs" + (f" and {free_gpus:g} GPUs" if gpus else "")
+    if fits < 1:
+        raise ConfigError(f"one trial needs {need} ({train_cfg.num_workers} worker(s) x train.cpus_per_worker="
+                          f"{train_cfg.cpus_per_worker:g}, tune.data_cpus={cfg.tune.data_cpus:g} for Ray Data, "
+                          f"{spec.trial_cpus:g} for its driver) but the cluster has {have} free: lower "
+                          f"train.num_workers or train.cpus_per_worker, or add nodes")
+    wanted = cfg.tune.max_concurrent_trials or fits
+    print(f"evadlab tune: {min(wanted, fits)} trial(s) at a time: each needs {need}, the cluster has {have} free"
+          + (f" (tune.max_concurrent_trials={wanted} capped)" if wanted > fits else ""))
+    return min(wanted, fits)
+
+
+def prepare_sweep(spec: SweepSpec, base: ExperimentConfig,
+                  sweep_path: str | Path) -> tuple[StartingWeights | None, int]:
+    """Everything a trial would otherwise check or do itself, once, before the first trial: the MLflow server, the
+    cluster's room for a trial, the warm start's weights (read and fitted on the meta device), the synthetic data if
+    the config asks for it, the prepared shards (a complete prepare is reused, an interrupted one resumed), and the
+    warm start's base model when it must be trained. Returns the starting weights (None without a warm start) and
+    how many trials run at once (:func:`concurrent_trials`)."""
+    from evadlab.ray_session import ensure_ray
+
+    if base.tracking.enabled:
+        check_tracking_uri(base.tracking.resolved_uri())
+    ensure_ray()
+    concurrency = concurrent_trials(spec, base)
+    warm = spec.warm_start
+    trains_base = warm is not None and warm.can_train and not exists(warm.location)
+    start = None if warm is None or trains_base else read_warm_start(warm, base)
+    synthesise_if_needed(base)
+    ensure_prepared(base)
+    if trains_base:
+        start = train_base_model(spec, base, sweep_path)
+    elif warm is not None:
+        print(f"[3/4] warm start: every trial fine-tunes {warm.location}")
+    return start, concurrency
+
+
+def read_warm_start(warm: WarmStart, cfg: ExperimentConfig) -> StartingWeights:
+    """The warm start's checkpoint, read once and fitted to the sweep's model on the meta device (keep rate and EW
+    change no weights, so one fit holds for every trial). Raises CheckpointError naming the location."""
+    weights = complete_checkpoint(cfg.model, warm.location, cfg.tracking.resolved_uri())
+    build_model(cfg.model, weights, device="meta")
+    return weights
+
+
+def train_base_model(spec: SweepSpec, base: ExperimentConfig, sweep_path: str | Path) -> StartingWeights:
+    """The warm start's base stage: trains ``warm_start.train_if_missing``'s config once (its own MLflow run, not a
+    trial), copies its final checkpoint to ``warm_start.checkpoint`` and reads it from there."""
+    warm = spec.warm_start
+    cfg = base_stage_config(spec, base, sweep_path)
+    print(f"[3/4] warm start: {warm.location} does not exist; training the base model once ({cfg.name}, "
+          f"{cfg.train.epochs} epochs); later sweeps reuse it")
+    result = train(cfg)
+    if result.checkpoint_path is None:
+        raise RuntimeError("the warm start's base stage reported no checkpoint")
+    write_bytes(warm.location, read_bytes(result.checkpoint_path))
+    mAP = result.metrics.get("progress/last_map")
+    print(f"[3/4] warm start: base model written to {warm.location}"
+          + (f" (frame-mAP@0.5 {mAP:.4f})" if mAP is not None else "")
+          + "".join(f"; model '{name}': {uri}" for name, uri in result.models.items()))
+    return read_warm_start(warm, base)
 
 
 def run_sweep(sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """``evadlab tune``: run (or, with ``tune.resume=true``, continue) a sweep and summarise it in MLflow."""
+    """``evadlab tune``: check and prepare everything once (:func:`prepare_sweep`), then run (or, with
+    ``tune.resume=true``, continue) the sweep and summarise it in MLflow."""
     from ray import tune
 
-    from evadlab.ray_session import ensure_ray, verbose_console
+    from evadlab.ray_session import verbose_console
 
     spec, base = load_sweep(sweep_path, overrides)
-    require_prepared(base, training_splits(base))
+    start, concurrency = prepare_sweep(spec, base, sweep_path)
     storage_path = absolute(base.train.storage_path)
     sweep_dir = join(storage_path, spec.name)
     parent_run_id = _parent_run(spec, base, sweep_dir)
-    ensure_ray()
-    trainable = tune.with_resources(run_trial, {"cpu": spec.trial_cpus})
+    trial = run_trial if start is None else tune.with_parameters(run_trial, start=start)
+    trainable = tune.with_resources(trial, {"cpu": spec.trial_cpus})
+    print(f"[4/4] trials: {base.tune.search} search over {', '.join(spec.search_space)}")
     if base.tune.resume and tune.Tuner.can_restore(sweep_dir):
         print(f"evadlab tune: resuming {sweep_dir}; finished trials are kept")
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
@@ -138,9 +319,8 @@ def run_sweep(sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = (
             param_space={"base": base.model_dump(mode="json"), "parent_run_id": parent_run_id,
                          "search_keys": list(spec.search_space),
                          **{key: dim.to_tune() for key, dim in spec.search_space.items()}},
-            tune_config=tune.TuneConfig(metric=base.tune.metric, mode=base.tune.mode,
-                                        num_samples=base.tune.num_samples,
-                                        max_concurrent_trials=base.tune.max_concurrent_trials,
+            tune_config=tune.TuneConfig(num_samples=base.tune.num_samples, search_alg=search_algorithm(base),
+                                        max_concurrent_trials=concurrency,
                                         scheduler=_scheduler(base)),
             # Tune's own status tables only with --verbose; TrialLines prints a line per trial and epoch.
             run_config=tune.RunConfig(name=spec.name, storage_path=storage_path, callbacks=[TrialLines(base)],
@@ -169,6 +349,8 @@ class TrialLines(Callback):
         sampled = ", ".join(f"{key}={trial.config[key]}" for key in trial.config.get("search_keys", []))
         line = (f"trial {trial.trial_id} ({sampled}): epoch {epoch + 1}/{self.base.train.epochs}, loss "
                 f"{result.get('train/epoch_loss', float('nan')):.3f}, {result.get('train/clips_per_s', 0.0):.1f} clips/s")
+        if LATENCY_METRIC in result and epoch == 0:
+            line += f", inference {result[INFERENCE_RATE_METRIC]:.2f} clips/s ({result[LATENCY_METRIC]:.0f} ms)"
         if should_evaluate(self.base, epoch):
             line += f", frame-mAP {result.get('val/mAP', float('nan')):.4f}"
         print(line, flush=True)
@@ -201,38 +383,38 @@ def _parent_run(spec: SweepSpec, base: ExperimentConfig, sweep_dir: str) -> str:
     marker = join(sweep_dir, "mlflow_parent_run_id")
     if base.tune.resume and exists(marker):
         return read_text(marker).strip()
-    run_id = start_run(base, run_name=spec.name, tags={"evadlab.job": "sweep",
-                                                       "evadlab.search_space": ",".join(spec.search_space)})
+    tags = {"evadlab.job": "sweep", "evadlab.search_space": ",".join(spec.search_space),
+            "evadlab.search": base.tune.search, "evadlab.cost": base.tune.cost}
+    if spec.warm_start is not None:
+        tags["evadlab.warm_start"] = spec.warm_start.location
+    run_id = start_run(base, run_name=spec.name, tags=tags)
     write_text(marker, run_id)
     RunLogger(base.tracking.resolved_uri(), run_id).log_text(yaml.safe_dump(spec.model_dump(mode="json")), "sweep.yaml")
     return run_id
 
 
 def summarise_sweep(spec: SweepSpec, base: ExperimentConfig, parent_run_id: str, sweep_dir: str) -> list[dict]:
-    """Gives the parent run the table of all trials, the best config and the mAP-vs-GFLOPs Pareto plot."""
+    """Gives the parent run the table of all trials (``trials.txt``, ``trials.json``), the Pareto set of (mAP,
+    ``tune.cost``) (``pareto.json``), the best config per objective (``best_config.yaml`` for mAP,
+    ``best_config_<cost>.yaml``), their metrics and tags, and the plot ``map_vs_<cost>.png``; prints the same."""
     from mlflow.tracking import MlflowClient
 
     uri = base.tracking.resolved_uri()
     client = MlflowClient(uri)
     parent = client.get_run(parent_run_id)
-    rows = trade_off_table(sweep_trials(client, parent))
+    cost = base.tune.cost
+    rows = trade_off_table(sweep_trials(client, parent), cost)
     logger = RunLogger(uri, parent_run_id)
     if rows:
-        table = format_table(rows)
-        print(table)
-        logger.log_text(table + "\n", "trials.txt")
+        text = "\n".join(report_lines(rows, cost))
+        print(text)
+        logger.log_text(text + "\n", "trials.txt")
         logger.log_text(json.dumps(rows, indent=1), "trials.json")
-        plot = plot_map_vs_gflops(rows, f"sweep {spec.name}")
-        write_bytes(join(sweep_dir, "map_vs_gflops.png"), plot)
-        logger.log_bytes(plot, "map_vs_gflops.png")
-        best = max(rows, key=lambda r: r["mAP"] if base.tune.mode == "max" else -r["mAP"])
-        best_params = client.get_run(best["run_id"]).data.params
-        logger.log_text(yaml.safe_dump({k: best_params[k] for k in sorted(best_params)}), "best_config.yaml")
-        # At the parent's start time: a resumed sweep summarised again logs the same points, which MLflow keeps once.
-        logger.log_metrics({"best/mAP": best["mAP"], "best/gflops": best["gflops"]}, step=0,
-                           timestamp=parent.info.start_time)
-        logger.set_tags({"evadlab.best_run_id": best["run_id"], "evadlab.best_keep_rate": str(best["keep_rate"]),
-                         "evadlab.best_enhanced_weight": str(best["enhanced_weight"])})
+        logger.log_text(json.dumps([row for row in rows if row["pareto"]], indent=1), "pareto.json")
+        plot = plot_trade_off(rows, f"sweep {spec.name}", cost)
+        write_bytes(join(sweep_dir, f"map_vs_{cost}.png"), plot)
+        logger.log_bytes(plot, f"map_vs_{cost}.png")
+        log_best_per_objective(client, logger, rows, cost, parent.info.start_time)
     logger.end()
     experiment_id = parent.info.experiment_id
     print(f"evadlab tune: sweep {spec.name}, {len(rows)} trial(s) with a frame-mAP; MLflow parent run {parent_run_id}, "
@@ -241,3 +423,21 @@ def summarise_sweep(spec: SweepSpec, base: ExperimentConfig, parent_run_id: str,
         print(f"  dashboard: {line}")
     print(f"  table and plot again: evadlab compare --sweep {spec.name} --tracking-uri {uri}")
     return rows
+
+
+def log_best_per_objective(client, logger: RunLogger, rows: list[dict], cost: str, timestamp: int) -> None:
+    """The best trial per objective on the parent run: its config as ``best_config.yaml`` (mAP) and
+    ``best_config_<cost>.yaml``, ``best/*`` metrics and ``evadlab.best*`` tags."""
+    column = COSTS[cost][0]
+    for objective, row in best_per_objective(rows, cost).items():
+        params = client.get_run(row["run_id"]).data.params
+        suffix = "" if objective == "mAP" else f"_{cost}"
+        logger.log_text(yaml.safe_dump({k: params[k] for k in sorted(params)}), f"best_config{suffix}.yaml")
+        logger.set_tags({f"evadlab.best{suffix}_run_id": row["run_id"],
+                         f"evadlab.best{suffix}_keep_rate": str(row["keep_rate"]),
+                         f"evadlab.best{suffix}_enhanced_weight": str(row["enhanced_weight"])})
+        # At the parent's start time: a resumed sweep summarised again logs the same points, which MLflow keeps once.
+        metrics = {f"best{suffix}/mAP": row["mAP"], f"best{suffix}/gflops": row["gflops"]}
+        if not math.isnan(row[column]) and column != "gflops":
+            metrics[f"best{suffix}/{column}"] = row[column]
+        logger.log_metrics(metrics, step=0, timestamp=timestamp)
