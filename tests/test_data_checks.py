@@ -1,5 +1,5 @@
 """Nothing trains or evaluates on data that is not completely prepared: every consumer refuses, before Ray or MLflow
-is touched, with one line saying what is missing and how to finish it; `run` resumes the prepare instead."""
+is touched, with one line saying what is missing and how to finish it; `run` and `tune` resume the prepare instead."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from evadlab.cli import main
 from evadlab.config import load_config
@@ -33,20 +32,12 @@ def overrides(folder: Path, data_root: Path) -> list[str]:
             f"output_dir={folder / 'runs'}", "tracking.enabled=false", "model.act_fc_dim=64"]
 
 
-def sweep_file(folder: Path, settings: list[str]) -> Path:
-    path = folder / "sweep.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "checks_sweep", "base": str(QUICKSTART), "search_space": {"model.keep_rate": {"grid": [0.5, 1.0]}},
-        "overrides": {key: yaml.safe_load(value) for key, value in (setting.split("=", 1) for setting in settings)}}))
-    return path
-
-
 def refusals(folder: Path, settings: list[str], capsys) -> dict[str, str]:
-    """The error line of train, evaluate and tune on this data (each must exit 2 with exactly one line)."""
+    """The error line of train and evaluate on this data (each must exit 2 with exactly one line). `tune` prepares its
+    data as `run` does (tests/test_sweeps.py)."""
     commands = {
         "train": ["train", str(QUICKSTART), *settings],
         "evaluate": ["evaluate", str(QUICKSTART), "--checkpoint", str(folder / "never_read.pt"), *settings],
-        "tune": ["tune", str(sweep_file(folder, settings))],
     }
     lines = {}
     for name, argv in commands.items():
@@ -105,7 +96,7 @@ def test_a_split_without_keyframes_says_why(mini_ava, tmp_path, capsys):
     capsys.readouterr()
     lines = refusals(tmp_path, settings, capsys)
     manifest = cfg.data.shards_path / "manifest.json"
-    assert lines["train"] == lines["tune"] == (
+    assert lines["train"] == (
         f"the train split at {cfg.data.shards_path} holds no keyframes: its annotation file {train_csv} has no usable "
         f"rows (2 rejected, listed under 'rejected' in {manifest})")
     val_csv = root / "annotations" / "ava_val_v2.2.csv"
