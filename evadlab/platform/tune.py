@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,10 @@ def run_sweep(sweep_path: str | Path, overrides: list[str] | tuple[str, ...] = (
     trial = run_trial if start is None else tune.with_parameters(run_trial, start=start)
     trainable = tune.with_resources(trial, {"cpu": spec.trial_cpus})
     print(f"[4/4] trials: {base.tune.search} search over {', '.join(spec.search_space)}")
+    if not verbose_console():
+        # Tune's new output engine prints its configuration box and TensorBoard hint even at verbose=0; the legacy
+        # reporter honours verbose=0. RAY_AIR_NEW_OUTPUT is Tune's own switch between the two.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if base.tune.resume and tune.Tuner.can_restore(sweep_dir):
         print(f"evadlab tune: resuming {sweep_dir}; finished trials are kept")
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
