@@ -74,19 +74,27 @@ class LocalRayCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """The environment of every node and client: token authentication on, with this cluster's token."""
-        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
+        """The environment of every node and client: token authentication on, with this cluster's token. A
+        ``RAY_ADDRESS`` of the caller's is dropped: every node and client names this cluster's address itself."""
+        inherited = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+        return {**inherited, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
 
     def start_head(self, num_cpus: float) -> RayNode:
         return self._start("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
                                     f"--dashboard-port={self.dashboard_port}", f"--num-cpus={num_cpus}"])
 
-    def add_worker_node(self, name: str, num_cpus: float, resources: dict[str, float]) -> RayNode:
-        """A worker node that joins the head; ``resources`` are custom resources it offers (e.g. ``{name: 1}``)."""
+    def add_worker_node(self, name: str, num_cpus: float, resources: dict[str, float], wait: bool = True) -> RayNode:
+        """A worker node that joins the head; ``resources`` are custom resources it offers (e.g. ``{name: 1}``).
+        ``wait``: until every running node has joined (without it, nodes started together join together)."""
         node = self._start(name, [f"--address={self.address}", f"--num-cpus={num_cpus}",
                                   f"--resources={json.dumps(resources)}"])
-        self.wait_for_nodes(sum(not other.process.poll() for other in self.nodes.values()))
+        if wait:
+            self.wait_for_nodes(len(self.running_nodes()))
         return node
+
+    def running_nodes(self) -> list[RayNode]:
+        """The nodes whose ``ray start`` process still runs (a killed node's does not)."""
+        return [node for node in self.nodes.values() if node.process.poll() is None]
 
     def _start(self, name: str, arguments: list[str]) -> RayNode:
         # Short folders: Ray puts Unix sockets under the temp dir, and socket paths are limited to 107 characters.
@@ -135,6 +143,29 @@ class LocalRayCluster:
             if time.time() > deadline:
                 raise RuntimeError(f"expected {count} live Ray nodes, have {len(self.alive_nodes())}")
             time.sleep(2)
+
+    def submit_job(self, entrypoint: str, submission_id: str, working_dir: Path) -> None:
+        """``ray job submit`` as a user runs it, the token passed in ``RAY_AUTH_TOKEN`` (with ``RAY_AUTH_MODE=token``),
+        ``working_dir`` shipped to the cluster; returns once the job is accepted."""
+        done = subprocess.run([str(RAY), "job", "submit", f"--address={self.dashboard_url}",
+                               f"--working-dir={working_dir}", f"--submission-id={submission_id}", "--no-wait", "--",
+                               entrypoint], env=self.env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"ray job submit failed: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+
+    def wait_for_job(self, submission_id: str, timeout_s: float) -> tuple[str, str]:
+        """The job's final status (``SUCCEEDED``, ``FAILED``, ``STOPPED``) and its log, once it ends. Raises
+        TimeoutError, with the log so far, after ``timeout_s``."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(self.dashboard_url, headers=self.auth_headers)
+        deadline = time.time() + timeout_s
+        while (status := client.get_job_status(submission_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                        JobStatus.STOPPED}:
+            if time.time() > deadline:
+                raise TimeoutError(f"job {submission_id} still {status} after {timeout_s:g} s: "
+                                   f"{client.get_job_logs(submission_id)[-3000:]}")
+            time.sleep(1)
+        return str(status.value), client.get_job_logs(submission_id)
 
     def shutdown(self) -> None:
         """Stops the nodes this cluster started, workers first, and removes their temp dirs."""
