@@ -17,9 +17,10 @@ SLOT = "train_slot"
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(tmp_path, mlflow_server):
     """A head (data decoding, the job's driver) and two worker nodes of 1 CPU each, one shared storage folder. Only
-    the processes it started are stopped (never `ray stop`, which ends every Ray of the machine)."""
+    the processes it started are stopped (never `ray stop`, which ends every Ray of the machine). The MLflow server
+    starts first: Ray's processes take free ports of their own while they start, and could take the server's."""
     cluster = LocalRayCluster(storage=tmp_path / "shared")
     cluster.storage.mkdir()
     try:
