@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,4 +44,8 @@ def mlflow_server(tmp_path_factory) -> str:
     server, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), free_port())
     yield uri
     stop_process_group(server.pid)
-    server.wait(timeout=30)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # a loaded machine: it is ended, not waited for
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)

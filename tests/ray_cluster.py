@@ -137,6 +137,26 @@ class LocalRayCluster:
             summary = json.loads(response.read())["data"]["summary"]
         return [node for node in summary if node.get("raylet", {}).get("state") == "ALIVE"]
 
+    def _state(self, resource: str, filters: list[tuple[str, str, str]]) -> list:
+        """Ray's State API (``ray list``) of this cluster, with the token."""
+        from ray.util.state.api import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        client = StateApiClient(self.dashboard_url, headers=self.auth_headers)
+        return client.list(StateResource(resource), ListApiOptions(filters=filters, detail=True, limit=10_000),
+                           raise_on_missing_output=False)
+
+    def actor_nodes(self, class_name: str) -> list[str]:
+        """The node ids of every actor of ``class_name`` the cluster ran (dead ones included)."""
+        return [actor.node_id for actor in self._state("actors", [("class_name", "=", class_name)])]
+
+    def node_id(self, name: str) -> str:
+        """The Ray node id of the live node ``name`` (found by the custom resource of its name)."""
+        for node in self._state("nodes", [("state", "=", "ALIVE")]):
+            if name in node.resources_total:
+                return node.node_id
+        raise KeyError(f"no live node offers the resource {name}")
+
     def wait_for_nodes(self, count: int) -> None:
         deadline = time.time() + JOIN_TIMEOUT_S
         while len(self.alive_nodes()) != count:
@@ -146,11 +166,20 @@ class LocalRayCluster:
 
     def submit_job(self, entrypoint: str, submission_id: str, working_dir: Path) -> None:
         """``ray job submit`` as a user runs it, the token passed in ``RAY_AUTH_TOKEN`` (with ``RAY_AUTH_MODE=token``),
-        ``working_dir`` shipped to the cluster; returns once the job is accepted."""
-        done = subprocess.run([str(RAY), "job", "submit", f"--address={self.dashboard_url}",
-                               f"--working-dir={working_dir}", f"--submission-id={submission_id}", "--no-wait", "--",
-                               entrypoint], env=self.env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"ray job submit failed: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+        ``working_dir`` shipped to the cluster; returns once the job is accepted. ``entrypoint`` is a shell command
+        line (the CLI quotes each word after ``--``, so it runs under ``sh -c``). The head's job agent starts after
+        its dashboard: until it does, the submission is refused ("No available agent") and tried again."""
+        deadline = time.time() + JOIN_TIMEOUT_S
+        while True:
+            done = subprocess.run([str(RAY), "job", "submit", f"--address={self.dashboard_url}",
+                                   f"--working-dir={working_dir}", f"--submission-id={submission_id}", "--no-wait",
+                                   "--", "sh", "-c", entrypoint], env=self.env, capture_output=True, text=True,
+                                  timeout=300)
+            output = done.stdout + done.stderr
+            if done.returncode == 0 or "No available agent" not in output or time.time() > deadline:
+                break
+            time.sleep(3)
+        assert done.returncode == 0, f"ray job submit failed: {output[-3000:]}"
 
     def wait_for_job(self, submission_id: str, timeout_s: float) -> tuple[str, str]:
         """The job's final status (``SUCCEEDED``, ``FAILED``, ``STOPPED``) and its log, once it ends. Raises
