@@ -103,7 +103,7 @@ class LocalRayCluster:
         with open(log, "a") as output:
             process = subprocess.Popen(
                 [str(RAY), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-                 "--disable-usage-stats", *arguments],
+                 "--disable-usage-stats", *agent_ports(), *arguments],
                 stdout=output, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         node = RayNode(name=name, process=process, temp_dir=temp_dir, log=log)
         self.nodes[name] = node
@@ -203,6 +203,14 @@ class LocalRayCluster:
             if node is not None:
                 node.stop()
                 shutil.rmtree(node.temp_dir, ignore_errors=True)
+
+
+def agent_ports() -> list[str]:
+    """Free ports for a node's agents. The dashboard agent's HTTP port is 52365 unless given: every node on one
+    machine (and any other Ray there) would want it, and the node that loses has no job agent ("No available agent
+    to submit job")."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
 
 def _signal_group(pid: int, signum: int) -> None:

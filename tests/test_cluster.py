@@ -121,7 +121,7 @@ def check_one_run_with_every_epoch_once(client: MlflowClient, experiment: str, l
     epoch_end = {int(m.value): m.step for m in ended}
     interrupted = next(m for m in ended if m.step > loss.checkpoint_step)
     assert interrupted.timestamp > loss.kill_ms and loss.last_step < interrupted.step, "killed mid-epoch"
-    folders = sorted(Path(runs[0].data.tags["evadlab.run_path"]).glob("checkpoint_*"))
+    folders = sorted(path for path in Path(runs[0].data.tags["evadlab.run_path"]).glob("checkpoint_*") if path.is_dir())
     progress = [load_training_checkpoint(folder / "checkpoint.pt")["extra"]["progress"] for folder in folders]
     assert [(p["epoch"], p["step"]) for p in progress] == [(e + 1, epoch_end[e]) for e in range(EPOCHS)]
     return epoch_end
