@@ -38,6 +38,10 @@ class RayNode:
     temp_dir: Path
     log: Path
 
+    def terminate(self) -> None:
+        """SIGTERM to the node's processes, without waiting (see :meth:`stop`)."""
+        _signal_group(self.process.pid, signal.SIGTERM)
+
     def kill(self) -> None:
         """A lost host: SIGKILL to every process of the node (raylet, workers, agents), nothing drains."""
         _signal_group(self.process.pid, signal.SIGKILL)
@@ -45,7 +49,7 @@ class RayNode:
 
     def stop(self) -> None:
         """A clean shutdown: SIGTERM (Ray drains the node), then SIGKILL whatever is left."""
-        _signal_group(self.process.pid, signal.SIGTERM)
+        self.terminate()
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -197,7 +201,10 @@ class LocalRayCluster:
         return str(status.value), client.get_job_logs(submission_id)
 
     def shutdown(self) -> None:
-        """Stops the nodes this cluster started, workers first, and removes their temp dirs."""
+        """Stops the nodes this cluster started, workers first (all at once), and removes their temp dirs."""
+        for name in self.nodes:
+            if name != "head":
+                self.nodes[name].terminate()
         for name in [name for name in self.nodes if name != "head"] + ["head"]:
             node = self.nodes.get(name)
             if node is not None:
