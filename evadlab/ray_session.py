@@ -49,10 +49,6 @@ def ensure_ray() -> None:
 def local_ray_options() -> dict:
     """A local Ray with its dashboard on a free port of 127.0.0.1, whose address every worker of the job knows.
 
-    ``address="local"``: always a Ray of this command's own, never one that ``ray start`` left running on this machine
-    (which a plain ``ray.init()`` joins through ``/tmp/ray/ray_current_cluster``): a command joins a cluster only when
-    ``RAY_ADDRESS`` names it.
-
     Ray Train's placement-group cleaner asks the dashboard's State API whether its controller lives; without a
     dashboard it warns every few seconds, and without an address it looks for the Ray on this machine and fails
     when several run (``Found multiple active Ray instances``). ``RAY_API_SERVER_ADDRESS`` is the State API's own
@@ -60,7 +56,7 @@ def local_ray_options() -> dict:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    return {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
             "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
 
 

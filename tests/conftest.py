@@ -13,11 +13,10 @@ from tracking_server import free_port, start_mlflow_server, stop_process_group
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray with 2 CPUs for the whole session (the test machine has 2 cores, shared); its own, never a Ray
-    that ``ray start`` left running on the machine."""
+    """A local Ray with 2 CPUs for the whole session (the test machine has 2 cores, shared)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
 
