@@ -198,10 +198,32 @@ class ModelConfig(_ArchitectureSection):
         return self._evad
 
 
+def _worker_count(value: Any) -> Any:
+    """``train.num_workers`` as written: a whole number, or a list [min, max] (a tuple for the ScalingConfig). Raises
+    ValueError for anything else, in one message rather than one per member of the type union."""
+    pair = isinstance(value, (list, tuple)) and len(value) == 2
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (value if pair else [value])):
+        raise ValueError("must be a whole number or a range [min, max] of whole numbers")
+    low, high = value if pair else (value, value)
+    if low < 1 or high < low:
+        raise ValueError("must be >= 1, a range [min, max] with 1 <= min <= max")
+    return tuple(value) if pair else value
+
+
+# Resources Ray schedules by the keys of their own (use_gpu, cpus_per_worker), not as custom resources.
+_BUILTIN_RESOURCES = ("CPU", "GPU", "TPU", "memory", "object_store_memory")
+
+
 class TrainConfig(Section):
-    num_workers: int = Field(1, ge=1)
+    # A whole number, or [min, max] for elastic training (Ray Train's ScalingConfig(num_workers=(min, max))): the run
+    # starts with as many workers as the cluster can place up to max, goes on with fewer (not below min) when nodes are
+    # lost, and grows again when they return (checked every resize_interval_s). See effective_grad_accum.
+    num_workers: Annotated[int | tuple[int, int], BeforeValidator(_worker_count)] = 1
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    # Custom resources every worker reserves, e.g. {gpu_node: 1} to place workers on nodes that offer it.
+    resources_per_worker: dict[str, float] = {}
+    resize_interval_s: float = Field(60.0, ge=0)
     batch_size: int = Field(2, ge=1)
     epochs: int = Field(12, ge=1)
     base_lr: float = Field(2.5e-5, gt=0)
@@ -221,11 +243,40 @@ class TrainConfig(Section):
     seed: int = 0
     log_every: int = Field(10, ge=1)
 
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in _BUILTIN_RESOURCES:
+                raise ValueError(f"'{name}' is no custom resource: set train.cpus_per_worker or train.use_gpu")
+            if amount < 0:
+                raise ValueError(f"'{name}' must be >= 0, got {amount}")
+        return value
+
     @model_validator(mode="after")
     def _schedule(self) -> TrainConfig:
         if len(self.lr_steps) != len(self.lr_factors):
             raise ValueError("lr_steps and lr_factors must have the same length")
         return self
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run uses: ``num_workers``, or the max of its range."""
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    def effective_grad_accum(self, world: int) -> int:
+        """Micro-batches per optimiser step on each of ``world`` workers, so that the global batch stays
+        ``batch_size x grad_accum x max_workers`` clips whatever the worker count, and the learning-rate recipe
+        (tuned for that global batch) holds: ``ceil(grad_accum x max_workers / world)``. Exact when ``world`` divides
+        ``grad_accum x max_workers`` (always for ranges [1, 2], [2, 4], [4, 8]); otherwise the global batch is the
+        next larger multiple of ``batch_size x world``. Raises ValueError for a world outside 1..max_workers."""
+        if not 1 <= world <= self.max_workers:
+            raise ValueError(f"{world} workers is outside 1..{self.max_workers} (train.num_workers)")
+        return -(-self.grad_accum * self.max_workers // world)
 
 
 class EvalConfig(Section):

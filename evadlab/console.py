@@ -51,14 +51,18 @@ def epoch_line(message: dict[str, Any], seconds_left: float) -> str:
 class EpochProgress:
     """The training's line per epoch: rank 0 sends one message per epoch (:meth:`send`) through a Ray queue that the
     driver created, and a thread of the driver prints it (:meth:`start`, :meth:`stop`). The queue is an actor, so
-    this works wherever the workers run; their own stdout does not reach the driver (``log_to_driver=False``).
+    this works wherever the workers run; their own stdout does not reach the driver (``log_to_driver=False``). The
+    queue's actor lives on the driver's node, so that losing a worker node never takes the channel with it.
 
     ``last`` is the last message printed; the time left is the mean epoch time so far times the epochs to go."""
 
     def __init__(self):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.channel = Queue(actor_options={"num_cpus": 0})
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.channel = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.last: dict[str, Any] | None = None
         self._seconds: list[float] = []
         self._stop = threading.Event()

@@ -38,6 +38,10 @@ class RayNode:
     temp_dir: Path
     log: Path
 
+    def terminate(self) -> None:
+        """SIGTERM to the node's processes, without waiting (see :meth:`stop`)."""
+        _signal_group(self.process.pid, signal.SIGTERM)
+
     def kill(self) -> None:
         """A lost host: SIGKILL to every process of the node (raylet, workers, agents), nothing drains."""
         _signal_group(self.process.pid, signal.SIGKILL)
@@ -45,7 +49,7 @@ class RayNode:
 
     def stop(self) -> None:
         """A clean shutdown: SIGTERM (Ray drains the node), then SIGKILL whatever is left."""
-        _signal_group(self.process.pid, signal.SIGTERM)
+        self.terminate()
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -74,19 +78,27 @@ class LocalRayCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """The environment of every node and client: token authentication on, with this cluster's token."""
-        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
+        """The environment of every node and client: token authentication on, with this cluster's token. A
+        ``RAY_ADDRESS`` of the caller's is dropped: every node and client names this cluster's address itself."""
+        inherited = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+        return {**inherited, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
 
     def start_head(self, num_cpus: float) -> RayNode:
         return self._start("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
                                     f"--dashboard-port={self.dashboard_port}", f"--num-cpus={num_cpus}"])
 
-    def add_worker_node(self, name: str, num_cpus: float, resources: dict[str, float]) -> RayNode:
-        """A worker node that joins the head; ``resources`` are custom resources it offers (e.g. ``{name: 1}``)."""
+    def add_worker_node(self, name: str, num_cpus: float, resources: dict[str, float], wait: bool = True) -> RayNode:
+        """A worker node that joins the head; ``resources`` are custom resources it offers (e.g. ``{name: 1}``).
+        ``wait``: until every running node has joined (without it, nodes started together join together)."""
         node = self._start(name, [f"--address={self.address}", f"--num-cpus={num_cpus}",
                                   f"--resources={json.dumps(resources)}"])
-        self.wait_for_nodes(sum(not other.process.poll() for other in self.nodes.values()))
+        if wait:
+            self.wait_for_nodes(len(self.running_nodes()))
         return node
+
+    def running_nodes(self) -> list[RayNode]:
+        """The nodes whose ``ray start`` process still runs (a killed node's does not)."""
+        return [node for node in self.nodes.values() if node.process.poll() is None]
 
     def _start(self, name: str, arguments: list[str]) -> RayNode:
         # Short folders: Ray puts Unix sockets under the temp dir, and socket paths are limited to 107 characters.
@@ -95,7 +107,7 @@ class LocalRayCluster:
         with open(log, "a") as output:
             process = subprocess.Popen(
                 [str(RAY), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-                 "--disable-usage-stats", *arguments],
+                 "--disable-usage-stats", *agent_ports(), *arguments],
                 stdout=output, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         node = RayNode(name=name, process=process, temp_dir=temp_dir, log=log)
         self.nodes[name] = node
@@ -129,6 +141,26 @@ class LocalRayCluster:
             summary = json.loads(response.read())["data"]["summary"]
         return [node for node in summary if node.get("raylet", {}).get("state") == "ALIVE"]
 
+    def _state(self, resource: str, filters: list[tuple[str, str, str]]) -> list:
+        """Ray's State API (``ray list``) of this cluster, with the token."""
+        from ray.util.state.api import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        client = StateApiClient(self.dashboard_url, headers=self.auth_headers)
+        return client.list(StateResource(resource), ListApiOptions(filters=filters, detail=True, limit=10_000),
+                           raise_on_missing_output=False)
+
+    def actor_nodes(self, class_name: str) -> list[str]:
+        """The node ids of every actor of ``class_name`` the cluster ran (dead ones included)."""
+        return [actor.node_id for actor in self._state("actors", [("class_name", "=", class_name)])]
+
+    def node_id(self, name: str) -> str:
+        """The Ray node id of the live node ``name`` (found by the custom resource of its name)."""
+        for node in self._state("nodes", [("state", "=", "ALIVE")]):
+            if name in node.resources_total:
+                return node.node_id
+        raise KeyError(f"no live node offers the resource {name}")
+
     def wait_for_nodes(self, count: int) -> None:
         deadline = time.time() + JOIN_TIMEOUT_S
         while len(self.alive_nodes()) != count:
@@ -136,13 +168,56 @@ class LocalRayCluster:
                 raise RuntimeError(f"expected {count} live Ray nodes, have {len(self.alive_nodes())}")
             time.sleep(2)
 
+    def submit_job(self, entrypoint: str, submission_id: str, working_dir: Path) -> None:
+        """``ray job submit`` as a user runs it, the token passed in ``RAY_AUTH_TOKEN`` (with ``RAY_AUTH_MODE=token``),
+        ``working_dir`` shipped to the cluster; returns once the job is accepted. ``entrypoint`` is a shell command
+        line (the CLI quotes each word after ``--``, so it runs under ``sh -c``). The head's job agent starts after
+        its dashboard: until it does, the submission is refused ("No available agent") and tried again."""
+        deadline = time.time() + JOIN_TIMEOUT_S
+        while True:
+            done = subprocess.run([str(RAY), "job", "submit", f"--address={self.dashboard_url}",
+                                   f"--working-dir={working_dir}", f"--submission-id={submission_id}", "--no-wait",
+                                   "--", "sh", "-c", entrypoint], env=self.env, capture_output=True, text=True,
+                                  timeout=300)
+            output = done.stdout + done.stderr
+            if done.returncode == 0 or "No available agent" not in output or time.time() > deadline:
+                break
+            time.sleep(3)
+        assert done.returncode == 0, f"ray job submit failed: {output[-3000:]}"
+
+    def wait_for_job(self, submission_id: str, timeout_s: float) -> tuple[str, str]:
+        """The job's final status (``SUCCEEDED``, ``FAILED``, ``STOPPED``) and its log, once it ends. Raises
+        TimeoutError, with the log so far, after ``timeout_s``."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(self.dashboard_url, headers=self.auth_headers)
+        deadline = time.time() + timeout_s
+        while (status := client.get_job_status(submission_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                        JobStatus.STOPPED}:
+            if time.time() > deadline:
+                raise TimeoutError(f"job {submission_id} still {status} after {timeout_s:g} s: "
+                                   f"{client.get_job_logs(submission_id)[-3000:]}")
+            time.sleep(1)
+        return str(status.value), client.get_job_logs(submission_id)
+
     def shutdown(self) -> None:
-        """Stops the nodes this cluster started, workers first, and removes their temp dirs."""
+        """Stops the nodes this cluster started, workers first (all at once), and removes their temp dirs."""
+        for name in self.nodes:
+            if name != "head":
+                self.nodes[name].terminate()
         for name in [name for name in self.nodes if name != "head"] + ["head"]:
             node = self.nodes.get(name)
             if node is not None:
                 node.stop()
                 shutil.rmtree(node.temp_dir, ignore_errors=True)
+
+
+def agent_ports() -> list[str]:
+    """Free ports for a node's agents. The dashboard agent's HTTP port is 52365 unless given: every node on one
+    machine (and any other Ray there) would want it, and the node that loses has no job agent ("No available agent
+    to submit job")."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
 
 def _signal_group(pid: int, signum: int) -> None:

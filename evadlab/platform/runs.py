@@ -25,7 +25,8 @@ RUN_MARKER = "evadlab_run.json"
 # (and how its input reaches them).
 RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.resume", "train.max_failures", "train.keep_checkpoints", "train.log_every",
-    "train.storage_path", "train.num_workers", "train.use_gpu", "train.cpus_per_worker",
+    "train.storage_path", "train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.resources_per_worker",
+    "train.resize_interval_s",
     "data.root", "data.shards", "data.prepare_cpus", "data.keyframes_per_part", "data.ingest", "output_dir",
 })
 # ... and how it is evaluated, swept and tracked. Everything else (data, model, recipe) identifies the run.
@@ -48,9 +49,11 @@ class RunMarker:
 
 
 def config_identity(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The flattened config without the keys a resume may change."""
+    """The flattened config without the keys a resume may change (a mapping's, such as
+    ``train.resources_per_worker.<name>``, included)."""
     return {key: value for key, value in cfg.flat().items()
-            if key not in RESUMABLE_KEYS and key.split(".", 1)[0] not in RESUMABLE_SECTIONS}
+            if key.rsplit(".", 1)[0] not in RESUMABLE_KEYS and key not in RESUMABLE_KEYS
+            and key.split(".", 1)[0] not in RESUMABLE_SECTIONS}
 
 
 def config_hash(identity: dict[str, Any]) -> str:

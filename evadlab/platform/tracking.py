@@ -60,7 +60,8 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         except (urllib.error.URLError, OSError) as exc:
             raise TrackingError(
                 f"MLflow tracking server at {uri} is unreachable ({exc}). Start one with "
-                f"'mlflow server --host 0.0.0.0 --port 5000' or set tracking.uri to a reachable server."
+                f"'mlflow server --host 127.0.0.1 --port 5000' (for a cluster, on a host every node reaches, behind an "
+                f"authenticating proxy: the server has no login of its own) or set tracking.uri to a reachable server."
             ) from None
     elif uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

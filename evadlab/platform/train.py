@@ -123,6 +123,7 @@ class Worker:
     logger: RunLogger | None  # rank 0 only, when tracking is on
     progress_channel: EpochProgress | None  # rank 0 only
     gflops: float  # at 16x288x288
+    grad_accum: int  # micro-batches per optimiser step at this world size (see TrainConfig.effective_grad_accum)
     hooks: list[TrainingHooks] = field(default_factory=list)
     last_lr: float = 0.0
     latency: dict[str, float] = field(default_factory=dict)  # rank 0: this attempt's measure_latency
@@ -194,15 +195,18 @@ def start_worker(loop_config: dict[str, Any]) -> Worker:
                   optimizer=optimizer, progress=progress, train_rows=loop_config["train_rows"],
                   run_path=loop_config["run_path"], logger=logger,
                   progress_channel=loop_config["progress"] if rank == 0 else None,
-                  gflops=loop_config["model_metrics"]["model/gflops"], hooks=loop_config["hooks"])
+                  gflops=loop_config["model_metrics"]["model/gflops"], grad_accum=cfg.train.effective_grad_accum(world),
+                  hooks=loop_config["hooks"])
 
 
 def train_one_epoch(worker: Worker, shard, epoch: int) -> dict[str, float]:
-    """One pass over this worker's split. Gradients are accumulated over ``train.grad_accum`` micro-batches; the
-    epoch's last micro-batch always ends a step, so no gradient crosses an epoch boundary unsynchronised.
+    """One pass over this worker's split. Gradients are accumulated over ``worker.grad_accum`` micro-batches (more
+    when an elastic run has fewer workers than its max, so the global batch stays the same); the epoch's last
+    micro-batch always ends a step, so no gradient crosses an epoch boundary unsynchronised.
 
-    Besides the losses it returns ``train/clips_per_s`` (all workers), ``speed/epoch_s`` (this worker's epoch) and
-    ``speed/first_batch_s``, the wait from the epoch's start to its first batch: the ingest's per-epoch overhead."""
+    Besides the losses it returns ``train/clips_per_s`` (all workers), ``speed/epoch_s`` (this worker's epoch),
+    ``speed/first_batch_s``, the wait from the epoch's start to its first batch (the ingest's per-epoch overhead), and
+    ``train/workers`` and ``train/grad_accum``, the worker count and accumulation the epoch ran with."""
     cfg, model = worker.cfg, worker.model
     model.train()
     start, clips_done, micro_batches, accumulated = time.perf_counter(), 0, 0, 0
@@ -215,7 +219,7 @@ def train_one_epoch(worker: Worker, shard, epoch: int) -> dict[str, float]:
         set_learning_rate(worker.optimizer, lr)
         worker.last_lr = lr
         accumulated += 1
-        steps_now = accumulated == cfg.train.grad_accum or batch.is_last
+        steps_now = accumulated == worker.grad_accum or batch.is_last
         losses = forward_backward(worker, batch, synchronise=steps_now)
         micro_batches += 1
         if batch.loss_scale > 0:
@@ -237,7 +241,8 @@ def train_one_epoch(worker: Worker, shard, epoch: int) -> dict[str, float]:
         hook.after_epoch(epoch, worker.rank, worker.core_model)
     elapsed = time.perf_counter() - start
     return {"epoch": epoch, "train/clips_per_s": clips_done * worker.world / elapsed, "speed/epoch_s": elapsed,
-            "speed/first_batch_s": first_batch_s or 0.0,
+            "speed/first_batch_s": first_batch_s or 0.0, "train/workers": worker.world,
+            "train/grad_accum": worker.grad_accum,
             **{f"train/epoch_{key}": value / max(micro_batches, 1) for key, value in loss_sums.items()}}
 
 
@@ -248,16 +253,16 @@ def forward_backward(worker: Worker, batch: MicroBatch, synchronise: bool) -> di
     with skip_sync:
         with torch.autocast(worker.device.type, dtype=torch.bfloat16, enabled=worker.amp):
             losses = model(batch.clips, batch.targets)
-        (losses["loss"] * batch.loss_scale / worker.cfg.train.grad_accum).backward()
+        (losses["loss"] * batch.loss_scale / worker.grad_accum).backward()
     return {key: float(value.detach()) for key, value in losses.items()}
 
 
 def optimizer_step(worker: Worker, micro_batches: int) -> None:
-    """Steps on the gradient accumulated over ``micro_batches``. The losses were divided by ``grad_accum``; a
-    shorter group at the end of an epoch is rescaled so its gradient is the mean over its own micro-batches."""
+    """Steps on the gradient accumulated over ``micro_batches``. The losses were divided by ``worker.grad_accum``;
+    a shorter group at the end of an epoch is rescaled so its gradient is the mean over its own micro-batches."""
     parameters = [p for p in worker.model.parameters() if p.grad is not None]
-    if micro_batches != worker.cfg.train.grad_accum:
-        torch._foreach_mul_([p.grad for p in parameters], worker.cfg.train.grad_accum / micro_batches)
+    if micro_batches != worker.grad_accum:
+        torch._foreach_mul_([p.grad for p in parameters], worker.grad_accum / micro_batches)
     if worker.cfg.train.grad_clip:
         torch.nn.utils.clip_grad_norm_(parameters, worker.cfg.train.grad_clip)
     worker.optimizer.step()
@@ -571,8 +576,7 @@ def build_trainer(cfg: ExperimentConfig, setup: RunSetup, callbacks: list | None
             "starting_weights": starting_weights_ref,
             "progress": progress,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=setup.run_name, storage_path=setup.storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
@@ -584,6 +588,15 @@ def build_trainer(cfg: ExperimentConfig, setup: RunSetup, callbacks: list | None
     )
 
 
+def scaling_config(cfg: ExperimentConfig) -> ray.train.ScalingConfig:
+    """``train.num_workers`` (a range: elastic, resized at most every ``train.resize_interval_s``), each worker with
+    ``train.cpus_per_worker`` CPUs, a GPU with ``train.use_gpu`` and the custom ``train.resources_per_worker``."""
+    return ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                   resources_per_worker={"CPU": cfg.train.cpus_per_worker,
+                                                         **cfg.train.resources_per_worker},
+                                   elastic_resize_monitor_interval_s=cfg.train.resize_interval_s)
+
+
 def warn_if_no_cpu_left_for_data(cfg: ExperimentConfig, plan: IngestPlan) -> None:
     """A streamed split's decode tasks each need a whole CPU next to the workers; without one the run waits forever
     (a materialized split is decoded before the workers start, and its epochs run no tasks). A warning, not an
@@ -591,8 +604,8 @@ def warn_if_no_cpu_left_for_data(cfg: ExperimentConfig, plan: IngestPlan) -> Non
     if plan.mode != STREAM:
         return
     free = ray.available_resources().get("CPU", 0.0)
-    left = free - cfg.train.num_workers * cfg.train.cpus_per_worker
+    left = free - cfg.train.max_workers * cfg.train.cpus_per_worker
     if left < 1:
-        print(f"evadlab train: warning: {cfg.train.num_workers} worker(s) x train.cpus_per_worker="
+        print(f"evadlab train: warning: {cfg.train.max_workers} worker(s) x train.cpus_per_worker="
               f"{cfg.train.cpus_per_worker} leave {left:.2f} of {free:.2f} free CPUs for Ray Data's decoding, which "
               f"needs at least 1; if training does not start, lower train.cpus_per_worker", file=sys.stderr)
