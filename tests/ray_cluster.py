@@ -150,9 +150,10 @@ class LocalRayCluster:
         return client.list(StateResource(resource), ListApiOptions(filters=filters, detail=True, limit=10_000),
                            raise_on_missing_output=False)
 
-    def actor_nodes(self, class_name: str) -> list[str]:
-        """The node ids of every actor of ``class_name`` the cluster ran (dead ones included)."""
-        return [actor.node_id for actor in self._state("actors", [("class_name", "=", class_name)])]
+    def actor_nodes(self, class_name: str, *, alive_only: bool = False) -> list[str]:
+        """The node ids of the actors of ``class_name`` the cluster ran (dead ones included unless ``alive_only``)."""
+        filters = [("class_name", "=", class_name)] + ([("state", "=", "ALIVE")] if alive_only else [])
+        return [actor.node_id for actor in self._state("actors", filters)]
 
     def node_id(self, name: str) -> str:
         """The Ray node id of the live node ``name`` (found by the custom resource of its name)."""

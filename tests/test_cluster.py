@@ -1,7 +1,8 @@
 """A node lost in the middle of an epoch, on a real multi-node Ray cluster (tests/ray_cluster.py: a head and two
 worker nodes on 127.0.0.1, token authentication on, one shared storage folder, one MLflow server on 127.0.0.1).
 
-`evadlab train` is submitted with `ray job submit`; its 2 workers are placed one per worker node by a custom
+`evadlab prepare` and `evadlab train` are submitted with `ray job submit` as a user runs it (--working-dir, the token
+passed the way the README says); the 2 training workers are placed one per worker node by a custom
 resource each node offers once. Mid-epoch, one worker node is killed (SIGKILL to every process of the node: raylet,
 workers, agents), as a crashed host or a preemption without notice. Then:
 
@@ -85,6 +86,8 @@ class NodeLoss:
     kill_ms: int  # when the node was killed, ms since the epoch (the clock of MLflow's timestamps: one machine)
     checkpoint_step: int  # the step of the last epoch reported before the kill: where the next group starts
     last_step: int  # the last step logged before the kill
+    training_nodes: list[str]  # the node ids of the live training workers just before the kill
+    worker_nodes: list[str]  # the node ids of the live worker nodes just before the kill
 
 
 def kill_node_mid_epoch(cluster: LocalRayCluster, client: MlflowClient, experiment: str, node: str) -> NodeLoss:
@@ -98,8 +101,10 @@ def kill_node_mid_epoch(cluster: LocalRayCluster, client: MlflowClient, experime
             ended = [m.step for m in client.get_metric_history(run_id, "epoch")]
             steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
             if ended and max(steps) >= max(ended) + 2:
+                training = sorted(cluster.actor_nodes("RayTrainWorker", alive_only=True))
+                nodes = sorted(cluster.node_id(name) for name in worker_nodes(cluster))
                 cluster.nodes[node].kill()
-                return NodeLoss(run_id, int(1000 * time.time()), max(ended), max(steps))
+                return NodeLoss(run_id, int(1000 * time.time()), max(ended), max(steps), training, nodes)
             assert len(ended) < EPOCHS, "the run finished before the node could be killed"
         time.sleep(0.2)
     raise TimeoutError(f"epoch 1 of {experiment} did not start in 10 minutes")
@@ -110,9 +115,11 @@ def metric(client: MlflowClient, run_id: str, key: str) -> list:
 
 
 def check_one_run_with_every_epoch_once(client: MlflowClient, experiment: str, loss: NodeLoss) -> dict[int, int]:
-    """One FINISHED run; every epoch's metrics logged once; the interrupted epoch ended after the kill (it was in the
-    middle of it); one checkpoint per epoch in the run folder, none lost or duplicated, each at the step its epoch's
+    """One worker on each worker node before the kill (placed by the custom resource); one FINISHED run; every epoch's
+    metrics logged once; the interrupted epoch ended after the kill (it was in the middle of it); one checkpoint per
+    epoch in the run folder, none lost or duplicated, each at the step its epoch's
     metrics were logged. Returns the step each epoch ended at."""
+    assert loss.training_nodes == loss.worker_nodes, "one training worker per worker node"
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert [run.info.run_id for run in runs] == [loss.run_id] and runs[0].info.status == "FINISHED"
     ended = metric(client, loss.run_id, "epoch")
