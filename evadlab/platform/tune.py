@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ from evadlab.platform.tracking import (
 )
 from evadlab.platform.train import INFERENCE_RATE_METRIC, LATENCY_METRIC, should_evaluate, train
 from evadlab.storage import absolute, exists, join, read_bytes, read_text, write_bytes, write_text
+
+# How long tune waits for CPUs/GPUs that another (ending) job still holds before it plans its trials.
+FREE_WAIT_S = 30.0
 
 
 class SearchDimension(BaseModel):
@@ -111,6 +115,7 @@ class SweepSpec(BaseModel):
     search_space: dict[str, SearchDimension]
     warm_start: WarmStart | None = None
     trial_cpus: float = Field(0.01, ge=0, description="CPUs held by each trial's driver (the workers hold their own)")
+
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepSpec, ExperimentConfig]:
@@ -221,28 +226,42 @@ def concurrent_trials(spec: SweepSpec, cfg: ExperimentConfig) -> int:
     """How many trials run at once: as many as the cluster's free CPUs and GPUs hold, at most
     ``tune.max_concurrent_trials`` (0: no further limit). One trial holds its driver (``trial_cpus``), its
     ``train.num_workers`` workers (``train.cpus_per_worker`` each, and a GPU each with ``train.use_gpu``) and
-    ``tune.data_cpus`` for Ray Data's tasks. Raises ConfigError, in one line, when not even one trial fits."""
+    ``tune.data_cpus`` for Ray Data's tasks. Raises ConfigError, in one line, when not even one trial fits the
+    cluster's total resources. Resources that other jobs hold now (or a job that is just ending: Ray frees its CPUs a
+    moment later) are waited for up to ``FREE_WAIT_S``; then the trials run one at a time and Tune queues them."""
     import ray
 
     train_cfg = cfg.train
     cpus = spec.trial_cpus + train_cfg.num_workers * train_cfg.cpus_per_worker + cfg.tune.data_cpus
     gpus = train_cfg.num_workers if train_cfg.use_gpu else 0
-    free = ray.available_resources()
-    free_cpus, free_gpus = free.get("CPU", 0.0), free.get("GPU", 0.0)
-    fits = int(free_cpus // cpus) if cpus > 0 else 10**6
-    if gpus:
-        fits = min(fits, int(free_gpus // gpus))
     need = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "")
-    have = f"{free_cpus:g} CPUs" + (f" and {free_gpus:g} GPUs" if gpus else "")
-    if fits < 1:
+    total = trials_that_fit(ray.cluster_resources(), cpus, gpus)
+    if total < 1:
+        have = resources_text(ray.cluster_resources(), gpus)
         raise ConfigError(f"one trial needs {need} ({train_cfg.num_workers} worker(s) x train.cpus_per_worker="
                           f"{train_cfg.cpus_per_worker:g}, tune.data_cpus={cfg.tune.data_cpus:g} for Ray Data, "
-                          f"{spec.trial_cpus:g} for its driver) but the cluster has {have} free: lower "
+                          f"{spec.trial_cpus:g} for its driver) but the cluster has {have}: lower "
                           f"train.num_workers or train.cpus_per_worker, or add nodes")
+    deadline = time.monotonic() + FREE_WAIT_S
+    while (fits := trials_that_fit(ray.available_resources(), cpus, gpus)) < 1 and time.monotonic() < deadline:
+        time.sleep(1.0)
+    fits = max(fits, 1)
     wanted = cfg.tune.max_concurrent_trials or fits
-    print(f"evadlab tune: {min(wanted, fits)} trial(s) at a time: each needs {need}, the cluster has {have} free"
+    print(f"evadlab tune: {min(wanted, fits)} trial(s) at a time: each needs {need}, the cluster has "
+          f"{resources_text(ray.available_resources(), gpus)} free"
           + (f" (tune.max_concurrent_trials={wanted} capped)" if wanted > fits else ""))
     return min(wanted, fits)
+
+
+def trials_that_fit(resources: dict[str, float], cpus: float, gpus: int) -> int:
+    """How many trials of ``cpus`` CPUs and ``gpus`` GPUs ``resources`` (Ray's resource dict) hold."""
+    fits = int(resources.get("CPU", 0.0) // cpus) if cpus > 0 else 10**6
+    return min(fits, int(resources.get("GPU", 0.0) // gpus)) if gpus else fits
+
+
+def resources_text(resources: dict[str, float], gpus: int) -> str:
+    text = f"{resources.get('CPU', 0.0):g} CPUs"
+    return text + (f" and {resources.get('GPU', 0.0):g} GPUs" if gpus else "")
 
 
 def prepare_sweep(spec: SweepSpec, base: ExperimentConfig,
