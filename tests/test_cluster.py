@@ -148,12 +148,19 @@ def submit_train(cluster: LocalRayCluster, overrides: str, experiment: str, *ext
                        + " ".join(extra), experiment, REPO)
 
 
-def test_a_lost_node_is_replaced_and_the_run_finishes_from_its_last_checkpoint(cluster, overrides, mlflow_server):
+def train_and_lose_a_node(cluster: LocalRayCluster, overrides: str, client: MlflowClient, experiment: str,
+                          num_workers: str) -> NodeLoss:
+    """Two live worker nodes, `evadlab train` submitted with ``train.num_workers=num_workers``, then one worker node
+    killed in the middle of epoch 1."""
     while len(worker_nodes(cluster)) < 2:
         add_worker_node(cluster, wait=True)
+    submit_train(cluster, overrides, experiment, f"train.num_workers={num_workers}")
+    return kill_node_mid_epoch(cluster, client, experiment, worker_nodes(cluster)[-1])
+
+
+def test_a_lost_node_is_replaced_and_the_run_finishes_from_its_last_checkpoint(cluster, overrides, mlflow_server):
     client = MlflowClient(mlflow_server)
-    submit_train(cluster, overrides, "node_loss", "train.num_workers=2")
-    loss = kill_node_mid_epoch(cluster, client, "node_loss", worker_nodes(cluster)[-1])
+    loss = train_and_lose_a_node(cluster, overrides, client, "node_loss", "2")
     add_worker_node(cluster, wait=False)  # the replacement host; 2 workers need 2 nodes with a slot each
     status, logs = cluster.wait_for_job("node_loss", timeout_s=600)
     assert status == "SUCCEEDED", logs[-3000:]
@@ -164,11 +171,8 @@ def test_a_lost_node_is_replaced_and_the_run_finishes_from_its_last_checkpoint(c
 
 
 def test_elastic_run_goes_on_with_one_worker_after_a_node_loss(cluster, overrides, mlflow_server):
-    while len(worker_nodes(cluster)) < 2:
-        add_worker_node(cluster, wait=True)
     client = MlflowClient(mlflow_server)
-    submit_train(cluster, overrides, "elastic", "train.num_workers=[1,2]")
-    loss = kill_node_mid_epoch(cluster, client, "elastic", worker_nodes(cluster)[-1])
+    loss = train_and_lose_a_node(cluster, overrides, client, "elastic", "[1,2]")
     status, logs = cluster.wait_for_job("elastic", timeout_s=600)
     assert status == "SUCCEEDED", logs[-3000:]
 
