@@ -120,7 +120,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         if not args.no_train:
             model.train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # as build_optimizer
             inputs, labels = clips(args.train_batch, args.size, device), targets(args.train_batch, args.size, device)
 
             def step():

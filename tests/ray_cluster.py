@@ -178,7 +178,7 @@ class LocalRayCluster:
         while True:
             done = subprocess.run([str(RAY), "job", "submit", f"--address={self.dashboard_url}",
                                    f"--working-dir={working_dir}", f"--submission-id={submission_id}", "--no-wait",
-                                   "--", "sh", "-c", entrypoint], env=self.env, capture_output=True, text=True,
+                                   "--", "sh", "-c", entrypoint], check=False, env=self.env, capture_output=True, text=True,
                                   timeout=300)
             output = done.stdout + done.stderr
             if done.returncode == 0 or "No available agent" not in output or time.time() > deadline:

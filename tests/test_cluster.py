@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from ray_cluster import LocalRayCluster
 
 from evadlab.models.checkpoints import load_training_checkpoint
+from evadlab.platform.hooks import committed_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -55,7 +56,7 @@ def cluster(tmp_path_factory, mlflow_server):
 @pytest.fixture(scope="module")
 def overrides(cluster, mini_ava, mlflow_server) -> str:
     """The overrides every job of this module uses, once the shards are prepared by a job of their own. Batch 1 of
-    the ~16 train keyframes: 8 steps per epoch, long enough to kill a node in the middle of one."""
+    the 10 train keyframes: 5 steps per epoch on 2 workers."""
     shared = cluster.storage
     common = (f"data.root={mini_ava} data.shards={shared / 'shards'} train.storage_path={shared / 'ray'} "
               f"output_dir={shared / 'runs'} train.epochs={EPOCHS} train.batch_size=1 eval.every_epochs=0 "
@@ -91,23 +92,32 @@ class NodeLoss:
 
 
 def kill_node_mid_epoch(cluster: LocalRayCluster, client: MlflowClient, experiment: str, node: str) -> NodeLoss:
-    """Waits until the run has reported epoch 0 and logged 2 steps of epoch 1, then kills ``node``."""
+    """Kills ``node`` in the middle of an epoch after the first: once Ray Train has committed every epoch the run has
+    ended (a kill within Ray's report poll would lose the last report: see ``committed_epochs``) and the run has
+    logged a step of the next epoch, with at least 2 of its steps still to come. The run's live workers are located
+    once the first epoch has ended (they stay until the kill); then each round reads the metrics and the commit and
+    kills at once when they allow."""
     deadline = time.time() + 600
+    training: list[str] = []
+    nodes: list[str] = []
     while time.time() < deadline:
         found = client.get_experiment_by_name(experiment)
         runs = client.search_runs([found.experiment_id]) if found else []
-        if runs:
+        run_path = runs[0].data.tags.get("evadlab.run_path") if runs else None  # tagged just after the run starts
+        if run_path:
             run_id = runs[0].info.run_id
-            ended = [m.step for m in client.get_metric_history(run_id, "epoch")]
             steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
-            if ended and max(steps) >= max(ended) + 2:
-                training = sorted(cluster.actor_nodes("RayTrainWorker", alive_only=True))
-                nodes = sorted(cluster.node_id(name) for name in worker_nodes(cluster))
+            ended = [m.step for m in client.get_metric_history(run_id, "epoch")]
+            committed = committed_epochs(run_path)
+            if ended and training and committed == len(ended) and 1 <= max(steps) - max(ended) <= min(ended) - 2:
                 cluster.nodes[node].kill()
                 return NodeLoss(run_id, int(1000 * time.time()), max(ended), max(steps), training, nodes)
             assert len(ended) < EPOCHS, "the run finished before the node could be killed"
-        time.sleep(0.2)
-    raise TimeoutError(f"epoch 1 of {experiment} did not start in 10 minutes")
+            if ended and not training:
+                training = sorted(cluster.actor_nodes("RayTrainWorker", alive_only=True))
+                nodes = sorted(cluster.node_id(name) for name in worker_nodes(cluster))
+        time.sleep(0.05)
+    raise TimeoutError(f"{experiment} did not come to the middle of an epoch after the first in 10 minutes")
 
 
 def metric(client: MlflowClient, run_id: str, key: str) -> list:
@@ -144,14 +154,18 @@ def recovery_seconds(client: MlflowClient, loss: NodeLoss) -> float:
 
 
 def submit_train(cluster: LocalRayCluster, overrides: str, experiment: str, *extra: str) -> None:
-    cluster.submit_job(f"{COMMAND} train experiments/quickstart.yaml {overrides} tracking.experiment={experiment} "
-                       + " ".join(extra), experiment, REPO)
+    """``evadlab train`` as a job. Its epochs (5 steps of ~0.3 s) are shorter than Ray Train's default report poll
+    (2 s), after which an epoch's checkpoint is committed: the job polls every 0.5 s instead
+    (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, which Ray Train passes from the driver to its controller), so that an epoch
+    has steps left between its predecessor's commit and its own end, where the node is killed."""
+    cluster.submit_job(f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5 {COMMAND} train experiments/quickstart.yaml {overrides} "
+                       f"tracking.experiment={experiment} " + " ".join(extra), experiment, REPO)
 
 
 def train_and_lose_a_node(cluster: LocalRayCluster, overrides: str, client: MlflowClient, experiment: str,
                           num_workers: str) -> NodeLoss:
     """Two live worker nodes, `evadlab train` submitted with ``train.num_workers=num_workers``, then one worker node
-    killed in the middle of epoch 1."""
+    killed in the middle of an epoch after the first."""
     while len(worker_nodes(cluster)) < 2:
         add_worker_node(cluster, wait=True)
     submit_train(cluster, overrides, experiment, f"train.num_workers={num_workers}")

@@ -100,7 +100,7 @@ def test_demo_runs_where_ray_cannot_be_imported(tmp_path, checkpoint):
     write_video(video, width=96, height=64, fps=10, seconds=1.2)
     out = tmp_path / "annotated.mp4"
     done = subprocess.run([sys.executable, "-c", WITHOUT_RAY, "demo", str(video), "--checkpoint", str(checkpoint),
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--out", str(out)], check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.is_file() and out.with_suffix(".csv").is_file()
 

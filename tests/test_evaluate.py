@@ -59,7 +59,7 @@ def test_detections_do_not_depend_on_the_number_of_actors(evaluation_setup, mlfl
     assert texts[1] == texts[2]
 
     lines = texts[1].splitlines()
-    video, second, x1, y1, x2, y2, action, score = lines[0].split(",")
+    _video, second, x1, _y1, _x2, _y2, _action, score = lines[0].split(",")
     assert len(second) == 4 and len(x1.split(".")[1]) == 3 and 0 <= float(score) <= 1
     val, _ = read_annotations(cfg.data.annotation_dir / cfg.data.val_annotations)
     keyframes = {(v, t) for v, t in zip(val["video_id"].to_pylist(), val["timestamp"].to_pylist())}
@@ -92,7 +92,7 @@ def test_evaluate_names_a_missing_checkpoint(evaluation_setup):
 def test_a_finished_evaluation_is_kept_when_the_tracking_server_went_away(evaluation_setup, tmp_path, capsys):
     """As in `evadlab run` when the server is lost during training: the evaluation logs into the job's run, finds the
     server gone, and still returns, prints and keeps its result; the records wait in its folder for a replay."""
-    folder, cfg, checkpoint = evaluation_setup
+    _folder, cfg, checkpoint = evaluation_setup
     server, uri = start_mlflow_server(tmp_path / "mlflow", free_port())
     experiment_id = MlflowClient(uri).create_experiment("lost")
     run_id = MlflowClient(uri).create_run(experiment_id).info.run_id

@@ -20,7 +20,6 @@ from evadlab.pipelines.prepare import prepare
 from evadlab.platform.hooks import FailOnceAtEpoch, RecordSeenSamples, RecordWeights
 from evadlab.platform.ingest import ExactlyOnceDataConfig, plan_ingest, training_dataset
 from evadlab.platform.modeling import build_model
-from evadlab.platform.recipe import learning_rate, parameter_groups
 from evadlab.platform.train import train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
@@ -94,34 +93,11 @@ def split_keys(split) -> list[str]:
             for video, timestamp in zip(batch["video_id"], batch["timestamp"])]
 
 
-def test_recipe_groups_and_schedule():
-    cfg = load_config(QUICKSTART, ["train.warmup_epochs=2", "train.warmup_start_lr=1e-5", "train.base_lr=1e-4",
-                                   "train.lr_steps=[0, 5, 8]", "train.lr_factors=[1, 0.1, 0.01]"])
-    assert learning_rate(0.0, cfg.train) == pytest.approx(1e-5)
-    assert learning_rate(1.0, cfg.train) == pytest.approx(5.5e-5)
-    assert learning_rate(3.0, cfg.train) == pytest.approx(1e-4)
-    assert learning_rate(5.5, cfg.train) == pytest.approx(1e-5)
-    assert learning_rate(9.0, cfg.train) == pytest.approx(1e-6)
-    model = build_model(cfg.model)
-    groups = parameter_groups(model, cfg.train)
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert sum(len(g["params"]) for g in groups) == len(names)
-    for group in groups:
-        group_names = [names[id(p)] for p in group["params"]]
-        in_head = {n.startswith("det_head.") for n in group_names}
-        assert len(in_head) == 1 and group["lr_scale"] == (8.0 if in_head.pop() else 1.0)
-        if group["weight_decay"] > 0:
-            assert all(p.ndim > 1 and names[id(p)] != "det_head.mask_token" for p in group["params"])
-    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert {"det_head.mask_token", "norm.weight", "blocks.0.attn.q_bias", "fpn_lateral2.bias"} <= no_decay
-    assert "init_proposal_boxes.weight" not in no_decay
-
-
 def test_two_workers_equal_one_worker_with_twice_the_batch(prepared, mini_ava, tmp_path):
     """One optimisation step on the same 4 clips: DDP over 2 workers x 2 clips == 1 worker x 4 clips. Then the same
     with train.grad_accum=2, where each worker's epoch is a single (odd) micro-batch, so the step is a short
     accumulation group at the end of the epoch: both ranks must still step on the all-reduced gradient."""
-    folder, shards = prepared
+    _folder, shards = prepared
     table = pq.read_table(shards / "train")
     # Equal person counts per clip, so the per-worker action-loss means average to the global one.
     box_counts = [len(boxes) for boxes in table["boxes"].to_pylist()]
@@ -214,7 +190,7 @@ def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, min
 
 
 def test_unreachable_tracking_server_stops_at_start(prepared, mini_ava, tmp_path):
-    folder, shards = prepared
+    _folder, shards = prepared
     cfg = tiny_config(tmp_path, mini_ava, f"data.shards={shards}", "tracking.uri=http://127.0.0.1:9")
     with pytest.raises(RuntimeError, match="unreachable"):
         train(cfg)
@@ -227,10 +203,10 @@ def test_an_error_raised_in_ray_data_ends_the_command_in_its_own_line(prepared, 
     is materialized, inside the training worker when it streams (Ray wraps the error three times there:
     WorkerGroupError, RayTaskError, UserCodeException). Either way the command prints the one line the code raised,
     naming the row and the frame."""
-    folder, shards = prepared
+    _folder, shards = prepared
     damaged = tmp_path / "damaged_shards"
     shutil.copytree(shards, damaged)
-    shard = sorted((damaged / "train").glob("part-*.parquet"))[0]
+    shard = min((damaged / "train").glob("part-*.parquet"))
     table = pq.read_table(shard)
     frames = table["frames"].to_pylist()
     frames[0][3] = b"\xff\xd8 this is no JPEG"

@@ -84,7 +84,7 @@ def test_two_trial_sweep_logs_parent_and_children_and_resumes(tmp_path, mini_ava
     # Resume: make one trial look interrupted before its training started (status RUNNING, no Ray Train run,
     # no MLflow run). The resumed sweep must run that trial again and leave the finished one untouched.
     sweep_dir = tmp_path / "ray" / "tiny_sweep"
-    state_file = sorted(sweep_dir.glob("experiment_state-*.json"))[-1]
+    state_file = max(sweep_dir.glob("experiment_state-*.json"))
     state = json.loads(state_file.read_text())
     trial = json.loads(state["trial_data"][0][0])
     trial["status"] = "RUNNING"
@@ -96,8 +96,7 @@ def test_two_trial_sweep_logs_parent_and_children_and_resumes(tmp_path, mini_ava
                      for path in (tmp_path / "ray").glob(f"sweep_test_{trial_id}_*")}
     assert len(runs_by_trial) == 2
     shutil.rmtree(runs_by_trial.pop(interrupted))
-    client.delete_run([c for c in children if c.data.tags["mlflow.runName"].startswith(f"sweep_test_{interrupted}_")]
-                      [0].info.run_id)
+    client.delete_run(next(c for c in children if c.data.tags["mlflow.runName"].startswith(f"sweep_test_{interrupted}_")).info.run_id)
     untouched = {trial_id: path.stat().st_mtime_ns for trial_id, path in runs_by_trial.items()}
 
     parent_marker = (sweep_dir / "mlflow_parent_run_id").read_text()

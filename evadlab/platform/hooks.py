@@ -7,6 +7,7 @@ the package (not under tests/) because Ray pickles them by reference into worker
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import ray.train
 import torch
+
+from evadlab import storage
+
+# Ray Train's checkpoint manager rewrites this file in the run's storage folder each time it commits a checkpoint
+# (ray.train.v2 CHECKPOINT_MANAGER_SNAPSHOT_FILENAME, an internal name: kept here so that no internal module is imported).
+RAY_TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
 class TrainingHooks:
@@ -30,9 +38,38 @@ class TrainingHooks:
         """The epoch's last optimiser step is done (before evaluation and the checkpoint)."""
 
 
+def committed_epochs(run_storage: str | os.PathLike) -> int:
+    """The epochs (``progress/epoch``) of the newest checkpoint Ray Train has committed for the run whose storage
+    folder (path or URI) is ``run_storage``; 0 before the first, or while the file is being rewritten (callers poll).
+
+    Ray Train commits a reported checkpoint only once its controller has collected the report of every worker (it
+    polls them every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default); its checkpoint manager then rewrites
+    :data:`RAY_TRAIN_SNAPSHOT_FILE` in the run's storage folder, which this reads. A worker lost before that poll
+    takes its report with it, and the run resumes from the checkpoint before."""
+    try:
+        snapshot = json.loads(storage.read_text(storage.join(run_storage, RAY_TRAIN_SNAPSHOT_FILE)))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return int(latest.get("metrics", {}).get("progress/epoch", 0))
+
+
+def wait_for_committed_epochs(run_storage: str | os.PathLike, epochs: int, timeout_s: float = 120.0) -> None:
+    """Waits until Ray Train has committed the checkpoint of ``epochs`` epochs (see :func:`committed_epochs`).
+    Raises TimeoutError."""
+    deadline = time.monotonic() + timeout_s
+    while committed_epochs(run_storage) < epochs:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Ray Train did not commit the checkpoint of epoch {epochs} in {run_storage} "
+                               f"in {timeout_s:g} s")
+        time.sleep(0.2)
+
+
 class FailOnceAtEpoch(TrainingHooks):
-    """The last worker exits once, after its first optimiser step in ``epoch``, like a lost node. A marker file in
-    ``folder`` (shared by all attempts) keeps the replacement worker from failing again."""
+    """The last worker exits once, after its first optimiser step in ``epoch``, like a lost node, once Ray Train has
+    committed the previous epoch's checkpoint (a worker lost within Ray's report poll after the report would take the
+    report with it: see :func:`committed_epochs`). A marker file in ``folder`` (shared by all attempts) keeps the
+    replacement worker from failing again."""
 
     def __init__(self, epoch: int, folder: str | Path):
         self.epoch = epoch
@@ -41,6 +78,9 @@ class FailOnceAtEpoch(TrainingHooks):
     def after_optimizer_step(self, epoch: int, step: int, rank: int, world: int) -> None:
         if epoch != self.epoch or rank != world - 1 or self.marker.exists():
             return
+        run_storage = ray.train.get_context().get_storage()
+        wait_for_committed_epochs(storage.uri_of(run_storage.storage_filesystem, run_storage.experiment_fs_path),
+                                  self.epoch)
         self.marker.parent.mkdir(parents=True, exist_ok=True)
         self.marker.write_text("worker killed on purpose by FailOnceAtEpoch\n")
         os._exit(1)
