@@ -21,7 +21,8 @@ import torch
 from evadlab import storage
 
 # Ray Train's checkpoint manager rewrites this file in the run's storage folder each time it commits a checkpoint
-# (ray.train.v2 CHECKPOINT_MANAGER_SNAPSHOT_FILENAME, an internal name: kept here so that no internal module is imported).
+# (ray.train.v2's CHECKPOINT_MANAGER_SNAPSHOT_FILENAME, an internal name: written out so that no internal module is
+# imported).
 RAY_TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 

@@ -117,7 +117,6 @@ class SweepSpec(BaseModel):
     trial_cpus: float = Field(0.01, ge=0, description="CPUs held by each trial's driver (the workers hold their own)")
 
 
-
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepSpec, ExperimentConfig]:
     """The sweep file and its base experiment with the sweep's and the command line's overrides applied (those of
     ``warm_start.*`` change the sweep file's own section). Every value the search space can take (each grid or choice
@@ -235,20 +234,21 @@ def concurrent_trials(spec: SweepSpec, cfg: ExperimentConfig) -> int:
     cpus = spec.trial_cpus + train_cfg.num_workers * train_cfg.cpus_per_worker + cfg.tune.data_cpus
     gpus = train_cfg.num_workers if train_cfg.use_gpu else 0
     need = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "")
-    total = trials_that_fit(ray.cluster_resources(), cpus, gpus)
-    if total < 1:
-        have = resources_text(ray.cluster_resources(), gpus)
+    total = ray.cluster_resources()
+    if trials_that_fit(total, cpus, gpus) < 1:
         raise ConfigError(f"one trial needs {need} ({train_cfg.num_workers} worker(s) x train.cpus_per_worker="
                           f"{train_cfg.cpus_per_worker:g}, tune.data_cpus={cfg.tune.data_cpus:g} for Ray Data, "
-                          f"{spec.trial_cpus:g} for its driver) but the cluster has {have}: lower "
-                          f"train.num_workers or train.cpus_per_worker, or add nodes")
+                          f"{spec.trial_cpus:g} for its driver) but the cluster has {resources_text(total, gpus)}: "
+                          f"lower train.num_workers or train.cpus_per_worker, or add nodes")
     deadline = time.monotonic() + FREE_WAIT_S
-    while (fits := trials_that_fit(ray.available_resources(), cpus, gpus)) < 1 and time.monotonic() < deadline:
+    free = ray.available_resources()
+    while (fits := trials_that_fit(free, cpus, gpus)) < 1 and time.monotonic() < deadline:
         time.sleep(1.0)
+        free = ray.available_resources()
     fits = max(fits, 1)
     wanted = cfg.tune.max_concurrent_trials or fits
     print(f"evadlab tune: {min(wanted, fits)} trial(s) at a time: each needs {need}, the cluster has "
-          f"{resources_text(ray.available_resources(), gpus)} free"
+          f"{resources_text(free, gpus)} free"
           + (f" (tune.max_concurrent_trials={wanted} capped)" if wanted > fits else ""))
     return min(wanted, fits)
 
