@@ -96,7 +96,9 @@ def test_two_trial_sweep_logs_parent_and_children_and_resumes(tmp_path, mini_ava
                      for path in (tmp_path / "ray").glob(f"sweep_test_{trial_id}_*")}
     assert len(runs_by_trial) == 2
     shutil.rmtree(runs_by_trial.pop(interrupted))
-    client.delete_run(next(c for c in children if c.data.tags["mlflow.runName"].startswith(f"sweep_test_{interrupted}_")).info.run_id)
+    interrupted_run = next(child for child in children
+                           if child.data.tags["mlflow.runName"].startswith(f"sweep_test_{interrupted}_"))
+    client.delete_run(interrupted_run.info.run_id)
     untouched = {trial_id: path.stat().st_mtime_ns for trial_id, path in runs_by_trial.items()}
 
     parent_marker = (sweep_dir / "mlflow_parent_run_id").read_text()
