@@ -9,6 +9,7 @@ actors are reported as the worker raised them. ``--debug`` or ``EVADLAB_DEBUG=1`
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -208,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except Exception as error:  # noqa: BLE001 - every error ends in the command's one line
         return report_error(args, error)
+    finally:
+        session = sys.modules.get("evadlab.ray_session")  # imported by the commands that use Ray, and only by them
+        if session is not None:
+            session.release_ray()
     return 0
 
 
@@ -249,5 +254,16 @@ def report_error(args: argparse.Namespace, error: Exception) -> int:
     return 1
 
 
+def command_line() -> int:
+    """The ``evadlab`` program (and ``python -m evadlab.cli``): :func:`main`, then an exit without the interpreter's
+    final garbage collections, which walk every object the command left (~800,000 after a training run: 2.4 s on a
+    2-core machine) only to find nothing to free that exiting does not free. ``gc.freeze`` takes those objects out
+    of the collector; every file the command wrote is closed by then. In-process callers (tests) call :func:`main`
+    and keep their collector."""
+    code = main()
+    gc.freeze()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command_line())

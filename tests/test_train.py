@@ -14,10 +14,17 @@ from mlflow.tracking import MlflowClient
 
 from evadlab.cli import main
 from evadlab.config import load_config
+from evadlab.errors import one_line, original_error
 from evadlab.models.checkpoints import load_training_checkpoint
 from evadlab.pipelines.clips import decode_jpegs, iter_shard_rows
 from evadlab.pipelines.prepare import prepare
-from evadlab.platform.hooks import FailOnceAtEpoch, RecordSeenSamples, RecordWeights
+from evadlab.platform.hooks import (
+    BlockCheckpointAtEpoch,
+    FailOnceAtEpoch,
+    RecordSeenSamples,
+    RecordWeights,
+    committed_epochs,
+)
 from evadlab.platform.ingest import ExactlyOnceDataConfig, plan_ingest, training_dataset
 from evadlab.platform.modeling import build_model
 from evadlab.platform.train import train
@@ -159,6 +166,9 @@ def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared,
     assert run.info.status == "FINISHED"
     epochs = [m.value for m in client.get_metric_history(run.info.run_id, "epoch")]
     assert sorted(epochs) == [0, 1, 2], "epoch 0 must not be trained twice (resume, not restart)"
+    kept = sorted(path.name for path in Path(result.run_path).glob("checkpoint_epoch_*"))
+    assert kept == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"], kept  # train.keep_checkpoints=2
+    assert load_training_checkpoint(result.checkpoint_path)["extra"]["progress"]["epoch"] == 3
     assert {"train/loss", "train/lr", "train/clips_per_s", "val/mAP", "model/gflops", "model/params"} <= set(
         run.data.metrics)
     # Measured speed: the first-batch wait and the epoch every epoch, the evaluation's clips/s, the latency once per
@@ -172,6 +182,20 @@ def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared,
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "checkpoints" in artifacts
     assert any(a.path.endswith("per_class_ap.csv") for a in client.list_artifacts(run.info.run_id))
+
+
+def test_a_checkpoint_that_cannot_be_written_fails_the_run(prepared, mini_ava, tmp_path):
+    """Checkpoints are written while the next epoch trains (Ray Train's asynchronous upload); one that cannot be
+    written still ends the run, with the error naming it (the command's one line), and nothing is committed for it."""
+    _folder, shards = prepared
+    cfg = tiny_config(tmp_path, mini_ava, f"data.shards={shards}", "train.epochs=2", "train.max_failures=0",
+                      "tracking.enabled=false")
+    with pytest.raises(Exception) as failure:  # Ray wraps the cause, checked below
+        train(cfg, hooks=[BlockCheckpointAtEpoch(0)])
+    cause = original_error(failure.value)
+    assert isinstance(cause, OSError) and "checkpoint_epoch_0001" in one_line(cause), one_line(cause)
+    (run_folder,) = [path for path in (tmp_path / "ray").iterdir() if path.is_dir()]
+    assert committed_epochs(run_folder) == 0 and not list(run_folder.glob("checkpoint_epoch_*/checkpoint.pt"))
 
 
 def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, mini_ava, tmp_path, mlflow_server):

@@ -17,6 +17,7 @@ resolved by ``evadlab.platform.modeling.open_checkpoint``), into a :class:`Check
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import pickle
 import re
@@ -29,7 +30,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from evadlab.storage import atomic_write
+from evadlab.storage import write_bytes
 
 # Keys under which a checkpoint file keeps the weights, in the order the original loaders look for them.
 _WEIGHT_KEYS = ("model", "module", "model_state")
@@ -179,22 +180,28 @@ def videomae_to_evad_key(key: str) -> str:
     return key
 
 
-def save_training_checkpoint(
-    path: str | Path,
+def save_training_checkpoint(path: str | Path, **fields: Any) -> str | Path:
+    """Write a training checkpoint (:func:`training_checkpoint_bytes` of ``fields``) atomically to ``path``, a local
+    path or a storage URI (see :mod:`evadlab.storage`): readers see the previous file or the complete new one, never a
+    part. Returns ``path``."""
+    write_bytes(path, training_checkpoint_bytes(**fields))
+    return path
+
+
+def training_checkpoint_bytes(
     *,
     model_state: Mapping[str, torch.Tensor],
     optimizer_state: Mapping[str, Any],
     epoch: int,
     config_yaml: str,
     extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write a training checkpoint atomically: readers see the previous file or the complete new one, never a part.
+) -> memoryview:
+    """The content of a training checkpoint file, serialized in memory (tensors on any device are copied).
 
     The layout is that of the released EVAD files (``model_state`` without a DDP prefix, ``optimizer_state``,
     ``epoch``, ``cfg`` as YAML text), so :func:`load_evad_checkpoint` reads it too. ``extra`` must hold only what
     ``torch.load(weights_only=True)`` accepts: tensors, numbers, strings, and lists / dicts of them.
     """
-    path = Path(path)
     payload = {
         "epoch": epoch,
         "model_state": _strip_ddp_prefix(dict(model_state)),
@@ -203,9 +210,9 @@ def save_training_checkpoint(
         "format": TRAINING_CHECKPOINT_FORMAT,
         "extra": dict(extra or {}),
     }
-    with atomic_write(path) as file:
-        torch.save(payload, file)
-    return path
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getbuffer()
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:

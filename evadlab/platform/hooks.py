@@ -19,6 +19,7 @@ import ray.train
 import torch
 
 from evadlab import storage
+from evadlab.platform.runs import CHECKPOINT_FOLDER
 
 # Ray Train's checkpoint manager rewrites this file in the run's storage folder each time it commits a checkpoint
 # (ray.train.v2's CHECKPOINT_MANAGER_SNAPSHOT_FILENAME, an internal name: written out so that no internal module is
@@ -85,6 +86,21 @@ class FailOnceAtEpoch(TrainingHooks):
         self.marker.parent.mkdir(parents=True, exist_ok=True)
         self.marker.write_text("worker killed on purpose by FailOnceAtEpoch\n")
         os._exit(1)
+
+
+class BlockCheckpointAtEpoch(TrainingHooks):
+    """Rank 0 puts a file where the checkpoint folder of ``epoch`` is to be written (the run folder of the attempt's
+    storage), so that writing that checkpoint fails, as on a full or read-only storage."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def after_epoch(self, epoch: int, rank: int, model: torch.nn.Module) -> None:
+        if epoch != self.epoch or rank != 0:
+            return
+        run_storage = ray.train.get_context().get_storage()
+        run_folder = storage.uri_of(run_storage.storage_filesystem, run_storage.experiment_fs_path)
+        storage.write_text(storage.join(run_folder, CHECKPOINT_FOLDER.format(epochs=epoch + 1)), "in the way\n")
 
 
 class RecordSeenSamples(TrainingHooks):

@@ -1,7 +1,7 @@
 """Run folders under ``train.storage_path`` and the run that ``train.resume`` continues.
 
-Each training run gets a folder ``<storage>/<name>_<YYYYmmdd-HHMMSS>/`` (Ray Train's checkpoints, ``mlflow_run_id``)
-with a marker, ``evadlab_run.json``, written when the run is created: the config's ``name``, its identity (the
+Each training run gets a folder ``<storage>/<name>_<YYYYmmdd-HHMMSS>/`` (Ray Train's checkpoints, one folder
+``checkpoint_epoch_NNNN/`` per kept checkpoint after NNNN epochs, and ``mlflow_run_id``) with a marker, ``evadlab_run.json``, written when the run is created: the config's ``name``, its identity (the
 flattened config without the keys a resume may change, :data:`RESUMABLE_KEYS` and :data:`RESUMABLE_SECTIONS`), the
 identity's hash and the creation time. ``train.resume`` continues the newest run (by that time, not by folder name)
 whose marker has this config's name and hash. Folders without a marker (a sweep's own folder, anything else under the
@@ -21,6 +21,8 @@ from evadlab import storage
 from evadlab.config import ExperimentConfig
 
 RUN_MARKER = "evadlab_run.json"
+# The folder of the checkpoint taken after {epochs} epochs, in the run folder.
+CHECKPOINT_FOLDER = "checkpoint_epoch_{epochs:04d}"
 # What a resumed run may change: how long it trains and how it checkpoints, where its files are, on what resources
 # (and how its input reaches them).
 RESUMABLE_KEYS = frozenset({
