@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 
 from evadlab.config import load_config
-from evadlab.platform.runs import RUN_MARKER, config_hash, config_identity, read_run_markers, write_run_marker
+from evadlab.platform.runs import (
+    CHECKPOINT_FOLDER,
+    RUN_MARKER,
+    config_hash,
+    config_identity,
+    read_run_markers,
+    write_run_marker,
+)
 from evadlab.platform.train import run_name_for
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
@@ -24,7 +31,7 @@ def make_run(tmp_path: Path, folder: str, created: float, *overrides: str) -> No
     write_run_marker(config(tmp_path, *overrides), location, folder)
     marker = tmp_path / "ray" / folder / RUN_MARKER
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "created": created}))
-    (tmp_path / "ray" / folder / "checkpoint_2025-11-30_10-00-00.000000").mkdir()
+    (tmp_path / "ray" / folder / CHECKPOINT_FOLDER.format(epochs=1)).mkdir()
 
 
 def test_resume_picks_the_newest_run_of_this_config_and_says_which(tmp_path, capsys):
