@@ -32,7 +32,7 @@ def run_once(code: Path, folder: Path) -> dict[str, float]:
     command = [sys.executable, "-m", "evadlab.cli", "run", str(code / "experiments" / "quickstart.yaml"), *overrides]
     environment = {**os.environ, "PYTHONPATH": str(code)}
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{code}: evadlab run failed:\n{done.stderr[-3000:]}")
@@ -61,7 +61,8 @@ def main() -> None:
                 results[name].append(result)
                 print(f"round {round_index} {name}: {json.dumps(result)}", flush=True)
     finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], capture_output=True)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], capture_output=True,
+                       check=False)
     medians = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
                for name, runs in results.items()}
     print("\n| version | wall (s) | job (s) | frame-mAP | console lines |\n|---|---:|---:|---:|---:|")

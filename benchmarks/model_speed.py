@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evadlab.models import EVAD, EVADConfig  # noqa: E402
-from evadlab.models.flops import count_flops  # noqa: E402
+from evadlab.models import EVAD, EVADConfig
+from evadlab.models.flops import count_flops
 
 # The released ViT-B recipes: KTP at blocks 3, 6, 9.
 SETTINGS = {
@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": args.dtype == "bf16"}
     torch.manual_seed(0)
     rows = []
     for name, config in SETTINGS.items():
@@ -106,7 +106,7 @@ def main() -> None:
         for batch in args.batches:
             inputs = clips(batch, args.size, device)
 
-            def infer():
+            def infer(model=model, inputs=inputs):
                 with torch.no_grad(), torch.autocast(**autocast):
                     model(inputs)
 
@@ -123,7 +123,7 @@ def main() -> None:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # as build_optimizer
             inputs, labels = clips(args.train_batch, args.size, device), targets(args.train_batch, args.size, device)
 
-            def step():
+            def step(model=model, inputs=inputs, labels=labels, optimizer=optimizer):
                 with torch.autocast(**autocast):
                     loss = model(inputs, labels)["loss"]
                 loss.backward()

@@ -2,8 +2,9 @@
 ``evadlab --help`` and config errors answer at once.
 
 Every error ends the command with one line, ``evadlab <command>: error: <message>``, on stderr: exit code 2 for bad
-input (arguments, files, configs, unreachable services), 1 for anything else. Errors raised inside Ray workers and
-actors are reported as the worker raised them. ``--debug`` or ``EVADLAB_DEBUG=1`` adds the traceback.
+input (arguments, files, configs, unreachable services), 1 for anything else (a lost Ray process says which and how
+to continue). Errors raised inside Ray workers and actors are reported as the worker raised them. ``--debug`` or
+``EVADLAB_DEBUG=1`` adds the traceback. Ctrl-C ends it with ``evadlab <command>: interrupted``, exit code 130.
 """
 
 from __future__ import annotations
@@ -17,9 +18,20 @@ import traceback
 from pathlib import Path
 
 from evadlab.config import load_config
-from evadlab.errors import is_user_error, kind_of, one_line, original_error
+from evadlab.errors import is_lost_process, is_user_error, kind_of, lost_process_line, one_line, original_error
 
 DEBUG_VARIABLE = "EVADLAB_DEBUG"
+# 128 + SIGINT, as shells report a command ended by Ctrl-C.
+INTERRUPTED_EXIT_CODE = 130
+# How to continue what a command was doing when it stopped part way (Ctrl-C, a lost Ray process).
+CONTINUE_HINTS = {
+    "prepare": "run it again to continue: the finished shard parts are kept",
+    "train": "add train.resume=true to continue the run from its last checkpoint",
+    "run": "run it again with train.resume=true: the shards are kept and the run continues from its last checkpoint",
+    "tune": "add tune.resume=true to continue the sweep: the finished trials are kept",
+}
+# What keeps a training going when one of its workers or nodes is lost.
+RETRY_HINT = "train.max_failures=N has Ray replace lost workers and resume from the last checkpoint"
 # The same name as evadlab.ray_session.VERBOSE_VARIABLE, which is not imported here: it imports Ray.
 VERBOSE_VARIABLE = "EVADLAB_VERBOSE"
 
@@ -202,13 +214,18 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one command; returns its exit code (0, 1 for a fault of evadlab, 2 for bad input)."""
+    """Runs one command; returns its exit code (0; 1 for a fault of evadlab or a lost Ray process; 2 for bad input;
+    130 when interrupted)."""
     args = parse_arguments(build_parser(), argv)
     configure_console(args.verbose)
     try:
         COMMANDS[args.command](args)
     except Exception as error:  # noqa: BLE001 - every error ends in the command's one line
         return report_error(args, error)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; under Ray Train's own handler, Ray's SystemExit
+        hint = CONTINUE_HINTS.get(args.command)
+        print(f"evadlab {args.command}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     finally:
         session = sys.modules.get("evadlab.ray_session")  # imported by the commands that use Ray, and only by them
         if session is not None:
@@ -249,6 +266,11 @@ def report_error(args: argparse.Namespace, error: Exception) -> int:
     if is_user_error(cause):
         print(f"evadlab {args.command}: error: {one_line(cause)}", file=sys.stderr)
         return 2
+    if is_lost_process(cause):
+        hints = [RETRY_HINT] if args.command in ("train", "run", "tune") else []
+        hints += [CONTINUE_HINTS[args.command]] if args.command in CONTINUE_HINTS else []
+        print(f"evadlab {args.command}: error: {'; '.join([lost_process_line(cause), *hints])}", file=sys.stderr)
+        return 1
     print(f"evadlab {args.command}: error: {kind_of(cause)}: {one_line(cause)} (a fault of evadlab; "
           f"{DEBUG_VARIABLE}=1 shows the traceback)", file=sys.stderr)
     return 1

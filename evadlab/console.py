@@ -8,6 +8,7 @@ redrawn bars.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from tqdm import tqdm
@@ -26,10 +27,10 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def progress_bar(total: int, unit: str, description: str) -> tqdm:
+def progress_bar(total: int, unit: str, description: str, items: Iterable[Any] | None = None) -> tqdm:
     """A bar over ``total`` ``unit``s with their rate per second and the time left, on stderr, shown only when stderr
-    is a terminal."""
-    return tqdm(total=total, unit=unit, desc=description, disable=None, dynamic_ncols=True, leave=False)
+    is a terminal; iterating it iterates ``items`` and advances the bar by one per item."""
+    return tqdm(items, total=total, unit=unit, desc=description, disable=None, dynamic_ncols=True, leave=False)
 
 
 def epoch_line(message: dict[str, Any], seconds_left: float) -> str:

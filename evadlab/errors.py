@@ -20,6 +20,14 @@ _ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(?P<kind>\w+): (?P<message>.*)$")
 # by name, for errors of which only the text came back from Ray. tests/test_cli.py checks the names against the classes.
 USER_ERROR_KINDS = frozenset({"ValueError", "OSError", "FileNotFoundError", "PermissionError", "IsADirectoryError",
                               "ConfigError", "TrackingError", "CheckpointError", "UnpreparedDataError"})
+# Errors that mean a process or a machine went away under the command (a worker killed, out of memory, a node lost),
+# neither bad input nor a fault of evadlab: Ray's own kinds (ray.exceptions, their subclasses by their MRO) and Ray
+# Train's failed health check of a worker. tests/test_cli_errors.py kills real Ray workers.
+LOST_PROCESS_KINDS = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
+                                "NodeDiedError", "LocalRayletDiedError", "OutOfMemoryError", "ObjectLostError",
+                                "OwnerDiedError", "WorkerHealthCheckFailedError"})
+# "pid: 11906" and "ip: 10.0.0.7" in the text of Ray's ActorDiedError.
+_PROCESS_FIELDS = re.compile(r"\b(?P<key>pid|ip): (?P<value>\S+)")
 
 
 class RemoteError(Exception):
@@ -46,6 +54,8 @@ def _wrapped(error: BaseException) -> BaseException | None:
     failures = getattr(error, "worker_failures", None)
     if isinstance(failures, dict) and failures:
         return failures[min(failures)]  # Ray Train: the lowest failed rank
+    if isinstance(getattr(error, "health_check_failure", None), BaseException):
+        return error.health_check_failure  # Ray Train: the worker's process is gone (ActorDiedError)
     if isinstance(getattr(error, "controller_failure", None), BaseException):
         return error.controller_failure
     ray_exceptions = sys.modules.get("ray.exceptions")
@@ -78,6 +88,26 @@ def one_line(error: BaseException) -> str:
 def kind_of(error: BaseException) -> str:
     """The class name of the original error, also for one of which only the text came back."""
     return error.kind if isinstance(error, RemoteError) else type(error).__name__
+
+
+def is_lost_process(error: BaseException) -> bool:
+    """A Ray worker, actor or node that went away (killed, out of memory, its machine lost) rather than an error the
+    code raised; an actor whose constructor raised is the constructor's error."""
+    if getattr(error, "actor_init_failed", False):
+        return False
+    if isinstance(error, RemoteError):
+        return error.kind in LOST_PROCESS_KINDS
+    return any(kind.__name__ in LOST_PROCESS_KINDS for kind in type(error).__mro__)
+
+
+def lost_process_line(error: BaseException) -> str:
+    """``a Ray process was lost (ActorDiedError: The actor died unexpectedly before finishing this task; pid 11906,
+    ip 10.0.0.7)``: the first sentence of Ray's message (the rest is its advice on the OOM killer, ``ray stop`` and
+    log files, which Ray's own log line before it repeats) with the process and node it names."""
+    text = " ".join(str(error).split())
+    first = re.split(r"(?<=\.) ", text)[0].rstrip(".") if text else kind_of(error)
+    where = ", ".join(f"{match['key']} {match['value']}" for match in _PROCESS_FIELDS.finditer(text))
+    return f"a Ray process was lost ({kind_of(error)}: {first}{'; ' + where if where else ''})"
 
 
 def is_user_error(error: BaseException) -> bool:

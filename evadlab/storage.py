@@ -6,13 +6,16 @@ named as ``file:///mnt/...``) goes through this module, which leaves the choice 
 
 Atomic writes: a file is written under a hidden temporary name in its target folder and renamed into place, so a
 reader sees the previous file or the complete new one. On object stores an upload becomes visible only when it
-is complete, which gives the same guarantee.
+is complete, which gives the same guarantee. A write that fails names its file even where the operating system does
+not (a full disk's ``[Errno 28] No space left on device``), and the next complete write of a file removes what
+writes of it that were killed (a lost worker, ``kill -9``) left under temporary names.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -100,26 +103,58 @@ def list_folders(location: str | os.PathLike) -> list[pyarrow.fs.FileInfo]:
 
 
 @contextlib.contextmanager
+def naming(location: str | os.PathLike) -> Iterator[None]:
+    """An OSError raised in the block that names no file (``[Errno 28] No space left on device``, ``[Errno 27] File
+    too large``) is raised again naming ``location``, its errno kept, the original as its cause."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(location)) from error
+
+
+def _temporaries_of(target: Path) -> list[Path]:
+    """The temporary names :func:`atomic_path` gives writes of ``target`` (``.NAME.<random>.tmp`` beside it, the
+    random part without dots, as ``tempfile.mkstemp`` makes it), so that ``.a.b.<random>.tmp``, a write of
+    ``a.b``, is not one of ``a``'s."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[^.]+\.tmp")
+    with os.scandir(target.parent) as entries:
+        return [Path(entry.path) for entry in entries if pattern.fullmatch(entry.name)]
+
+
+@contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """A temporary local path beside ``target`` to write a file or a folder to; renamed onto ``target`` when the
-    block ends without an exception, removed otherwise. Parent folders are created."""
+    block ends without an exception, removed otherwise. Parent folders are created. Once renamed, the temporaries
+    of earlier writes of ``target`` that were killed before they ended are removed (a file has one writer at a
+    time here: a checkpoint is rank 0's, a shard part its task's, a manifest the driver's). OSErrors that name no
+    file name ``target`` (:func:`naming`)."""
     target = local_path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    temporary = Path(name)
-    temporary.unlink()
-    try:
-        yield temporary
-        if temporary.is_file():
-            with open(temporary, "rb") as written:
-                os.fsync(written.fileno())
-        os.replace(temporary, target)
-    finally:
-        if temporary.is_dir():
-            shutil.rmtree(temporary, ignore_errors=True)
-        else:
-            temporary.unlink(missing_ok=True)
+    with naming(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(handle)
+        temporary = Path(name)
+        temporary.unlink()
+        try:
+            yield temporary
+            if temporary.is_file():
+                with open(temporary, "rb") as written:
+                    os.fsync(written.fileno())
+            os.replace(temporary, target)
+        finally:
+            remove(temporary)
+        for leftover in _temporaries_of(target):
+            remove(leftover)
+
+
+def remove(path: Path) -> None:
+    """Removes a local file or folder; nothing when there is none."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -130,9 +165,10 @@ def atomic_write(location: str | os.PathLike) -> Iterator[IO[bytes]]:
             yield file
         return
     filesystem, path = filesystem_of(location)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(path) as stream:
-        yield stream
+    with naming(location):
+        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with filesystem.open_output_stream(path) as stream:
+            yield stream
 
 
 def write_bytes(location: str | os.PathLike, data: bytes) -> None:

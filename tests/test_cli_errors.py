@@ -4,18 +4,28 @@ weights_only=False. Errors raised inside Ray tasks and actors read the same."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from evadlab.cli import main, report_error
+from evadlab.cli import CONTINUE_HINTS, RETRY_HINT, main, report_error
 from evadlab.config import load_config
-from evadlab.errors import USER_ERROR_KINDS, RemoteError, is_user_error, original_error
+from evadlab.errors import (
+    LOST_PROCESS_KINDS,
+    USER_ERROR_KINDS,
+    RemoteError,
+    is_lost_process,
+    is_user_error,
+    original_error,
+)
 from evadlab.models.checkpoints import save_training_checkpoint
 from evadlab.pipelines.prepare import prepare
 from evadlab.platform.modeling import build_model
@@ -182,6 +192,53 @@ def test_errors_in_ray_tasks_and_data_actors_read_as_raised(ray_local, capsys):
         capsys.readouterr()
         assert report_error(args, error) == 2
         assert capsys.readouterr().err == f"evadlab evaluate: error: {line}\n"
+
+
+def test_a_lost_ray_process_is_named_with_how_to_continue(ray_local, capsys):
+    """A Ray worker killed under a command (the OOM killer, kill -9, a lost node) is neither bad input nor a fault of
+    evadlab: one line with Ray's first sentence, the process, and how to keep going; exit code 1."""
+    import ray
+    from ray.train.v2._internal import exceptions as train_exceptions
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    assert all(hasattr(ray.exceptions, kind) or hasattr(train_exceptions, kind) for kind in LOST_PROCESS_KINDS)
+
+    @ray.remote(max_restarts=0)
+    class Worker:
+        def pid(self) -> int:
+            return os.getpid()
+
+        def train(self) -> None:
+            time.sleep(120)
+
+    worker = Worker.remote()
+    pid = ray.get(worker.pid.remote())
+    training = worker.train.remote()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayActorError) as actor_died:
+        ray.get(training, timeout=60)
+    # What Ray Train raises for it: a failed health check of the worker, holding Ray's error.
+    health_check = WorkerHealthCheckFailedError("A worker health check failed. Worker info: " + "x" * 2000,
+                                                failure=actor_died.value)
+    assert is_lost_process(original_error(health_check)) and not is_user_error(original_error(health_check))
+
+    @ray.remote(max_retries=0)
+    def decode() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    with pytest.raises(ray.exceptions.WorkerCrashedError) as task_crashed:
+        ray.get(decode.remote(), timeout=60)
+
+    lost = "error: a Ray process was lost ("
+    for command, error, expected in [
+            ("train", health_check, f"The actor died unexpectedly before finishing this task; pid {pid}, ip "),
+            ("prepare", task_crashed.value, "The worker died unexpectedly while executing this task)")]:
+        capsys.readouterr()
+        assert report_error(argparse.Namespace(command=command, debug=False), error) == 1
+        line = capsys.readouterr().err
+        assert line.count("\n") == 1 and line.startswith(f"evadlab {command}: {lost}") and expected in line, line
+        assert "a fault of evadlab" not in line and len(line) < 400, line
+        assert CONTINUE_HINTS[command] in line and (RETRY_HINT in line) == (command == "train"), line
 
 
 def test_the_user_error_kinds_are_the_classes_they_name():

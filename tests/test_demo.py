@@ -188,8 +188,9 @@ def test_real_ava_names_odd_sizes_and_live_files(tmp_path, checkpoint, monkeypat
     write_timed_video(tmp_path / "-5KQ66BBWC4.mkv", Fraction(1, 30), list(range(20)), [1] * 20, width=97, height=63,
                       container="matroska", options={"live": "1"}, pix_fmt="yuv444p")
     assert main(["demo", "-5KQ66BBWC4.mkv", "--checkpoint", str(checkpoint), "--out", "annotated.mp4"]) == 0
-    printed = capsys.readouterr().out
-    assert "(video id -5KQ66BBWC4, PyAV)" in printed and "frames of 97x63 padded to 98x64" in printed
+    printed = capsys.readouterr()
+    assert "(video id -5KQ66BBWC4, PyAV)" in printed.out and "frames of 97x63 padded to 98x64" in printed.out
+    assert printed.err == "", "progress bars are drawn on a terminal only"
     with av.open("annotated.mp4") as container:
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     assert len(frames) == 20 and frames[0].shape == (64, 98, 3)

@@ -2,7 +2,11 @@
 resume, and a real MLflow server. Each test is a real TorchTrainer run, so they are few and tiny."""
 
 import json
+import re
 import shutil
+import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from evadlab.cli import main
+from evadlab.cli import CONTINUE_HINTS, INTERRUPTED_EXIT_CODE, main
 from evadlab.config import load_config
 from evadlab.errors import one_line, original_error
 from evadlab.models.checkpoints import load_training_checkpoint
@@ -211,6 +215,28 @@ def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, min
     client = MlflowClient(mlflow_server)
     assert sorted(m.value for m in client.get_metric_history(first.mlflow_run_id, "epoch")) == [0, 1]
     assert seen.joinpath("epoch_000_rank_0.txt").stat().st_mtime < seen.joinpath("epoch_001_rank_0.txt").stat().st_mtime
+
+
+def test_ctrl_c_ends_training_in_one_line_and_the_mlflow_run_as_killed(prepared, mini_ava, tmp_path, mlflow_server):
+    """Ctrl-C as the training starts (Ray Train answers it by aborting the run and raising SystemExit in the driver;
+    before its handler is in place Python raises KeyboardInterrupt): the command says it was interrupted and how to
+    continue, exit code 130, and its MLflow run ends KILLED (not FAILED, not RUNNING). Interrupting a later epoch
+    reads the same but costs this machine ~40 s more."""
+    folder, shards = prepared
+    overrides = tiny_overrides(folder, mini_ava, f"data.shards={shards}", f"train.storage_path={tmp_path / 'ray'}",
+                               f"tracking.uri={mlflow_server}", "tracking.experiment=interrupt_test", "train.epochs=50")
+    process = subprocess.Popen([sys.executable, "-m", "evadlab.cli", "train", str(QUICKSTART), *overrides],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("evadlab train: ingest: "):
+            process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == INTERRUPTED_EXIT_CODE, "\n".join(lines)
+    assert lines[-1] == f"evadlab train: interrupted; {CONTINUE_HINTS['train']}", "\n".join(lines)
+    assert not any(line.startswith("epoch 2/") for line in lines) and "Traceback" not in "\n".join(lines)
+    run_id = re.search(r"MLflow run (\w+)", lines[0])[1]
+    assert MlflowClient(mlflow_server).get_run(run_id).info.status == "KILLED"
 
 
 def test_unreachable_tracking_server_stops_at_start(prepared, mini_ava, tmp_path):

@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from evadlab.config import ExperimentConfig, TrackingConfig, load_config
+from evadlab.console import progress_bar
 from evadlab.models.structures import Detections
 from evadlab.pipelines.ava import (
     AVA_ACTION_NAMES,
@@ -65,7 +65,7 @@ def action_names(cfg: ExperimentConfig) -> dict[int, str]:
 def detect_keyframes(model, frames: VideoFileFrames, times: np.ndarray, cfg: ExperimentConfig,
                      device: torch.device) -> list[Detections]:
     detections = []
-    for time_s in tqdm(times, desc="detecting", unit="keyframe"):
+    for time_s in progress_bar(len(times), "keyframe", "detecting", times):
         clip = resize_short_side(frames.read(frames.clip_indices(float(time_s))), cfg.data.short_side,
                                  cfg.data.max_long_side)
         (found,) = model.predict([to_model_input(clip, cfg.data.mean, cfg.data.std).to(device)], [frames.size])
@@ -128,8 +128,7 @@ def write_annotated_video(video: str, times: np.ndarray, detections: list[Detect
         # frame's duration (MP4 takes the duration of the last frame in decoding order).
         stream.options = {"bf": "0"}
         durations: dict[int, int] = {}
-        for frame, duration in tqdm(chain([(first, first_duration)], frames), total=total_frames, desc="writing",
-                                    unit="frame"):
+        for frame, duration in progress_bar(total_frames, "frame", "writing", chain([(first, first_duration)], frames)):
             nearest = int(nearest_keyframes(np.array([frame.time]), times)[0])
             picture = np.pad(draw(frame.pixels, detections[nearest], names), padding, mode="edge")
             encoded = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")

@@ -494,9 +494,9 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
     try:
         dataset = ingest_dataset(cfg, plan, logger)
         result = build_trainer(cfg, setup, callbacks, hooks or [], start_ref, progress, dataset).fit()
-    except BaseException:
-        if logger:
-            logger.end("FAILED")
+    except BaseException as error:
+        if logger:  # MLflow's statuses: KILLED for a run stopped by its user (Ctrl-C), FAILED for an error
+            logger.end("KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED")
             logger.finish()
         raise
     finally:
