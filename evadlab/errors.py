@@ -4,7 +4,9 @@ Ray wraps an exception raised in a worker, actor or task: ``ray.get`` raises a `
 original, Ray Train raises a ``WorkerGroupError`` holding each failed worker's exception, and Ray Data wraps a failed
 function in a ``UserCodeException`` whose own cause does not survive the trip back to the driver (only its text
 does). :func:`original_error` digs the original out of all of them, so the command line can print the message the
-code raised, as it would without Ray. Ray is never imported here: an error can only be Ray's when Ray is loaded.
+code raised, as it would without Ray. :func:`is_user_error` and :func:`is_lost_process` tell bad input and a Ray
+process that went away (killed, out of memory, a lost node) from a fault of evadlab. Ray is never imported here: an
+error can only be Ray's when Ray is loaded.
 """
 
 from __future__ import annotations
