@@ -188,18 +188,25 @@ def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared,
     assert any(a.path.endswith("per_class_ap.csv") for a in client.list_artifacts(run.info.run_id))
 
 
-def test_a_checkpoint_that_cannot_be_written_fails_the_run(prepared, mini_ava, tmp_path):
+def test_a_checkpoint_that_cannot_be_written_fails_the_run(prepared, mini_ava, tmp_path, mlflow_server):
     """Checkpoints are written while the next epoch trains (Ray Train's asynchronous upload); one that cannot be
-    written still ends the run, with the error naming it (the command's one line), and nothing is committed for it."""
+    written, here the last, still ends the run, with the error naming it (the command's one line): nothing is
+    committed for it, and MLflow gets no final model, only a FAILED run."""
     _folder, shards = prepared
     cfg = tiny_config(tmp_path, mini_ava, f"data.shards={shards}", "train.epochs=2", "train.max_failures=0",
-                      "tracking.enabled=false")
+                      f"tracking.uri={mlflow_server}", "tracking.experiment=checkpoint_failure_test")
     with pytest.raises(Exception) as failure:  # Ray wraps the cause, checked below
-        train(cfg, hooks=[BlockCheckpointAtEpoch(0)])
+        train(cfg, hooks=[BlockCheckpointAtEpoch(1)])
     cause = original_error(failure.value)
-    assert isinstance(cause, OSError) and "checkpoint_epoch_0001" in one_line(cause), one_line(cause)
+    assert isinstance(cause, OSError) and "checkpoint_epoch_0002" in one_line(cause), one_line(cause)
     (run_folder,) = [path for path in (tmp_path / "ray").iterdir() if path.is_dir()]
-    assert committed_epochs(run_folder) == 0 and not list(run_folder.glob("checkpoint_epoch_*/checkpoint.pt"))
+    assert committed_epochs(run_folder) == 1
+    assert [path.parent.name for path in run_folder.glob("checkpoint_epoch_*/checkpoint.pt")] == ["checkpoint_epoch_0001"]
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("checkpoint_failure_test").experiment_id
+    (run,) = client.search_runs([experiment])
+    assert run.info.status == "FAILED"
+    assert [model.name for model in client.search_logged_models([experiment])] == []
 
 
 def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, mini_ava, tmp_path, mlflow_server):

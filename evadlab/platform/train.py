@@ -348,6 +348,7 @@ def report_epoch(worker: Worker, epoch: int, metrics: dict[str, float], seconds:
         "model_state": worker.core_model.state_dict(), "optimizer_state": worker.optimizer.state_dict(),
         "epoch": epoch, "config_yaml": config_yaml(worker.cfg), "extra": {"progress": asdict(progress)}})
     if worker.logger and progress.epoch == worker.cfg.train.epochs:
+        worker.checkpoints.wait()  # no final model in MLflow for a run whose last checkpoint could not be written
         log_model(worker, "final", FINAL_MODEL_FILE, epoch, metrics, timestamp)
 
 
@@ -366,11 +367,19 @@ class CheckpointWriter:
     def __init__(self) -> None:
         self._written = threading.Event()
         self._written.set()
+        self._failure: BaseException | None = None
+
+    def wait(self) -> None:
+        """Returns once the last checkpoint handed to :meth:`report` is written; raises the error of a write that
+        failed (an OSError naming the file, see :func:`evadlab.storage.naming`)."""
+        self._written.wait()
+        if self._failure is not None:
+            raise self._failure
 
     def report(self, metrics: dict[str, Any], epoch: int, training_state: Callable[[], dict[str, Any]]) -> None:
         """``ray.train.report(metrics)`` with a checkpoint of ``training_state()`` (the keyword arguments of
-        :func:`training_checkpoint_bytes`) as it is now."""
-        self._written.wait()
+        :func:`training_checkpoint_bytes`) as it is now. Raises the error of the previous write if it failed."""
+        self.wait()
         content = training_checkpoint_bytes(**training_state())
         run_storage = ray.train.get_context().get_storage()
         folder_name = CHECKPOINT_FOLDER.format(epochs=epoch + 1)
@@ -382,6 +391,9 @@ class CheckpointWriter:
                 storage.write_bytes(storage.join(storage.uri_of(checkpoint.filesystem, checkpoint.path),
                                                  CHECKPOINT_FILE), content)
                 return checkpoint
+            except BaseException as error:
+                self._failure = error
+                raise
             finally:
                 self._written.set()
 
