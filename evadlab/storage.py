@@ -114,12 +114,14 @@ def naming(location: str | os.PathLike) -> Iterator[None]:
         raise OSError(error.errno, error.strerror or str(error), str(location)) from error
 
 
-def _temporaries_of(target: Path) -> list[Path]:
-    """The temporary names :func:`atomic_path` gives writes of ``target`` (``.NAME.<random>.tmp`` beside it, the
-    random part without dots, as ``tempfile.mkstemp`` makes it), so that ``.a.b.<random>.tmp``, a write of
-    ``a.b``, is not one of ``a``'s."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.[^.]+\.tmp")
-    with os.scandir(target.parent) as entries:
+def temporaries_in(folder: Path, name: str) -> list[Path]:
+    """The temporaries :func:`atomic_path` left in ``folder`` for the files whose names fully match the regular
+    expression ``name`` (``.NAME.<random>.tmp``, the random part without dots, as ``tempfile.mkstemp`` makes it, so
+    that ``.a.b.<random>.tmp``, a write of ``a.b``, is not one of ``a``'s). None when the folder does not exist."""
+    pattern = re.compile(rf"\.(?:{name})\.[^.]+\.tmp")
+    if not folder.is_dir():
+        return []
+    with os.scandir(folder) as entries:
         return [Path(entry.path) for entry in entries if pattern.fullmatch(entry.name)]
 
 
@@ -145,7 +147,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             os.replace(temporary, target)
         finally:
             remove(temporary)
-        for leftover in _temporaries_of(target):
+        for leftover in temporaries_in(target.parent, re.escape(target.name)):
             remove(leftover)
 
 

@@ -74,7 +74,7 @@ from evadlab.pipelines.ava import (
 from evadlab.pipelines.clips import encode_jpegs, resize_short_side
 from evadlab.pipelines.video import FrameSource, error_reason, open_frames
 from evadlab.ray_session import ensure_ray
-from evadlab.storage import atomic_path, write_text
+from evadlab.storage import atomic_path, remove, temporaries_in, write_text
 
 SHARD_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -367,12 +367,11 @@ def finished_shard(path: Path, clip_spec: dict[str, Any], timestamps: list[int])
 
 
 def remove_stale_shards(out: Path, splits: tuple[str, ...], planned: set[Path]) -> None:
-    """Removes what no reader may see in the split folders: temporaries left by a killed run (``atomic_path`` names
-    the temporary of ``part-<video>-<NNNN>.parquet`` ``.part-<video>-<NNNN>.parquet.<random>.tmp``), and parts that
-    are not planned (another part size, keyframes no longer annotated, shards of an earlier layout)."""
+    """Removes what no reader may see in the split folders: the temporaries of parts a killed run was writing, and
+    parts that are not planned (another part size, keyframes no longer annotated, shards of an earlier layout)."""
     for split in splits:
-        for temporary in (out / split).glob(".part-*.tmp"):
-            temporary.unlink(missing_ok=True)
+        for temporary in temporaries_in(out / split, r"part-.*\.parquet"):
+            remove(temporary)
         for shard in (out / split).glob("part-*.parquet"):
             if shard not in planned:
                 shard.unlink(missing_ok=True)
