@@ -18,7 +18,15 @@ import traceback
 from pathlib import Path
 
 from evadlab.config import load_config
-from evadlab.errors import is_lost_process, is_user_error, kind_of, lost_process_line, one_line, original_error
+from evadlab.errors import (
+    INTERRUPTIONS,
+    is_lost_process,
+    is_user_error,
+    kind_of,
+    lost_process_line,
+    one_line,
+    original_error,
+)
 
 DEBUG_VARIABLE = "EVADLAB_DEBUG"
 # 128 + SIGINT, as shells report a command ended by Ctrl-C.
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except Exception as error:  # noqa: BLE001 - every error ends in the command's one line
         return report_error(args, error)
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; under Ray Train's own handler, Ray's SystemExit
+    except INTERRUPTIONS:
         hint = CONTINUE_HINTS.get(args.command)
         print(f"evadlab {args.command}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE

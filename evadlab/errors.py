@@ -28,6 +28,8 @@ USER_ERROR_KINDS = frozenset({"ValueError", "OSError", "FileNotFoundError", "Per
 LOST_PROCESS_KINDS = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
                                 "NodeDiedError", "LocalRayletDiedError", "OutOfMemoryError", "ObjectLostError",
                                 "OwnerDiedError", "WorkerHealthCheckFailedError"})
+# What Ctrl-C raises in the driver: KeyboardInterrupt, or, under Ray Train's own SIGINT handler, Ray's SystemExit.
+INTERRUPTIONS = (KeyboardInterrupt, SystemExit)
 # "pid: 11906" and "ip: 10.0.0.7" in the text of Ray's ActorDiedError.
 _PROCESS_FIELDS = re.compile(r"\b(?P<key>pid|ip): (?P<value>\S+)")
 

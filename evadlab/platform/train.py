@@ -28,6 +28,7 @@ import yaml
 from evadlab import storage
 from evadlab.config import ExperimentConfig
 from evadlab.console import EpochProgress, duration
+from evadlab.errors import INTERRUPTIONS
 from evadlab.models.checkpoints import load_training_checkpoint, save_training_checkpoint, training_checkpoint_bytes
 from evadlab.models.flops import REFERENCE_INPUT_SIZE, flops_report
 from evadlab.models.latency import inference_latency_s
@@ -508,7 +509,7 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
         result = build_trainer(cfg, setup, callbacks, hooks or [], start_ref, progress, dataset).fit()
     except BaseException as error:
         if logger:  # MLflow's statuses: KILLED for a run stopped by its user (Ctrl-C), FAILED for an error
-            logger.end("KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            logger.end("KILLED" if isinstance(error, INTERRUPTIONS) else "FAILED")
             logger.finish()
         raise
     finally:
