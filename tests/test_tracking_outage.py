@@ -83,6 +83,36 @@ def test_records_wait_while_the_server_is_away_and_go_out_when_it_answers(own_se
                                                     f"{BACKLOG_FILE} or a run folder with one)")
 
 
+A_RECORD = {"uri": "http://127.0.0.1:9", "run_id": "0123456789abcdef", "kind": "metrics", "metrics": {"loss": 1.0},
+            "step": 0, "timestamp": 0}
+
+
+@pytest.mark.parametrize(("content", "line"), [
+    ("0123456789abcdef0123456789abcdef\n", 1),  # a run folder's mlflow_run_id, given by mistake
+    (json.dumps({**A_RECORD, "kind": "nope"}) + "\n", 1),
+    (json.dumps(A_RECORD) + "\n" + json.dumps({"kind": "metrics"}) + "\n", 2),
+    (json.dumps(A_RECORD) + "\nnot a record\n" + json.dumps(A_RECORD) + "\n", 2),
+])
+def test_a_file_that_is_no_backlog_is_refused_and_kept(tmp_path, capsys, content, line):
+    file = tmp_path / "some_file"
+    file.write_text(content)
+    assert main(["tracking", "replay", str(file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"evadlab tracking: error: {file}: line {line} is not an MLflow backlog record")
+    assert file.read_text() == content
+
+
+def test_a_backlog_line_cut_short_by_a_crash_is_left_out(tmp_path, capsys):
+    """The last line is the start of a record (the job died writing it): the records before it are read, and sent
+    once the server answers; here none does, so the whole file stays."""
+    file = tmp_path / BACKLOG_FILE
+    content = json.dumps(A_RECORD) + "\n" + json.dumps(A_RECORD)[:25]
+    file.write_text(content)
+    assert main(["tracking", "replay", str(file)]) == 2
+    assert "MLflow tracking server at http://127.0.0.1:9" in capsys.readouterr().err
+    assert file.read_text() == content
+
+
 @pytest.mark.slow
 def test_training_survives_a_tracking_server_that_stops_and_comes_back(own_server, tmp_path, mini_ava, ray_local):
     """The server is stopped after epoch 0 and started again during epoch 2 of 3: the run finishes, its MLflow run

@@ -171,7 +171,7 @@ def compare_runs(experiment: str | None, tracking_uri: str | None, out_dir: str 
     sweep's own cost, else GFLOPs), and the plot. Everything is read from the tracking server (a local store or a
     remote ``mlflow server``); the table and plot are written to ``out_dir``."""
     uri = tracking_uri or default_tracking_uri()
-    check_tracking_uri(uri)
+    check_tracking_uri(uri, read_only=True)
     client = MlflowClient(uri)
     ids = experiment_ids(client, experiment)
     if sweep:

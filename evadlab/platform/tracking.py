@@ -15,10 +15,12 @@ import json
 import math
 import os
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -39,6 +41,11 @@ MAX_PARAM_LENGTH = 6000
 # What a run could not send while its server was away: JSON lines in the run folder, artifact copies beside them.
 BACKLOG_FILE = "mlflow_backlog.jsonl"
 BACKLOG_ARTIFACTS = "mlflow_backlog_artifacts"
+# The stores MLflow 3 tracks runs in that evadlab accepts: a tracking server, a database (SQLAlchemy's schemes, whose
+# driver may follow a '+': postgresql+psycopg2), Databricks. MLflow's file store is in maintenance mode.
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+# What a backlog record may log (see RunLogger._send and send_records).
+BACKLOG_RECORD_KINDS = ("params", "metrics", "inputs", "model", "tags", "artifact", "end")
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 METRICS_PER_BATCH = 1000
@@ -50,8 +57,16 @@ MODEL_RECORD_TAG = "evadlab.record_id"
 MODEL_TYPE = "evad-checkpoint"
 
 
-def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail at start, not hours later: an HTTP server must answer its health check."""
+def check_tracking_uri(uri: str, timeout_s: float = 5.0, *, read_only: bool = False) -> None:
+    """Fail at start, not hours later: an HTTP server must answer its health check; a SQLite database must open (its
+    folder is created, unless ``read_only``: then the file must exist, as a reader finds nothing in a new one); other
+    schemes must be a store MLflow 3 writes to (:data:`TRACKING_SCHEMES`). Raises TrackingError naming the URI."""
+    scheme = urllib.parse.urlsplit(uri).scheme.split("+", 1)[0]
+    if scheme not in TRACKING_SCHEMES:
+        raise TrackingError(
+            f"tracking.uri {uri!r} is no MLflow tracking store evadlab can use: give a server (http://host:port) or a "
+            f"database (sqlite:///path/mlflow.db, postgresql://..., mysql://..., mssql://...); MLflow keeps its file "
+            f"store ('./mlruns', file://) in maintenance mode only")
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
@@ -64,7 +79,19 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
                 f"authenticating proxy: the server has no login of its own) or set tracking.uri to a reachable server."
             ) from None
     elif uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        check_sqlite_database(Path(uri.removeprefix("sqlite:///")), uri, read_only)
+
+
+def check_sqlite_database(path: Path, uri: str, read_only: bool) -> None:
+    """Opens the SQLite database at ``path`` (of ``uri``) once; see :func:`check_tracking_uri`."""
+    if read_only and not path.is_file():
+        raise TrackingError(f"no MLflow database at {path} (tracking.uri {uri}): check the path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(path)) as database:
+            database.execute("PRAGMA schema_version")
+    except (OSError, sqlite3.Error) as error:
+        raise TrackingError(f"cannot open the MLflow database {path} (tracking.uri {uri}): {error}") from None
 
 
 def trade_off_tags(cfg: ExperimentConfig, gflops: float | None = None) -> dict[str, str]:
@@ -308,15 +335,26 @@ def record_groups(records: list[dict[str, Any]]) -> Iterator[tuple[int, list[dic
 
 
 def read_backlog(file: Path) -> list[dict[str, Any]]:
-    """The records of a backlog file; a last line cut short by a crash is left out."""
-    lines = [line for line in file.read_text().splitlines() if line.strip()]
+    """The records of a backlog file; a last line cut short by a crash (the start of a JSON object) is left out.
+    Raises ValueError naming the file and line for anything else that is not a record :class:`RunLogger` writes, so
+    that a file that is no backlog is never taken for an empty one (and removed)."""
+    try:
+        lines = [line for line in file.read_text().splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{file}: not an MLflow backlog (not text)") from None
     records = []
     for number, line in enumerate(lines, start=1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if number != len(lines):
-                raise ValueError(f"{file}: line {number} is not a JSON record") from None
+            if number == len(lines) and line.startswith('{"'):
+                break
+            raise ValueError(f"{file}: line {number} is not an MLflow backlog record (a JSON object)") from None
+        if not (isinstance(record, dict) and record.get("kind") in BACKLOG_RECORD_KINDS
+                and isinstance(record.get("uri"), str) and isinstance(record.get("run_id"), str)):
+            raise ValueError(f"{file}: line {number} is not an MLflow backlog record (one with a uri, a run_id and a "
+                             f"kind of {', '.join(BACKLOG_RECORD_KINDS)})")
+        records.append(record)
     return records
 
 
@@ -345,7 +383,8 @@ def send_backlog(file: Path, uri: str | None = None) -> tuple[int, BaseException
 def replay_backlog(location: str | Path, tracking_uri: str | None = None) -> int:
     """``evadlab tracking replay``: sends a backlog (the file, or the run folder that holds it) to its MLflow server,
     or to ``tracking_uri``; returns the number of records sent. Raises FileNotFoundError without a backlog,
-    TrackingError when the server does not answer (what was not sent stays)."""
+    ValueError for a file that is not one (it is kept), TrackingError when the server does not answer (what was not
+    sent stays)."""
     file = Path(location) / BACKLOG_FILE if Path(location).is_dir() else Path(location)
     if not file.is_file():
         raise FileNotFoundError(f"no MLflow backlog at {location} (expected a {BACKLOG_FILE} or a run folder with one)")
