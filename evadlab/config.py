@@ -240,6 +240,10 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     resume: bool = False
     max_failures: int = Field(0, ge=-1)
+    # How often Ray Train's controller polls the workers (Ray's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s): each
+    # report and checkpoint is committed, the end of training noticed and a dead worker found within about this time.
+    # A worker that misses polls is declared dead only after Ray's 10 minutes, so a short interval fails nothing.
+    health_check_interval_s: float = Field(0.5, gt=0)
     seed: int = 0
     log_every: int = Field(10, ge=1)
 
@@ -262,6 +266,11 @@ class TrainConfig(Section):
     @property
     def elastic(self) -> bool:
         return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run trains with: ``num_workers``, or the min of its range."""
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
 
     @property
     def max_workers(self) -> int:

@@ -114,6 +114,29 @@ def naming(location: str | os.PathLike) -> Iterator[None]:
         raise OSError(error.errno, error.strerror or str(error), str(location)) from error
 
 
+def require_writable_folder(path: str | os.PathLike, what: str) -> None:
+    """Checks that a file can be written in the local folder ``path`` by doing it: the folders missing on the way are
+    created, a temporary file written, and all of it removed again. A command checks where its results go before its
+    expensive work, and leaves nothing behind when another check fails later. Raises OSError naming ``what`` (a config
+    key, an option) and the path."""
+    folder = Path(path).absolute()
+    created: list[Path] = []
+    try:
+        for step in [*reversed(folder.parents), folder]:
+            if step.is_file():
+                raise NotADirectoryError(f"{step} is a file")
+            if not step.is_dir():
+                step.mkdir()
+                created.append(step)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OSError(f"{what} {path} cannot be written ({error.strerror or error})") from None
+    finally:
+        for step in reversed(created):
+            step.rmdir()
+
+
 def temporaries_in(folder: Path, name: str) -> list[Path]:
     """The temporaries :func:`atomic_path` left in ``folder`` for the files whose names fully match the regular
     expression ``name`` (``.NAME.<random>.tmp``, the random part without dots, as ``tempfile.mkstemp`` makes it, so

@@ -111,7 +111,27 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
         (["tune", f"{folder}/absent_sweep.yaml"], rf"config file {e(folder)}/absent_sweep\.yaml does not exist"),
         (["ava-map", "--labelmap", notes, "--groundtruth", missing, "--detections", missing], rf".*{e(notes)}.*"),
         (["compare", "--tracking-uri", "http://127.0.0.1:9"], unreachable),
+        ([*train, *q, "tracking.enabled=true", "tracking.uri=mlruns"], (r"tracking.uri 'mlruns' is no MLflow tracking "
+         r"store evadlab can use: give a server \(http://host:port\) or a database .*")),
+        ([*train, *q, "tracking.enabled=true", "tracking.uri=htp://127.0.0.1:5000"], r"tracking.uri 'htp://.*"),
+        ([*train, *q, "tracking.enabled=true", f"tracking.uri=sqlite:///{notes}/mlflow.db"],
+         rf"cannot open the MLflow database {e(notes)}/mlflow\.db \(tracking.uri sqlite:///{e(notes)}/mlflow\.db\): .*"),
+        ([*train, *q, "train.num_workers=[64, 128]", "train.cpus_per_worker=2"],
+         (r"64 worker\(s\) \(train.num_workers\) need 128 CPU \(train.cpus_per_worker=2 each\) but the cluster has "
+         r"[\d.]+ CPU: lower train.num_workers or train.cpus_per_worker, or add nodes")),
+        ([*evaluate, "--checkpoint", pt, *q, "data.label_map=nope.pbtxt"],
+         rf"the label map {e(str(f['root']))}/annotations/nope\.pbtxt \('data\.label_map'\) does not exist"),
+        ([*train, *q, "data.val_annotations=val.csv", "eval.every_epochs=1"],
+         rf"the val annotations {e(str(f['root']))}/annotations/val\.csv \('data\.val_annotations'\) does not exist"),
+        ([*evaluate, "--checkpoint", pt, *q, f"output_dir={notes}/out"],
+         rf"output_dir {e(notes)}/out/quickstart cannot be written \({e(notes)} is a file\)"),
+        (["run", str(QUICKSTART), *q, f"output_dir={notes}/out"], (rf"output_dir {e(notes)}/out/quickstart cannot be "
+         rf"written \({e(notes)} is a file\)")),
+        (["compare", "--tracking-uri", f"sqlite:///{folder}/mlflwo.db"],
+         rf"no MLflow database at {e(folder)}/mlflwo\.db \(tracking.uri sqlite:///{e(folder)}/mlflwo\.db\): check the path"),
         (["synth", "--out", f"{notes}/ava"], rf".*{e(notes)}.*"),
+        (["synth", "--out", str(f["root"])], (rf"--out {e(str(f['root']))} is not empty: synth writes a whole dataset "
+         r"there, replacing files of the same names; choose a new folder or remove this one")),
         (["tracking", "replay", missing], rf"no MLflow backlog at {e(missing)} .*"),
     ]
 

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from ray_cluster import LocalRayCluster
 
 from evadlab.models.checkpoints import load_training_checkpoint
-from evadlab.platform.hooks import committed_epochs
+from evadlab.platform.runs import committed_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -154,11 +154,11 @@ def recovery_seconds(client: MlflowClient, loss: NodeLoss) -> float:
 
 
 def submit_train(cluster: LocalRayCluster, overrides: str, experiment: str, *extra: str) -> None:
-    """``evadlab train`` as a job. Its epochs (5 steps of ~0.3 s) are shorter than Ray Train's default report poll
-    (2 s), after which an epoch's checkpoint is committed: the job polls every 0.5 s instead
-    (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, which Ray Train passes from the driver to its controller), so that an epoch
-    has steps left between its predecessor's commit and its own end, where the node is killed."""
-    cluster.submit_job(f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.5 {COMMAND} train experiments/quickstart.yaml {overrides} "
+    """``evadlab train`` as a job. Its epochs (5 steps of ~0.3 s) are shorter than Ray Train's own default report
+    poll (2 s), after which an epoch's checkpoint is committed: the job polls every 0.5 s
+    (``train.health_check_interval_s``), so that an epoch has steps left between its predecessor's commit and its own
+    end, where the node is killed."""
+    cluster.submit_job(f"{COMMAND} train experiments/quickstart.yaml {overrides} train.health_check_interval_s=0.5 "
                        f"tracking.experiment={experiment} " + " ".join(extra), experiment, REPO)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from evadlab.config import load_config
 from evadlab.platform.runs import (
     CHECKPOINT_FOLDER,
+    RAY_TRAIN_SNAPSHOT_FILE,
     RUN_MARKER,
     config_hash,
     config_identity,
@@ -25,13 +26,17 @@ def config(tmp_path: Path, *overrides: str):
     return load_config(QUICKSTART, [f"train.storage_path={tmp_path / 'ray'}", "tracking.enabled=false", *overrides])
 
 
-def make_run(tmp_path: Path, folder: str, created: float, *overrides: str) -> None:
-    """A run folder as `evadlab train` leaves it, created at ``created`` (seconds since the epoch)."""
+def make_run(tmp_path: Path, folder: str, created: float, *overrides: str, epochs: int = 1) -> None:
+    """A run folder as `evadlab train` leaves it, created at ``created`` (seconds since the epoch), with the checkpoint
+    of ``epochs`` epochs committed (as Ray Train's snapshot records it); ``epochs=0``: a start that failed before."""
     location = str(tmp_path / "ray")
     write_run_marker(config(tmp_path, *overrides), location, folder)
     marker = tmp_path / "ray" / folder / RUN_MARKER
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "created": created}))
-    (tmp_path / "ray" / folder / CHECKPOINT_FOLDER.format(epochs=1)).mkdir()
+    if epochs:
+        (tmp_path / "ray" / folder / CHECKPOINT_FOLDER.format(epochs=epochs)).mkdir()
+        latest = {"metrics": {"progress/epoch": epochs}, "checkpoint_dir_name": CHECKPOINT_FOLDER.format(epochs=epochs)}
+        (tmp_path / "ray" / folder / RAY_TRAIN_SNAPSHOT_FILE).write_text(json.dumps({"latest_checkpoint_result": latest}))
 
 
 def test_resume_picks_the_newest_run_of_this_config_and_says_which(tmp_path, capsys):
@@ -52,6 +57,23 @@ def test_resume_picks_the_newest_run_of_this_config_and_says_which(tmp_path, cap
     assert out == (f"evadlab train: train.resume: continuing run quickstart_20251130-080000 of 'quickstart' (created "
                    f"{created}) at {tmp_path / 'ray' / 'quickstart_20251130-080000'}\n")
     assert len(read_run_markers(str(tmp_path / "ray"))) == 5
+
+
+def test_resume_skips_newer_runs_that_never_committed_a_checkpoint(tmp_path, capsys):
+    """Starts that failed before their first epoch (an unreachable tracking server, too few CPUs) leave a marked
+    folder with nothing to continue: resume continues the newest run with a checkpoint, and the newest run when none
+    has one."""
+    make_run(tmp_path, "quickstart_20251130-090000", 1_764_490_000.0, epochs=3)
+    make_run(tmp_path, "quickstart_20251130-100000", 1_764_493_600.0, epochs=0)
+    make_run(tmp_path, "quickstart_20251130-110000", 1_764_497_200.0, epochs=0)
+    resumed = config(tmp_path, "train.resume=true")
+    assert run_name_for(resumed, str(tmp_path / "ray")) == "quickstart_20251130-090000"
+    assert "continuing run quickstart_20251130-090000" in capsys.readouterr().out
+
+    other = tmp_path / "other"
+    make_run(other, "quickstart_20251130-100000", 1_764_493_600.0, epochs=0)
+    make_run(other, "quickstart_20251130-110000", 1_764_497_200.0, epochs=0)
+    assert run_name_for(config(other, "train.resume=true"), str(other / "ray")) == "quickstart_20251130-110000"
 
 
 def test_a_changed_config_starts_a_marked_new_run_and_names_the_difference(tmp_path, capsys):

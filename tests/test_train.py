@@ -25,12 +25,13 @@ from evadlab.pipelines.prepare import prepare
 from evadlab.platform.hooks import (
     BlockCheckpointAtEpoch,
     FailOnceAtEpoch,
+    RecordEnvironment,
     RecordSeenSamples,
     RecordWeights,
-    committed_epochs,
 )
 from evadlab.platform.ingest import ExactlyOnceDataConfig, plan_ingest, training_dataset
 from evadlab.platform.modeling import build_model
+from evadlab.platform.runs import committed_epochs
 from evadlab.platform.train import train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
@@ -213,10 +214,15 @@ def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, min
     folder, shards = prepared
     common = [f"data.shards={shards}", f"train.storage_path={tmp_path / 'ray'}", f"tracking.uri={mlflow_server}",
               "tracking.experiment=resume_test"]
-    seen = tmp_path / "seen"
-    first = train(tiny_config(folder, mini_ava, *common, "train.epochs=1"), hooks=[RecordSeenSamples(seen)])
+    seen, polls = tmp_path / "seen", tmp_path / "polls.txt"
+    poll_variable = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    first = train(tiny_config(folder, mini_ava, *common, "train.epochs=1", "train.health_check_interval_s=0.25"),
+                  hooks=[RecordSeenSamples(seen), RecordEnvironment(polls, poll_variable)])
     second = train(tiny_config(folder, mini_ava, *common, "train.epochs=2", "train.resume=true"),
-                   hooks=[RecordSeenSamples(seen)])
+                   hooks=[RecordSeenSamples(seen), RecordEnvironment(polls, poll_variable)])
+    # train.health_check_interval_s reaches Ray Train's controller (which passes it on to the workers, where it is
+    # read back here) and may change on resume.
+    assert polls.read_text().split() == [f"{poll_variable}=0.25", f"{poll_variable}=0.5"]
     assert second.run_name == first.run_name and second.mlflow_run_id == first.mlflow_run_id
     assert load_training_checkpoint(second.checkpoint_path)["epoch"] == 1
     client = MlflowClient(mlflow_server)

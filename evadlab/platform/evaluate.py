@@ -45,7 +45,7 @@ from evadlab.platform.tracking import (
     start_run,
 )
 from evadlab.ray_session import ensure_ray
-from evadlab.storage import atomic_path
+from evadlab.storage import atomic_path, require_writable_folder
 
 DETECTIONS_FILE = "detections.csv"
 
@@ -115,6 +115,16 @@ def score_detections(table: pa.Table, cfg: ExperimentConfig, out_dir: Path) -> E
     return score_file(detections_path, cfg)
 
 
+def require_evaluation_files(cfg: ExperimentConfig) -> None:
+    """The files scoring on val reads, checked before any work (else an evaluation would stop inside a Ray worker):
+    the label map and the val annotations (the excluded timestamps are optional). Raises FileNotFoundError naming the
+    config key and the path."""
+    for key, what in (("label_map", "label map"), ("val_annotations", "val annotations")):
+        path = cfg.data.annotation_dir / getattr(cfg.data, key)
+        if not path.is_file():
+            raise FileNotFoundError(f"the {what} {path} ('data.{key}') does not exist")
+
+
 def score_file(detections_path: Path, cfg: ExperimentConfig) -> EvalResult:
     """The frame-mAP (``eval.iou``) and per-class AP of an AVA detections CSV against the val ground truth."""
     annotations = cfg.data.annotation_dir
@@ -180,7 +190,8 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
              job_run: JobRun | None = None) -> EvalResult:
     """``evadlab evaluate``: cluster-scale inference on the val shards with ``eval.concurrency`` actors.
 
-    Before Ray starts: the val shards must be completely prepared (UnpreparedDataError); the MLflow server must answer
+    Before Ray starts: the val shards must be completely prepared (UnpreparedDataError), the label map and val
+    annotations exist (FileNotFoundError) and the folder of ``out_dir`` be writable (OSError); the MLflow server must answer
     (TrackingError), unless ``job_run`` names the run of the job this evaluation is part of; ``checkpoint`` (else
     ``model.checkpoint``: a path, a storage URI, ``runs:/`` or ``models:/``) is read once and checked against the
     configured model (ValueError without one, CheckpointError for one that cannot be read or does not fit); then the
@@ -189,14 +200,16 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
     server could not take wait in ``out_dir`` (see :class:`RunLogger`).
     """
     manifest = require_prepared(cfg, ("val",))
+    require_evaluation_files(cfg)
     location = checkpoint or cfg.model.checkpoint
     if not location:
         raise ValueError("evaluate needs a checkpoint: pass --checkpoint or set model.checkpoint")
+    out_dir = out_dir or cfg.run_dir / f"evaluate_{time.strftime('%Y%m%d-%H%M%S')}"
+    require_writable_folder(out_dir.parent, "output_dir")
     if cfg.tracking.enabled and job_run is None:
         check_tracking_uri(cfg.tracking.resolved_uri())
     start_weights = complete_checkpoint(cfg.model, location, cfg.tracking.resolved_uri())
     build_model(cfg.model, start_weights, device="meta")
-    out_dir = out_dir or cfg.run_dir / f"evaluate_{time.strftime('%Y%m%d-%H%M%S')}"
     job_run = job_run or own_run(cfg, location, manifest)
     logger = RunLogger(cfg.tracking.resolved_uri(), job_run.run_id, backlog=str(out_dir), retry_s=0.0) \
         if job_run else None

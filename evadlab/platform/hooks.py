@@ -7,7 +7,6 @@ the package (not under tests/) because Ray pickles them by reference into worker
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,12 +18,7 @@ import ray.train
 import torch
 
 from evadlab import storage
-from evadlab.platform.runs import CHECKPOINT_FOLDER
-
-# Ray Train's checkpoint manager rewrites this file in the run's storage folder each time it commits a checkpoint
-# (ray.train.v2's CHECKPOINT_MANAGER_SNAPSHOT_FILENAME, an internal name: written out so that no internal module is
-# imported).
-RAY_TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+from evadlab.platform.runs import CHECKPOINT_FOLDER, committed_epochs
 
 
 class TrainingHooks:
@@ -38,22 +32,6 @@ class TrainingHooks:
 
     def after_epoch(self, epoch: int, rank: int, model: torch.nn.Module) -> None:
         """The epoch's last optimiser step is done (before evaluation and the checkpoint)."""
-
-
-def committed_epochs(run_storage: str | os.PathLike) -> int:
-    """The epochs (``progress/epoch``) of the newest checkpoint Ray Train has committed for the run whose storage
-    folder (path or URI) is ``run_storage``; 0 before the first, or while the file is being rewritten (callers poll).
-
-    Ray Train commits a reported checkpoint only once its controller has collected the report of every worker (it
-    polls them every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default); its checkpoint manager then rewrites
-    :data:`RAY_TRAIN_SNAPSHOT_FILE` in the run's storage folder, which this reads. A worker lost before that poll
-    takes its report with it, and the run resumes from the checkpoint before."""
-    try:
-        snapshot = json.loads(storage.read_text(storage.join(run_storage, RAY_TRAIN_SNAPSHOT_FILE)))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    latest = snapshot.get("latest_checkpoint_result") or {}
-    return int(latest.get("metrics", {}).get("progress/epoch", 0))
 
 
 def wait_for_committed_epochs(run_storage: str | os.PathLike, epochs: int, timeout_s: float = 120.0) -> None:
@@ -119,6 +97,18 @@ class RecordSeenSamples(TrainingHooks):
         lines = "".join(f"{video},{timestamp}\n" for video, timestamp in self.seen)
         (self.folder / f"epoch_{epoch:03d}_rank_{rank}.txt").write_text(lines)
         self.seen = []
+
+
+class RecordEnvironment(TrainingHooks):
+    """Appends ``name=value`` of the environment variable ``name`` as each worker sees it to ``path`` at the end of
+    each epoch: what Ray Train passed on from the driver through its controller to the workers."""
+
+    def __init__(self, path: str | Path, name: str):
+        self.path, self.name = Path(path), name
+
+    def after_epoch(self, epoch: int, rank: int, model: torch.nn.Module) -> None:
+        with open(self.path, "a") as out:
+            out.write(f"{self.name}={os.environ.get(self.name)}\n")
 
 
 class RecordWeights(TrainingHooks):

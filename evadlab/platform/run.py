@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from evadlab.config import ExperimentConfig
-from evadlab.storage import write_text
+from evadlab.storage import require_writable_folder, write_text
 
 
 def run_main_job(cfg: ExperimentConfig) -> dict:
@@ -16,17 +16,19 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
     evaluation inside training when there was one, else Ray Data inference on the final checkpoint), then a summary and
     ``summary.json``. Nothing is written before the MLflow server has answered and the starting weights (if any) have
     been read and checked. The final evaluation logs into the training's MLflow run at its final step."""
-    from evadlab.platform.evaluate import JobRun, evaluate, evaluation_of_detections
+    from evadlab.platform.evaluate import JobRun, evaluate, evaluation_of_detections, require_evaluation_files
     from evadlab.platform.modeling import build_model, starting_weights
     from evadlab.platform.tracking import check_tracking_uri
     from evadlab.platform.train import should_evaluate, train
 
     start = time.perf_counter()
+    require_writable_folder(cfg.run_dir, "output_dir")
     if cfg.tracking.enabled:
         check_tracking_uri(cfg.tracking.resolved_uri())
     weights = starting_weights(cfg.model, cfg.tracking.resolved_uri())
     build_model(cfg.model, weights, device="meta")
     synthesise_if_needed(cfg)
+    require_evaluation_files(cfg)
     ensure_prepared(cfg)
     print("[3/4] train")
     trained = train(cfg, start=weights)

@@ -4,7 +4,9 @@ Each training run gets a folder ``<storage>/<name>_<YYYYmmdd-HHMMSS>/`` (Ray Tra
 ``checkpoint_epoch_NNNN/`` per kept checkpoint after NNNN epochs, and ``mlflow_run_id``) with a marker, ``evadlab_run.json``, written when the run is created: the config's ``name``, its identity (the
 flattened config without the keys a resume may change, :data:`RESUMABLE_KEYS` and :data:`RESUMABLE_SECTIONS`), the
 identity's hash and the creation time. ``train.resume`` continues the newest run (by that time, not by folder name)
-whose marker has this config's name and hash. Folders without a marker (a sweep's own folder, anything else under the
+whose marker has this config's name and hash and that has a checkpoint Ray Train committed; when none has one, the
+newest of them (a start that failed before its first epoch leaves a folder with a marker and nothing to continue,
+which must not hide an older run that has checkpoints). Folders without a marker (a sweep's own folder, anything else under the
 storage path) are never continued, and a name that merely starts the same (``quickstart_long``, a sweep trial
 ``quickstart_<trial>``) is another config.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +24,10 @@ from evadlab import storage
 from evadlab.config import ExperimentConfig
 
 RUN_MARKER = "evadlab_run.json"
+# Ray Train's checkpoint manager rewrites this file in the run's storage folder each time it commits a checkpoint
+# (ray.train.v2's CHECKPOINT_MANAGER_SNAPSHOT_FILENAME, an internal name: written out so that no internal module is
+# imported).
+RAY_TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # The folder of the checkpoint taken after {epochs} epochs, in the run folder.
 CHECKPOINT_FOLDER = "checkpoint_epoch_{epochs:04d}"
 # What a resumed run may change: how long it trains and how it checkpoints, where its files are, on what resources
@@ -28,7 +35,7 @@ CHECKPOINT_FOLDER = "checkpoint_epoch_{epochs:04d}"
 RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.resume", "train.max_failures", "train.keep_checkpoints", "train.log_every",
     "train.storage_path", "train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.resources_per_worker",
-    "train.resize_interval_s",
+    "train.resize_interval_s", "train.health_check_interval_s",
     "data.root", "data.shards", "data.prepare_cpus", "data.keyframes_per_part", "data.ingest", "output_dir",
 })
 # ... and how it is evaluated, swept and tracked. Everything else (data, model, recipe) identifies the run.
@@ -90,12 +97,32 @@ def read_run_markers(location: str) -> list[RunMarker]:
     return markers
 
 
+def committed_epochs(run_storage: str | os.PathLike) -> int:
+    """The epochs (``progress/epoch``) of the newest checkpoint Ray Train has committed for the run whose storage
+    folder (path or URI) is ``run_storage``; 0 before the first, or while the file is being rewritten (callers poll).
+
+    Ray Train commits a reported checkpoint only once its controller has collected the report of every worker (it
+    polls them every ``train.health_check_interval_s``); its checkpoint manager then rewrites
+    :data:`RAY_TRAIN_SNAPSHOT_FILE` in the run's storage folder, which this reads. A worker lost before that poll
+    takes its report with it, and the run resumes from the checkpoint before."""
+    try:
+        snapshot = json.loads(storage.read_text(storage.join(run_storage, RAY_TRAIN_SNAPSHOT_FILE)))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return int(latest.get("metrics", {}).get("progress/epoch", 0))
+
+
 def run_to_resume(cfg: ExperimentConfig, location: str) -> RunMarker | None:
-    """The newest run under ``location`` of this config (same name and identity hash); None when there is none."""
+    """The run under ``location`` that ``train.resume`` continues: of the runs of this config (same name and identity
+    hash), the newest with a committed checkpoint (:func:`committed_epochs`), else the newest; None when there is
+    none."""
     wanted = config_hash(config_identity(cfg))
     matching = [marker for marker in read_run_markers(location)
                 if marker.config_name == cfg.name and marker.config_hash == wanted]
-    return max(matching, key=lambda marker: marker.created, default=None)
+    with_checkpoints = [marker for marker in matching
+                        if committed_epochs(storage.join(location, marker.run_name)) > 0]
+    return max(with_checkpoints or matching, key=lambda marker: marker.created, default=None)
 
 
 def why_none_matches(cfg: ExperimentConfig, location: str) -> str:

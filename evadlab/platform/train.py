@@ -9,6 +9,7 @@ learning rate) is in :mod:`evadlab.platform.recipe`, the input pipeline in :mod:
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 import tempfile
@@ -26,14 +27,14 @@ import torch
 import yaml
 
 from evadlab import storage
-from evadlab.config import ExperimentConfig
+from evadlab.config import ConfigError, ExperimentConfig
 from evadlab.console import EpochProgress, duration
 from evadlab.errors import INTERRUPTIONS
 from evadlab.models.checkpoints import load_training_checkpoint, save_training_checkpoint, training_checkpoint_bytes
 from evadlab.models.flops import REFERENCE_INPUT_SIZE, flops_report
 from evadlab.models.latency import inference_latency_s
 from evadlab.pipelines.prepare import require_prepared
-from evadlab.platform.evaluate import DETECTIONS_FILE, evaluate_in_workers
+from evadlab.platform.evaluate import DETECTIONS_FILE, evaluate_in_workers, require_evaluation_files
 from evadlab.platform.hooks import TrainingHooks
 from evadlab.platform.ingest import (
     STREAM,
@@ -486,18 +487,23 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
     ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback``); ``hooks`` run inside the workers (tests);
     ``start`` are starting weights the caller has read and checked already (else ``model.checkpoint`` /
     ``model.pretrained`` are read here). Before Ray starts, raises UnpreparedDataError for shards that are missing,
-    incomplete or empty, TrackingError when MLflow is unreachable and CheckpointError when the starting weights
-    cannot be read or do not fit. Once training runs, MLflow may go away: see :class:`RunLogger`.
+    incomplete or empty, FileNotFoundError for a missing label map or val annotations when it evaluates, TrackingError
+    when MLflow is unreachable, CheckpointError when the starting weights cannot be read or do not fit, and, once Ray
+    has started, ConfigError when the cluster cannot hold the workers (see :func:`require_room_for_workers`). Once
+    training runs, MLflow may go away: see :class:`RunLogger`.
     """
     manifest = require_prepared(cfg, training_splits(cfg))
+    if cfg.eval.every_epochs > 0:
+        require_evaluation_files(cfg)
     if cfg.tracking.enabled:
         check_tracking_uri(cfg.tracking.resolved_uri())
     if start is None:
         start = starting_weights(cfg.model, cfg.tracking.resolved_uri())
         build_model(cfg.model, start, device="meta")
     began = time.perf_counter()
-    setup = set_up_run(cfg, parent_run_id, manifest)
     ensure_ray()
+    require_room_for_workers(cfg)
+    setup = set_up_run(cfg, parent_run_id, manifest)
     plan = plan_ingest(cfg)
     warn_if_no_cpu_left_for_data(cfg, plan)
     start_ref = ray.put(start) if start is not None else None
@@ -506,6 +512,8 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
     progress.start()
     try:
         dataset = ingest_dataset(cfg, plan, logger)
+        # Ray Train hands this variable from the process that calls fit() to its controller (ENV_VARS_TO_PROPAGATE).
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.train.health_check_interval_s)
         result = build_trainer(cfg, setup, callbacks, hooks or [], start_ref, progress, dataset).fit()
     except BaseException as error:
         if logger:  # MLflow's statuses: KILLED for a run stopped by its user (Ctrl-C), FAILED for an error
@@ -659,6 +667,23 @@ def scaling_config(cfg: ExperimentConfig) -> ray.train.ScalingConfig:
                                    resources_per_worker={"CPU": cfg.train.cpus_per_worker,
                                                          **cfg.train.resources_per_worker},
                                    elastic_resize_monitor_interval_s=cfg.train.resize_interval_s)
+
+
+def require_room_for_workers(cfg: ExperimentConfig) -> None:
+    """Ray Train waits without a word for workers the cluster cannot place. Raises ConfigError, in one line, when the
+    cluster's total resources cannot hold ``train.num_workers`` workers (the min of a range): their CPUs
+    (``train.cpus_per_worker``), a GPU each with ``train.use_gpu``, and ``train.resources_per_worker``."""
+    workers = cfg.train.min_workers
+    needs = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {}),
+             **cfg.train.resources_per_worker}
+    total = ray.cluster_resources()
+    if all(workers * amount <= total.get(name, 0.0) + 1e-9 for name, amount in needs.items()):
+        return
+    need = ", ".join(f"{workers * amount:g} {name}" for name, amount in needs.items())
+    have = ", ".join(f"{total.get(name, 0.0):g} {name}" for name in needs)
+    raise ConfigError(f"{workers} worker(s) (train.num_workers) need {need} (train.cpus_per_worker="
+                      f"{cfg.train.cpus_per_worker:g} each) but the cluster has {have}: lower train.num_workers or "
+                      f"train.cpus_per_worker, or add nodes")
 
 
 def warn_if_no_cpu_left_for_data(cfg: ExperimentConfig, plan: IngestPlan) -> None:
