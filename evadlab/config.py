@@ -53,8 +53,9 @@ class TrackingError(RuntimeError):
 
 
 class Section(BaseModel):
-    # strict: YAML's true is no 1.0 and 1 no true; pydantic still takes an int for a float.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    # strict: YAML's true is no 1.0 and 1 no true; pydantic still takes an int for a float. No key means infinity
+    # (YAML's .inf) or NaN: a learning rate, a CPU count or an offset of .inf is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 def local_folder(value: str) -> str:
@@ -261,6 +262,10 @@ class TrainConfig(Section):
     def _schedule(self) -> TrainConfig:
         if len(self.lr_steps) != len(self.lr_factors):
             raise ValueError("lr_steps and lr_factors must have the same length")
+        if not self.lr_steps or self.lr_steps[0] != 0 or any(b <= a for a, b in zip(self.lr_steps, self.lr_steps[1:])):
+            raise ValueError(f"lr_steps must start at epoch 0 and increase, got {self.lr_steps}")
+        if any(factor <= 0 for factor in self.lr_factors):
+            raise ValueError(f"lr_factors must be positive, got {self.lr_factors}")
         return self
 
     @property
@@ -341,6 +346,8 @@ class TrackingConfig(Section):
         return self.uri or default_tracking_uri()
 
 
+# An experiment's name: one folder name.
+RUN_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]*")
 _LOCAL_PATHS = (("data", "root"), ("data", "shards"), ("model", "pretrained"), ("model", "checkpoint"),
                 ("train", "storage_path"), ("", "output_dir"))
 
@@ -356,6 +363,22 @@ class ExperimentConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
 
     _local_folders = field_validator("output_dir")(local_folder)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        # The name becomes folder names (output_dir/<name>, <storage>/<name>_<time>) that resume finds again.
+        if not RUN_NAME.fullmatch(value):
+            raise ValueError(f"must be letters, digits, '.', '_' or '-', not starting with '.' (a folder name), got "
+                             f"{value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _clip_frames(self) -> ExperimentConfig:
+        if self.data.num_frames != self.model.num_frames:
+            raise ValueError(f"data.num_frames ({self.data.num_frames}) must be model.num_frames "
+                             f"({self.model.num_frames}): the clips are the model's input")
+        return self
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> ExperimentConfig:
@@ -423,6 +446,12 @@ def describe_validation_error(error: ValidationError) -> str:
             # EVADConfig validates the whole section at once; its error names the key within it.
             error = item["ctx"]["error"]
             lines.append(f"'{key}.{error.field}': {error}")
+        elif item["type"] == "value_error":
+            # A validator of ours: pydantic's prefix adds nothing, nor does a whole section as the value it got.
+            shown = f"'{key}'" if key else "config"
+            message, value = item["msg"].removeprefix("Value error, "), item.get("input")
+            got = "" if isinstance(value, dict) or "got " in message else f" (got {value!r})"
+            lines.append(f"{shown}: {message}{got}")
         else:
             shown = f"'{key}'" if key else "config"
             lines.append(f"{shown}: {item['msg']} (got {item.get('input')!r})")

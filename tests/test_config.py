@@ -38,6 +38,19 @@ def test_overrides_are_yaml_scalars_and_reach_nested_keys():
         ("data.flip_prob=false", "'data.flip_prob': Input should be a valid number (got False)"),
         ("train.epochs=2.5", "'train.epochs': Input should be a valid integer (got 2.5)"),
         ("model.roi_extension={x: 0.4, x: 0.2}", "line 1: key 'x' appears twice in one mapping (first on line 1)"),
+        # YAML's .inf and .nan are typos, never settings.
+        ("train.base_lr=.inf", "'train.base_lr': Input should be a finite number (got inf)"),
+        ("train.cpus_per_worker=.inf", "'train.cpus_per_worker': Input should be a finite number (got inf)"),
+        ("data.video_offset_sec=.nan", "'data.video_offset_sec': Input should be a finite number (got nan)"),
+        ("train.lr_steps=[24, 0]", "'train': lr_steps must start at epoch 0 and increase, got [24.0, 0.0]"),
+        ("train.lr_steps=[-5, 24]", "'train': lr_steps must start at epoch 0 and increase, got [-5.0, 24.0]"),
+        ("train.lr_factors=[1.0, -0.1]", "'train': lr_factors must be positive, got [1.0, -0.1]"),
+        ("data.num_frames=8", "config: data.num_frames (8) must be model.num_frames (16): the clips are the model's"),
+        ("name=a/b", "'name': must be letters, digits, '.', '_' or '-', not starting with '.' (a folder name), got 'a/b'"),
+        ("name=../etc", "'name': must be letters"),
+        ("name=''", "'name': must be letters"),
+        ("train.num_workers=[2, 1]", ("'train.num_workers': must be >= 1, a range [min, max] with 1 <= min <= max "
+                                     "(got [2, 1])")),
     ],
 )
 def test_errors_name_the_key(override, message):

@@ -31,10 +31,10 @@ def test_global_batch_stays_batch_size_times_max_workers(workers, grad_accum, ex
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("train.num_workers=[2, 1]", "'train.num_workers': Value error, must be >= 1, a range [min, max]"),
-    ("train.num_workers=[1, 2, 3]", "'train.num_workers': Value error, must be a whole number or a range"),
-    ("train.num_workers=true", "'train.num_workers': Value error, must be a whole number or a range"),
-    ("train.resources_per_worker={CPU: 1}", "'train.resources_per_worker': Value error, 'CPU' is no custom resource"),
+    ("train.num_workers=[2, 1]", "'train.num_workers': must be >= 1, a range [min, max]"),
+    ("train.num_workers=[1, 2, 3]", "'train.num_workers': must be a whole number or a range"),
+    ("train.num_workers=true", "'train.num_workers': must be a whole number or a range"),
+    ("train.resources_per_worker={CPU: 1}", "'train.resources_per_worker': 'CPU' is no custom resource"),
 ])
 def test_bad_worker_settings_name_their_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):

@@ -45,6 +45,21 @@ def test_sweep_file_errors_name_the_key(tmp_path):
         load_sweep(path)
 
 
+@pytest.mark.parametrize(("dimension", "message"), [
+    ({"grid": []}, "grid needs at least one value"),
+    ({"choice": []}, "choice needs at least one value"),
+    ({"uniform": [0.9, 0.1]}, r"uniform needs \[low, high\] with low < high, got \[0.9, 0.1\]"),
+    ({"loguniform": [0.5, 0.5]}, r"loguniform needs \[low, high\] with low < high"),
+])
+def test_an_empty_or_reversed_search_dimension_is_refused(tmp_path, dimension, message):
+    path = write_sweep(tmp_path, tmp_path)
+    text = yaml.safe_load(path.read_text())
+    text["search_space"] = {"model.keep_rate": dimension}
+    path.write_text(yaml.safe_dump(text))
+    with pytest.raises(ConfigError, match=rf"search_space.*model.keep_rate.*{message}"):
+        load_sweep(path)
+
+
 def test_two_trial_sweep_logs_parent_and_children_and_resumes(tmp_path, mini_ava, ray_local, mlflow_server,
                                                                  monkeypatch):
     """The storage path is a file:// URI (as Ray users name NFS paths), and the resume runs from another working

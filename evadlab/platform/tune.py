@@ -71,7 +71,13 @@ class SearchDimension(BaseModel):
         given = [name for name in ("grid", "choice", "uniform", "loguniform") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
-        if self.loguniform is not None and self.loguniform[0] <= 0:
+        kind = given[0]
+        values = getattr(self, kind)
+        if kind in ("grid", "choice") and not values:
+            raise ValueError(f"{kind} needs at least one value")
+        if kind in ("uniform", "loguniform") and not values[0] < values[1]:
+            raise ValueError(f"{kind} needs [low, high] with low < high, got {list(values)}")
+        if kind == "loguniform" and values[0] <= 0:
             raise ValueError("loguniform needs a positive lower bound")
         return self
 
@@ -150,7 +156,8 @@ def check_search_space(spec: SweepSpec, base: ExperimentConfig, path: Path) -> N
         if dimension.grid is not None and base.tune.search == "optuna":
             raise ConfigError(f"{path}: search_space.{key}: tune.search=optuna samples its values; use choice, "
                               f"uniform or loguniform instead of grid")
-        values = dimension.grid or dimension.choice or dimension.uniform or dimension.loguniform
+        values = next(v for v in (dimension.grid, dimension.choice, dimension.uniform, dimension.loguniform)
+                      if v is not None)
         for value in values:
             build_config(apply_overrides(json.loads(json.dumps(tree)), [f"{key}={json.dumps(value)}"]),
                          f"{path}: search_space.{key} = {value!r}")
