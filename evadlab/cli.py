@@ -58,9 +58,10 @@ class OneLineParser(argparse.ArgumentParser):
         return super()._parse_optional(arg_string)
 
 
-def _config_command(parser: argparse.ArgumentParser, name: str, help_text: str) -> argparse.ArgumentParser:
+def _config_command(parser: argparse.ArgumentParser, name: str, help_text: str,
+                    config_help: str = "experiment YAML (see experiments/)") -> argparse.ArgumentParser:
     sub = parser.add_parser(name, help=help_text, description=help_text)
-    sub.add_argument("config", help="experiment YAML (see experiments/)")
+    sub.add_argument("config", help=config_help)
     sub.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                      help="dotted overrides, e.g. train.epochs=3")
     return sub
@@ -73,11 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"let Ray and MLflow print their own output too (or set {VERBOSE_VARIABLE}=1)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
-    synth = commands.add_parser("synth", help="write a synthetic mini-AVA in the official layout")
-    synth.add_argument("--out", required=True, type=Path)
-    synth.add_argument("--videos", type=int, default=6)
-    synth.add_argument("--seconds", type=int, default=12)
-    synth.add_argument("--seed", type=int, default=0)
+    synth_help = "write a synthetic mini-AVA in the official layout"
+    synth = commands.add_parser("synth", help=synth_help, description=synth_help + " into a new or empty folder")
+    synth.add_argument("--out", required=True, type=Path, help="the dataset's folder (new or empty)")
+    synth.add_argument("--videos", type=int, default=6, help="videos; the last third (at least one) are val (default 6)")
+    synth.add_argument("--seconds", type=int, default=12, help="seconds per video, keyframes: seconds - 3 (default 12)")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset (default 0)")
     synth.add_argument("--frames", action="store_true", help="also write 30 fps JPEG frame folders")
     synth.add_argument("--label-map", help="custom classes (pbtxt or 'id: name'), named stand/walk/sit/bend/talk/watch")
 
@@ -85,17 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_command(commands, "train", "Ray Train: train EVAD, log to MLflow")
     evaluate = _config_command(commands, "evaluate", "Ray Data batch inference + AVA frame-mAP")
     evaluate.add_argument("--checkpoint", help="EVAD checkpoint (released or evadlab); default: model.checkpoint")
-    _config_command(commands, "tune", "Ray Tune sweep (the file is a sweep YAML)")
+    _config_command(commands, "tune", "Ray Tune sweep of an experiment's keys, one MLflow child run per trial",
+                    config_help="sweep YAML (see experiments/sweeps/)")
     _config_command(commands, "run", "the main job: synth if needed, prepare, train, evaluate")
     flops = _config_command(commands, "flops", "GFLOPs and parameters of the configured model")
     flops.add_argument("--json", action="store_true", help="print one JSON object")
 
-    ava_map = commands.add_parser("ava-map", help="AVA frame-mAP of a detections CSV")
-    ava_map.add_argument("--labelmap", required=True)
-    ava_map.add_argument("--groundtruth", required=True)
-    ava_map.add_argument("--detections", required=True)
-    ava_map.add_argument("--exclusions")
-    ava_map.add_argument("--iou", default="0.5", choices=["0.5", "0.5:0.95"])
+    ava_map_help = "AVA frame-mAP of a detections CSV (the official ActivityNet evaluation's rules)"
+    ava_map = commands.add_parser("ava-map", help=ava_map_help, description=ava_map_help)
+    ava_map.add_argument("--labelmap", required=True, help="the label map (pbtxt) of the evaluated classes")
+    ava_map.add_argument("--groundtruth", required=True, help="the ground-truth CSV (e.g. ava_val_v2.2.csv)")
+    ava_map.add_argument("--detections", required=True, help="the detections CSV (video,t,x1,y1,x2,y2,action,score)")
+    ava_map.add_argument("--exclusions", help="the excluded timestamps CSV")
+    ava_map.add_argument("--iou", default="0.5", choices=["0.5", "0.5:0.95"],
+                         help="0.5 (frame-mAP@0.5, default) or the mean over 0.5:0.95")
     ava_map.add_argument("--json", action="store_true", help="print one JSON object")
 
     demo = commands.add_parser("demo", help="detect actions in any video and write an annotated mp4")
@@ -108,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tracking-uri", help="MLflow server of a runs:/ or models:/ checkpoint (default: sqlite "
                                              "mlflow.db in the working directory)")
 
-    compare = commands.add_parser("compare", help="mAP vs GFLOPs table and Pareto plot from MLflow")
+    compare_help = "mAP vs GFLOPs (or latency) table and Pareto plot of the runs in MLflow"
+    compare = commands.add_parser("compare", help=compare_help, description=compare_help)
     compare.add_argument("--experiment", help="MLflow experiment name (default: all)")
     compare.add_argument("--sweep", help="only the trials of this sweep (its name, or its MLflow parent run id)")
     compare.add_argument("--tracking-uri", help="an mlflow server, or a store URI (default: sqlite mlflow.db in the "

@@ -518,13 +518,27 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of a config or sweep file. Raises ConfigError, naming the file (and the line of a YAML error), for
+    a missing file, a folder, a file that is not UTF-8 text, invalid YAML, an empty file and a top level that is no
+    mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        tree = safe_load_yaml(path.read_text(encoding="utf-8-sig")) or {}
+        tree = safe_load_yaml(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = "; ".join(part for part in (exc.context, exc.problem) if part)
+        raise ConfigError(f"{path}: {where}invalid YAML: {what}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if tree is None:
+        raise ConfigError(f"{path}: the file is empty (a config needs at least its name)")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return tree

@@ -439,6 +439,23 @@ def test_inverted_detections_are_left_out_as_the_official_evaluator_does(tmp_pat
     assert_matches_reference(result, reference_evaluate_files(labels, gt, det), (0.5,))
 
 
+def test_detections_of_ids_outside_the_label_map_are_announced(tmp_path, capsys):
+    """Ids the label map does not list are left out, as officially; those outside its range (1..14 here) are a
+    mistake worth a line, and a file of no detections too. An unlisted id inside the range (13) is routine."""
+    labels = write(tmp_path / "labels.pbtxt", ISSUE_LABEL_MAP)
+    gt = write(tmp_path / "gt.csv", ISSUE_GROUNDTRUTH)
+    det = write(tmp_path / "det.csv", "vidA,0902,0.1,0.1,0.5,0.5,13,0.5\nvidA,0902,0.1,0.1,0.5,0.5,999,0.5\n"
+                                      "vidA,0902,0.1,0.1,0.5,0.5,0,0.5\n" + ISSUE_DETECTIONS.splitlines()[1] + "\n")
+    assert ava_map_command(labels, gt, det).per_class == {12: 1.0, 14: 0.0}
+    assert capsys.readouterr().err.splitlines() == [
+        (f"evadlab ava-map: warning: {det}: 2 row(s) left out, as the official evaluator leaves them out; the first, "
+        f"line 2: action id 999 is outside the label map's ids 1..14")]
+    empty = write(tmp_path / "empty.csv", "")
+    assert ava_map_command(labels, gt, empty).mAP == 0.0
+    assert capsys.readouterr().err.splitlines() == [
+        f"evadlab ava-map: warning: {empty}: no detections: every class scores AP 0"]
+
+
 def test_ground_truth_without_extent_is_kept_as_the_official_evaluator_keeps_it(tmp_path, capsys):
     """The official code filters detections only: an inverted ground-truth box counts (and can never be matched)."""
     labels = write(tmp_path / "labels.pbtxt", ISSUE_LABEL_MAP)

@@ -66,6 +66,23 @@ def test_unsafe_yaml_is_rejected(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"name: x\ntrain:\n  epochs: 3\n - bad\n", ("line 4, column 2: invalid YAML: while parsing a block mapping; "
+                                                "expected <block end>, but found '<block sequence start>'")),
+    (b"# nothing but a comment\n", "the file is empty (a config needs at least its name)"),
+    (b"name: \xff\n", "not UTF-8 text (byte 6: invalid start byte)"),
+    (b"- name: x\n", "the top level must be a mapping of sections"),
+])
+def test_a_config_file_that_is_no_config_is_named_in_one_line(tmp_path, content, message):
+    path = tmp_path / "experiment.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: {message}"
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder"):
+        load_config(tmp_path)
+
+
 def test_keep_rate_is_applied_at_the_variant_pruning_blocks():
     vit_b = ExperimentConfig.model_validate({"model": {"variant": "vit_b", "keep_rate": 0.7}}).model
     assert list(vit_b.evad.keep_rates) == [1, 1, 1, 0.7, 1, 1, 0.7, 1, 1, 0.7, 1, 1]

@@ -213,6 +213,7 @@ def test_a_seed_gives_the_same_dataset(tmp_path):
 
 @pytest.mark.parametrize(("arguments", "message"), [
     ({"videos": 1}, "videos=1"),
+    ({"seed": -1}, "seed=-1: must be >= 0"),
     ({"seconds": 3}, "seconds=3"),
     ({"width": 321}, "321x240"),
     ({"label_map": {1: "dance"}}, "label 1 'dance': the generator draws ids >= 1 named after one of stand, walk"),

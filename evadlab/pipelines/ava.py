@@ -609,8 +609,28 @@ def read_boxes_csv(path: str | Path, *, is_detection: bool, class_ids: Iterable[
     score = table.column("score") if is_detection else pa.repeat(pa.scalar(1.0), table.num_rows)
     boxes = pa.table({"key": keys, **{name: table.column(name) for name in BOX_COLUMNS},
                       "class_id": table.column("action_id"), "score": score})
+    if is_detection and class_ids is not None:
+        _announce_unlisted_classes(path, table.column("action_id").to_numpy(), class_ids)
     keep = _kept_rows(table.column("action_id").to_numpy(), keys, class_ids, excluded)
     return boxes if pc.all(keep).as_py() else boxes.filter(keep)
+
+
+def _announce_unlisted_classes(path: str | Path, class_of_row: np.ndarray, class_ids: Iterable[int]) -> None:
+    """Warns (DroppedRowsWarning) of detections whose action id lies outside the label map's range 1..max id, which
+    the official evaluator leaves out without a word (a wrong label map, or ids off by one). Ids inside the range that
+    the label map does not list are routine (EVAD scores AVA's 80 actions, its label map lists the 60 evaluated) and
+    are left out silently, as there; a file of no detections at all is announced too. Rows are lines in official mode
+    (any line it cannot read stops it), so the first one's line is its index + 1."""
+    if not len(class_of_row):
+        warnings.warn(f"{path}: no detections: every class scores AP 0", DroppedRowsWarning, stacklevel=3)
+        return
+    highest = max(class_ids, default=0)
+    outside = (class_of_row < 1) | (class_of_row > highest)
+    if outside.any():
+        first = int(np.argmax(outside))
+        warnings.warn(f"{path}: {int(outside.sum())} row(s) left out, as the official evaluator leaves them out; the "
+                      f"first, line {first + 1}: action id {int(class_of_row[first])} is outside the label map's ids "
+                      f"1..{highest}", DroppedRowsWarning, stacklevel=3)
 
 
 def _row_image_keys(videos: pa.DictionaryArray, timestamps: np.ndarray) -> pa.DictionaryArray:

@@ -427,6 +427,8 @@ def generate_mini_ava(out_dir: str | Path, *, videos: int = 6, seconds: int = 12
     """
     if videos < 2:
         raise ValueError(f"videos={videos}: need at least 2 (one for training, one for validation)")
+    if seed < 0:
+        raise ValueError(f"seed={seed}: must be >= 0 (numpy's generators take no negative seeds)")
     if not _keyframe_seconds(seconds):
         shortest = FIRST_KEYFRAME_SEC - int(AVA_VIDEO_OFFSET_SEC) + END_MARGIN_SEC
         raise ValueError(f"seconds={seconds}: need at least {shortest} for one keyframe with a full clip window")
