@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth_help = "write a synthetic mini-AVA in the official layout"
     synth = commands.add_parser("synth", help=synth_help, description=synth_help + " into a new or empty folder")
     synth.add_argument("--out", required=True, type=Path, help="the dataset's folder (new or empty)")
-    synth.add_argument("--videos", type=int, default=6, help="videos; the last third (at least one) are val (default 6)")
+    synth.add_argument("--videos", type=int, default=6,
+                       help="videos; the last third (at least one) are val (default 6)")
     synth.add_argument("--seconds", type=int, default=12, help="seconds per video, keyframes: seconds - 3 (default 12)")
     synth.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset (default 0)")
     synth.add_argument("--frames", action="store_true", help="also write 30 fps JPEG frame folders")

@@ -115,7 +115,8 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
          r"store evadlab can use: give a server \(http://host:port\) or a database .*")),
         ([*train, *q, "tracking.enabled=true", "tracking.uri=htp://127.0.0.1:5000"], r"tracking.uri 'htp://.*"),
         ([*train, *q, "tracking.enabled=true", f"tracking.uri=sqlite:///{notes}/mlflow.db"],
-         rf"cannot open the MLflow database {e(notes)}/mlflow\.db \(tracking.uri sqlite:///{e(notes)}/mlflow\.db\): .*"),
+         (rf"cannot open the MLflow database {e(notes)}/mlflow\.db "
+         rf"\(tracking.uri sqlite:///{e(notes)}/mlflow\.db\): .*")),
         ([*train, *q, "train.num_workers=[64, 128]", "train.cpus_per_worker=2"],
          (r"64 worker\(s\) \(train.num_workers\) need 128 CPU \(train.cpus_per_worker=2 each\) but the cluster has "
          r"[\d.]+ CPU: lower train.num_workers or train.cpus_per_worker, or add nodes")),
@@ -128,7 +129,8 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
         (["run", str(QUICKSTART), *q, f"output_dir={notes}/out"], (rf"output_dir {e(notes)}/out/quickstart cannot be "
          rf"written \({e(notes)} is a file\)")),
         (["compare", "--tracking-uri", f"sqlite:///{folder}/mlflwo.db"],
-         rf"no MLflow database at {e(folder)}/mlflwo\.db \(tracking.uri sqlite:///{e(folder)}/mlflwo\.db\): check the path"),
+         (rf"no MLflow database at {e(folder)}/mlflwo\.db \(tracking.uri sqlite:///{e(folder)}/mlflwo\.db\): "
+         r"check the path")),
         (["synth", "--out", f"{notes}/ava"], rf".*{e(notes)}.*"),
         (["synth", "--out", str(f["root"])], (rf"--out {e(str(f['root']))} is not empty: synth writes a whole dataset "
          r"there, replacing files of the same names; choose a new folder or remove this one")),

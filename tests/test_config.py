@@ -46,7 +46,8 @@ def test_overrides_are_yaml_scalars_and_reach_nested_keys():
         ("train.lr_steps=[-5, 24]", "'train': lr_steps must start at epoch 0 and increase, got [-5.0, 24.0]"),
         ("train.lr_factors=[1.0, -0.1]", "'train': lr_factors must be positive, got [1.0, -0.1]"),
         ("data.num_frames=8", "config: data.num_frames (8) must be model.num_frames (16): the clips are the model's"),
-        ("name=a/b", "'name': must be letters, digits, '.', '_' or '-', not starting with '.' (a folder name), got 'a/b'"),
+        ("name=a/b", ("'name': must be letters, digits, '.', '_' or '-', not starting with '.' (a folder name), "
+                     "got 'a/b'")),
         ("name=../etc", "'name': must be letters"),
         ("name=''", "'name': must be letters"),
         ("train.num_workers=[2, 1]", ("'train.num_workers': must be >= 1, a range [min, max] with 1 <= min <= max "

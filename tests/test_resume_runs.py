@@ -36,7 +36,8 @@ def make_run(tmp_path: Path, folder: str, created: float, *overrides: str, epoch
     if epochs:
         (tmp_path / "ray" / folder / CHECKPOINT_FOLDER.format(epochs=epochs)).mkdir()
         latest = {"metrics": {"progress/epoch": epochs}, "checkpoint_dir_name": CHECKPOINT_FOLDER.format(epochs=epochs)}
-        (tmp_path / "ray" / folder / RAY_TRAIN_SNAPSHOT_FILE).write_text(json.dumps({"latest_checkpoint_result": latest}))
+        snapshot = {"latest_checkpoint_result": latest}
+        (tmp_path / "ray" / folder / RAY_TRAIN_SNAPSHOT_FILE).write_text(json.dumps(snapshot))
 
 
 def test_resume_picks_the_newest_run_of_this_config_and_says_which(tmp_path, capsys):

@@ -191,8 +191,8 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
     """``evadlab evaluate``: cluster-scale inference on the val shards with ``eval.concurrency`` actors.
 
     Before Ray starts: the val shards must be completely prepared (UnpreparedDataError), the label map and val
-    annotations exist (FileNotFoundError) and the folder of ``out_dir`` be writable (OSError); the MLflow server must answer
-    (TrackingError), unless ``job_run`` names the run of the job this evaluation is part of; ``checkpoint`` (else
+    annotations exist (FileNotFoundError) and the folder of ``out_dir`` be writable (OSError); the MLflow server must
+    answer (TrackingError), unless ``job_run`` names the run of the job this evaluation is part of; ``checkpoint`` (else
     ``model.checkpoint``: a path, a storage URI, ``runs:/`` or ``models:/``) is read once and checked against the
     configured model (ValueError without one, CheckpointError for one that cannot be read or does not fit); then the
     evaluation's own MLflow run is created, with the val shards as its dataset. The actors get the weights from the

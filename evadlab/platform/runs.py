@@ -1,14 +1,15 @@
 """Run folders under ``train.storage_path`` and the run that ``train.resume`` continues.
 
 Each training run gets a folder ``<storage>/<name>_<YYYYmmdd-HHMMSS>/`` (Ray Train's checkpoints, one folder
-``checkpoint_epoch_NNNN/`` per kept checkpoint after NNNN epochs, and ``mlflow_run_id``) with a marker, ``evadlab_run.json``, written when the run is created: the config's ``name``, its identity (the
-flattened config without the keys a resume may change, :data:`RESUMABLE_KEYS` and :data:`RESUMABLE_SECTIONS`), the
-identity's hash and the creation time. ``train.resume`` continues the newest run (by that time, not by folder name)
-whose marker has this config's name and hash and that has a checkpoint Ray Train committed; when none has one, the
-newest of them (a start that failed before its first epoch leaves a folder with a marker and nothing to continue,
-which must not hide an older run that has checkpoints). Folders without a marker (a sweep's own folder, anything else under the
-storage path) are never continued, and a name that merely starts the same (``quickstart_long``, a sweep trial
-``quickstart_<trial>``) is another config.
+``checkpoint_epoch_NNNN/`` per kept checkpoint after NNNN epochs, and ``mlflow_run_id``) with a marker,
+``evadlab_run.json``, written when the run is created: the config's ``name``, its identity (the flattened config
+without the keys a resume may change, :data:`RESUMABLE_KEYS` and :data:`RESUMABLE_SECTIONS`), the identity's hash and
+the creation time. ``train.resume`` continues the newest run (by that time, not by folder name) whose marker has this
+config's name and hash and that has a checkpoint Ray Train committed; when none has one, the newest of them (a start
+that failed before its first epoch leaves a folder with a marker and nothing to continue, which must not hide an older
+run that has checkpoints). Folders without a marker (a sweep's own folder, anything else under the storage path) are
+never continued, and a name that merely starts the same (``quickstart_long``, a sweep trial ``quickstart_<trial>``)
+is another config.
 """
 
 from __future__ import annotations
