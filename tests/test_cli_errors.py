@@ -103,6 +103,8 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
         ([*demo, "--checkpoint", truncated], cut_short),
         (["demo", f"{folder}/absent.mp4", "--checkpoint", pt], rf"video {e(folder)}/absent\.mp4 does not exist"),
         ([*demo, "--checkpoint", pt, "--fps", "0"], r"--fps must be positive, got 0.0"),
+        ([*demo, "--checkpoint", pt, "--out", f"{notes}/annotated.mp4"], (rf"--out {e(notes)} cannot be written "
+         rf"\({e(notes)} is a file\)")),
         (["flops", f"{folder}/absent.yaml"], rf"config file {e(folder)}/absent\.yaml does not exist"),
         (["flops", str(QUICKSTART), "model.keep_rate=1.5"], r".*'model.keep_rate'.*"),
         (["prepare", str(QUICKSTART), f"data.root={folder}/no_ava"],

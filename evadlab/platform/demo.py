@@ -35,7 +35,7 @@ from evadlab.pipelines.ava import (
 from evadlab.pipelines.clips import resize_short_side, to_model_input
 from evadlab.pipelines.video import PresentedFrame, VideoFileFrames, presented_frames
 from evadlab.platform.modeling import StartingWeights, build_model, open_checkpoint, stored_config
-from evadlab.storage import atomic_path
+from evadlab.storage import atomic_path, require_writable_folder
 
 LABELS_PER_BOX = 3
 BOX_COLOURS = [(255, 64, 64), (64, 200, 255), (255, 210, 0), (120, 255, 120), (255, 120, 255), (255, 160, 60)]
@@ -159,12 +159,13 @@ def run_demo(video: str, *, checkpoint: str, config: str | None, out: str, fps: 
              video_id: str | None = None, tracking_uri: str | None = None) -> Path:
     """Detects, draws and writes; every input (fps, video file, video id, checkpoint, decoder) is checked before the
     work that needs it. ``checkpoint`` may be a path, a storage URI, or ``runs:/`` / ``models:/`` on the MLflow server
-    ``tracking_uri`` (default: ``mlflow.db`` in the working directory). Raises ValueError or FileNotFoundError with
-    one line for the command to print."""
+    ``tracking_uri`` (default: ``mlflow.db`` in the working directory). Raises ValueError, FileNotFoundError or
+    OSError (a folder of ``out`` that cannot be written) with one line for the command to print."""
     if fps <= 0:
         raise ValueError(f"--fps must be positive, got {fps}")
     if not Path(video).is_file():
         raise FileNotFoundError(f"video {video} does not exist")
+    require_writable_folder(Path(out).absolute().parent, "--out")
     video_id = demo_video_id(video, video_id)
     uri = tracking_uri or TrackingConfig().resolved_uri()
     start = StartingWeights(open_checkpoint(checkpoint, uri), backbone_only=False)
