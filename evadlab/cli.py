@@ -67,13 +67,8 @@ def _config_command(parser: argparse.ArgumentParser, name: str, help_text: str,
     return sub
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="evadlab", description="EVAD on AVA with Ray and MLflow.")
-    parser.add_argument("--debug", action="store_true", help=f"show tracebacks (or set {DEBUG_VARIABLE}=1)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help=f"let Ray and MLflow print their own output too (or set {VERBOSE_VARIABLE}=1)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
-
+def _synth_command(commands: argparse._SubParsersAction) -> None:
+    """``evadlab synth``: its options."""
     synth_help = "write a synthetic mini-AVA in the official layout"
     synth = commands.add_parser("synth", help=synth_help, description=synth_help + " into a new or empty folder")
     synth.add_argument("--out", required=True, type=Path, help="the dataset's folder (new or empty)")
@@ -83,6 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="the same seed writes the same dataset (default 0)")
     synth.add_argument("--frames", action="store_true", help="also write 30 fps JPEG frame folders")
     synth.add_argument("--label-map", help="custom classes (pbtxt or 'id: name'), named stand/walk/sit/bend/talk/watch")
+
+
+def _ava_map_command(commands: argparse._SubParsersAction) -> None:
+    """``evadlab ava-map``: its options."""
+    ava_map_help = "AVA frame-mAP of a detections CSV (the official ActivityNet evaluation's rules)"
+    ava_map = commands.add_parser("ava-map", help=ava_map_help, description=ava_map_help)
+    ava_map.add_argument("--labelmap", required=True, help="the label map (pbtxt) of the evaluated classes")
+    ava_map.add_argument("--groundtruth", required=True, help="the ground-truth CSV (e.g. ava_val_v2.2.csv)")
+    ava_map.add_argument("--detections", required=True, help="the detections CSV (video,t,x1,y1,x2,y2,action,score)")
+    ava_map.add_argument("--exclusions", help="the excluded timestamps CSV")
+    ava_map.add_argument("--iou", default="0.5", choices=["0.5", "0.5:0.95"],
+                         help="0.5 (frame-mAP@0.5, default) or the mean over 0.5:0.95")
+    ava_map.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="evadlab", description="EVAD on AVA with Ray and MLflow.")
+    parser.add_argument("--debug", action="store_true", help=f"show tracebacks (or set {DEBUG_VARIABLE}=1)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help=f"let Ray and MLflow print their own output too (or set {VERBOSE_VARIABLE}=1)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
+
+    _synth_command(commands)
 
     _config_command(commands, "prepare", "Ray Data: AVA videos or frames -> Parquet shards (resumable)")
     _config_command(commands, "train", "Ray Train: train EVAD, log to MLflow")
@@ -94,15 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     flops = _config_command(commands, "flops", "GFLOPs and parameters of the configured model")
     flops.add_argument("--json", action="store_true", help="print one JSON object")
 
-    ava_map_help = "AVA frame-mAP of a detections CSV (the official ActivityNet evaluation's rules)"
-    ava_map = commands.add_parser("ava-map", help=ava_map_help, description=ava_map_help)
-    ava_map.add_argument("--labelmap", required=True, help="the label map (pbtxt) of the evaluated classes")
-    ava_map.add_argument("--groundtruth", required=True, help="the ground-truth CSV (e.g. ava_val_v2.2.csv)")
-    ava_map.add_argument("--detections", required=True, help="the detections CSV (video,t,x1,y1,x2,y2,action,score)")
-    ava_map.add_argument("--exclusions", help="the excluded timestamps CSV")
-    ava_map.add_argument("--iou", default="0.5", choices=["0.5", "0.5:0.95"],
-                         help="0.5 (frame-mAP@0.5, default) or the mean over 0.5:0.95")
-    ava_map.add_argument("--json", action="store_true", help="print one JSON object")
+    _ava_map_command(commands)
 
     demo = commands.add_parser("demo", help="detect actions in any video and write an annotated mp4")
     demo.add_argument("video")
