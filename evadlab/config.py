@@ -74,7 +74,7 @@ class DataConfig(Section):
     synthetic: bool = False
     synth_videos: int = Field(6, ge=2)
     synth_seconds: int = Field(12, ge=4)
-    synth_seed: int = 0
+    synth_seed: int = Field(0, ge=0)
     source: Literal["videos", "frames"] = "videos"
     shards: str = ""
     num_frames: int = Field(16, ge=1)
@@ -245,7 +245,8 @@ class TrainConfig(Section):
     # report and checkpoint is committed, the end of training noticed and a dead worker found within about this time.
     # A worker that misses polls is declared dead only after Ray's 10 minutes, so a short interval fails nothing.
     health_check_interval_s: float = Field(0.5, gt=0)
-    seed: int = 0
+    # Seeds the initial weights, every epoch's order and flips (see ingest.training_dataset) and Tune's sampler.
+    seed: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
 
     @field_validator("resources_per_worker")

@@ -33,6 +33,7 @@ from evadlab.platform.train import config_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
+SWEEP = ROOT / "experiments" / "sweeps" / "quickstart.yaml"
 VIT_B = ROOT / "experiments" / "evad_vit_b_16x4_ktp.yaml"
 IMAGE = ROOT / "tests" / "data" / "ava_samples" / "mmaction2_tests_data_imgs" / "img_00001.jpg"
 
@@ -130,6 +131,19 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
          rf"output_dir {e(notes)}/out/quickstart cannot be written \({e(notes)} is a file\)"),
         (["run", str(QUICKSTART), *q, f"output_dir={notes}/out"], (rf"output_dir {e(notes)}/out/quickstart cannot be "
          rf"written \({e(notes)} is a file\)")),
+        # A key that names a folder to write, given a file: one line naming the key, before any work.
+        (["prepare", str(QUICKSTART), *q, f"data.shards={notes}"],
+         rf"data.shards {e(notes)} cannot be written \({e(notes)} is a file\)"),
+        ([*train, *q, f"train.storage_path={notes}/ray"],
+         rf"train.storage_path {e(notes)}/ray cannot be written \({e(notes)} is a file\)"),
+        (["run", str(QUICKSTART), *q, f"train.storage_path={notes}"],
+         rf"train.storage_path {e(notes)} cannot be written \({e(notes)} is a file\)"),
+        (["run", str(QUICKSTART), *q, f"data.shards={notes}/shards"],
+         rf"data.shards {e(notes)}/shards cannot be written \({e(notes)} is a file\)"),
+        (["run", str(QUICKSTART), *q, f"data.root={notes}", "data.synthetic=true"],
+         rf"data.root {e(notes)} cannot be written \({e(notes)} is a file\)"),
+        (["tune", str(SWEEP), *q, f"train.storage_path={notes}"],
+         rf"train.storage_path {e(notes)} cannot be written \({e(notes)} is a file\)"),
         (["compare", "--tracking-uri", f"sqlite:///{folder}/mlflwo.db"],
          (rf"no MLflow database at {e(folder)}/mlflwo\.db \(tracking.uri sqlite:///{e(folder)}/mlflwo\.db\): "
          r"check the path")),

@@ -49,6 +49,9 @@ def test_overrides_are_yaml_scalars_and_reach_nested_keys():
         ("name=a/b", ("'name': must be letters, digits, '.', '_' or '-', not starting with '.' (a folder name), "
                      "got 'a/b'")),
         ("name=../etc", "'name': must be letters"),
+        # numpy's generators take no negative seeds: refused here, not in a training worker.
+        ("train.seed=-1", "'train.seed': Input should be greater than or equal to 0 (got -1)"),
+        ("data.synth_seed=-3", "'data.synth_seed': Input should be greater than or equal to 0 (got -3)"),
         ("name=''", "'name': must be letters"),
         ("train.num_workers=[2, 1]", ("'train.num_workers': must be >= 1, a range [min, max] with 1 <= min <= max "
                                      "(got [2, 1])")),

@@ -29,7 +29,7 @@ from evadlab.platform.hooks import (
     RecordSeenSamples,
     RecordWeights,
 )
-from evadlab.platform.ingest import ExactlyOnceDataConfig, plan_ingest, training_dataset
+from evadlab.platform.ingest import ExactlyOnceDataConfig, epoch_batches, plan_ingest, training_dataset
 from evadlab.platform.modeling import build_model
 from evadlab.platform.runs import committed_epochs
 from evadlab.platform.train import train
@@ -72,7 +72,9 @@ def all_train_keys(shards: Path) -> list[str]:
 def test_ingest_materializes_what_fits_and_every_epoch_splits_each_keyframe_once(prepared, mini_ava, tmp_path):
     """The decoded train split is kept in Ray's object store when it fits (auto), streamed otherwise. A materialized
     split is decoded once: its epochs go on with the shard files gone, its blocks of one batch in a new order each
-    epoch. Either way each epoch hands every keyframe to exactly one of 2 workers."""
+    epoch. Either way each epoch hands every keyframe to exactly one of 2 workers. A materialized split's orders, what
+    each worker gets and in which order its batches come, are those of ``train.seed``: the same in a second run of
+    the seed, others with another seed."""
     folder, shards = prepared
     expected = sorted(all_train_keys(shards))
     cfg = tiny_config(folder, mini_ava, f"data.shards={shards}")
@@ -80,29 +82,34 @@ def test_ingest_materializes_what_fits_and_every_epoch_splits_each_keyframe_once
     decoded = sum(decode_jpegs(row["frames"]).nbytes for row in iter_shard_rows(shards, "train"))
     assert plan.mode == "materialize" and plan.decoded_bytes == decoded and plan.object_store_bytes > 2 * decoded
     assert plan_ingest(cfg, object_store_bytes=decoded).mode == "stream"
-    for mode in ("materialize", "stream"):
-        copy = tmp_path / mode
+    runs = {}
+    for mode, seed in (("materialize", 0), ("materialize", 0), ("materialize", 1), ("stream", 0)):
+        copy = tmp_path / f"{mode}_{len(runs)}"
         shutil.copytree(shards, copy)
-        cfg = tiny_config(folder, mini_ava, f"data.shards={copy}", f"data.ingest={mode}", "train.batch_size=2")
+        cfg = tiny_config(folder, mini_ava, f"data.shards={copy}", f"data.ingest={mode}", f"train.seed={seed}")
         dataset = training_dataset(cfg, plan_ingest(cfg))
         if mode == "materialize":
             shutil.rmtree(copy / "train")
         splits = ExactlyOnceDataConfig(len(expected)).configure({"train": dataset}, world_size=2, worker_handles=None,
                                                                 worker_node_ids=None)
         orders = []
-        for _ in range(3):
+        for epoch in range(3):
             with ThreadPoolExecutor(2) as pool:  # streaming splits are consumed side by side, as by DDP workers
-                seen = list(pool.map(lambda split: split_keys(split["train"]), splits))
+                seen = list(pool.map(lambda split, cfg=cfg, epoch=epoch: split_keys(split["train"], cfg, epoch), splits))
             assert sorted(seen[0] + seen[1]) == expected and seen[0] and seen[1], mode
-            orders.append(seen[0] + seen[1])
-        if mode == "materialize":
-            assert len({tuple(order) for order in orders}) > 1, "the same order every epoch"
+            orders.append(tuple(map(tuple, seen)))
+        assert len(set(orders)) == 3, f"{mode}: an order repeats across epochs"
+        runs[(mode, seed, len(runs))] = orders
+    first, again, other_seed = (orders for key, orders in runs.items() if key[0] == "materialize")
+    assert again == first, "a second run of the same seed got other orders"
+    assert other_seed != first, "another seed got the same orders"
 
 
-def split_keys(split) -> list[str]:
-    """One epoch of a worker's split: its keyframes as ``video_id,timestamp``, in the order they came."""
-    return [f"{video},{timestamp}" for batch in split.iter_batches(batch_size=2, batch_format="numpy")
-            for video, timestamp in zip(batch["video_id"], batch["timestamp"])]
+def split_keys(split, cfg, epoch: int) -> list[str]:
+    """One epoch of a worker's split as training iterates it (local shuffle buffer included): its keyframes as
+    ``video_id,timestamp``, in the order they came."""
+    return [f"{video},{timestamp}" for batch in epoch_batches(split, cfg, torch.device("cpu"), epoch)
+            for video, timestamp in batch.keys]
 
 
 def test_two_workers_equal_one_worker_with_twice_the_batch(prepared, mini_ava, tmp_path):

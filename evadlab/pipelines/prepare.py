@@ -74,7 +74,7 @@ from evadlab.pipelines.ava import (
 from evadlab.pipelines.clips import encode_jpegs, resize_short_side
 from evadlab.pipelines.video import FrameSource, error_reason, open_frames
 from evadlab.ray_session import ensure_ray
-from evadlab.storage import atomic_path, remove, temporaries_in, write_text
+from evadlab.storage import atomic_path, remove, require_writable_folder, temporaries_in, write_text
 
 SHARD_SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -185,11 +185,13 @@ def prepare(cfg: ExperimentConfig, *, splits: tuple[str, ...] = ("train", "val")
 
     The manifest describes the splits of this call. It is rewritten (atomically) as each part finishes, so its
     counts are those of the parts on disk and ``complete`` turns true only at the end: a killed run leaves a
-    manifest that says how far it got. Raises ConfigError for a label map with ids above ``model.num_actions``, and
-    ValueError, once the manifest is complete, when a split has no rows.
+    manifest that says how far it got. Raises OSError, before any work, when ``data.shards`` cannot be written (a file,
+    a read-only folder), ConfigError for a label map with ids above ``model.num_actions``, and ValueError, once the
+    manifest is complete, when a split has no rows.
     """
     start = time.perf_counter()
     data, out = cfg.data, cfg.data.shards_path
+    require_writable_folder(out, "data.shards")
     check_action_ids(cfg)
     check_clip_spec(out, data.clip_spec)
     tasks, rejected = plan_tasks(data, splits, cfg.model.num_actions)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import ray
+import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
@@ -109,13 +110,21 @@ def training_dataset(cfg: ExperimentConfig, plan: IngestPlan) -> ray.data.Datase
 
     ``materialize`` decodes the split here, once (Ray Data errors, such as a bad action id, are raised here); an epoch
     then only shuffles block references. ``stream`` randomises the order of the shard files and decodes them again
-    each epoch (a randomised order of decoded blocks would need them all at once)."""
+    each epoch (a randomised order of decoded blocks would need them all at once).
+
+    The epoch orders come from ``train.seed`` and the epoch's index within the run's execution (Ray Data's
+    ``RandomSeedConfig`` with ``reseed_after_execution``): new every epoch, the same in every run of that seed.
+    ``materialize`` keeps the decoded blocks in shard order, so its orders, and the blocks each worker gets (Ray's
+    splitter deals blocks to the worker that has fewest rows, in order), are exactly reproducible; ``stream``
+    decodes in parallel without waiting for order, so its order also depends on which decoding task ends first."""
     shards = read_shards(cfg.data.shards_path, TRAIN_SPLIT)
     # The ingest runs every epoch in every worker; its progress bars would drown the training log.
     shards.context.enable_progress_bars = False
+    block_order_seed = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
     if plan.mode == STREAM:
-        return decoded_rows(shards.randomize_block_order(), cfg)
-    return decoded_rows(shards, cfg).materialize().randomize_block_order()
+        return decoded_rows(shards.randomize_block_order(seed=block_order_seed), cfg)
+    shards.context.execution_options.preserve_order = True
+    return decoded_rows(shards, cfg).materialize().randomize_block_order(seed=block_order_seed)
 
 
 def decoded_rows(shards: ray.data.Dataset, cfg: ExperimentConfig) -> ray.data.Dataset:
@@ -163,13 +172,15 @@ def epoch_batches(shard, cfg: ExperimentConfig, device: torch.device, epoch: int
     of them still have data: a worker that has run out repeats its last batch with ``loss_scale`` 0, so DDP's
     collectives stay matched, and the active ones scale their loss by world/active, so the gradient is the mean over
     the samples actually present. The same agreement, one batch ahead, tells every worker which batch is the last.
-    Flips are drawn from a generator of (``train.seed``, ``epoch``, rank): new every epoch, reproducible.
+    The local shuffle buffer's seed and the flips are drawn from a generator of (``train.seed``, ``epoch``, rank):
+    new every epoch, reproducible.
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng = np.random.default_rng([cfg.train.seed, epoch, rank])
     batches = iter(shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
-                                      local_shuffle_buffer_size=4 * cfg.train.batch_size, drop_last=False))
+                                      local_shuffle_buffer_size=4 * cfg.train.batch_size,
+                                      local_shuffle_seed=int(rng.integers(2**32)), drop_last=False))
 
     def fetch() -> tuple[dict | None, int]:
         numpy_batch = next(batches, None)

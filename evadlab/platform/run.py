@@ -23,6 +23,7 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
 
     start = time.perf_counter()
     require_writable_folder(cfg.run_dir, "output_dir")
+    require_writable_outputs(cfg)
     if cfg.tracking.enabled:
         check_tracking_uri(cfg.tracking.resolved_uri())
     weights = starting_weights(cfg.model, cfg.tracking.resolved_uri())
@@ -72,12 +73,29 @@ def summary_lines(summary: dict, cfg: ExperimentConfig, summary_file: Path) -> l
     return lines
 
 
+def require_writable_outputs(cfg: ExperimentConfig) -> None:
+    """The folders the main job and a sweep will write, checked before any work: ``data.root`` when the synthetic
+    mini-AVA is to be written there, ``data.shards`` when they are to be prepared, and the run folder
+    (:func:`~evadlab.platform.train.require_writable_run_folder`). Raises OSError naming the key and the path."""
+    from evadlab.platform.train import require_writable_run_folder
+
+    if cfg.data.synthetic and not has_annotations(cfg):
+        require_writable_folder(cfg.data.root_path, "data.root")
+    if not prepared_already(cfg):
+        require_writable_folder(cfg.data.shards_path, "data.shards")
+    require_writable_run_folder(cfg)
+
+
+def has_annotations(cfg: ExperimentConfig) -> bool:
+    """The generator writes the annotations last, so their presence means a complete dataset."""
+    return (cfg.data.annotation_dir / cfg.data.train_annotations).is_file()
+
+
 def synthesise_if_needed(cfg: ExperimentConfig) -> None:
     """Writes the synthetic mini-AVA when the annotations are missing and the config asks for it."""
     from evadlab.pipelines.synthetic import generate_mini_ava
 
-    # The generator writes the annotations last, so their presence means a complete dataset.
-    if (cfg.data.annotation_dir / cfg.data.train_annotations).exists():
+    if has_annotations(cfg):
         print(f"[1/4] synth: AVA annotations found under {cfg.data.root}, nothing to generate")
         return
     if not cfg.data.synthetic:
@@ -88,16 +106,24 @@ def synthesise_if_needed(cfg: ExperimentConfig) -> None:
                       seed=cfg.data.synth_seed, frames=cfg.data.source == "frames")
 
 
+def prepared_already(cfg: ExperimentConfig) -> bool:
+    """A complete prepare of both splits with this clip spec is at ``data.shards``."""
+    from evadlab.pipelines.prepare import read_manifest
+
+    manifest = read_manifest(cfg.data.shards_path)
+    return bool(manifest and manifest["complete"] and manifest.get("clip_spec") == cfg.data.clip_spec
+                and {"train", "val"} <= set(manifest["counts"]))
+
+
 def ensure_prepared(cfg: ExperimentConfig) -> None:
     """Prepares the shards unless a complete prepare of this clip spec holds them; an interrupted prepare is resumed
     (finished videos are kept). Empty splits are left for ``train`` to refuse with their cause."""
     from evadlab.pipelines.prepare import prepare, read_manifest
 
-    manifest = read_manifest(cfg.data.shards_path)
-    if manifest and manifest["complete"] and manifest.get("clip_spec") == cfg.data.clip_spec \
-            and {"train", "val"} <= set(manifest["counts"]):
+    if prepared_already(cfg):
         print(f"[2/4] prepare: shards with this clip spec exist at {cfg.data.shards_path}, skipped")
         return
+    manifest = read_manifest(cfg.data.shards_path)
     resuming = manifest is not None and not manifest["complete"]
     print(f"[2/4] prepare{': resuming an interrupted prepare' if resuming else ''}")
     prepare(cfg)

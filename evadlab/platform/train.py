@@ -486,12 +486,14 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
 
     ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback``); ``hooks`` run inside the workers (tests);
     ``start`` are starting weights the caller has read and checked already (else ``model.checkpoint`` /
-    ``model.pretrained`` are read here). Before Ray starts, raises UnpreparedDataError for shards that are missing,
-    incomplete or empty, FileNotFoundError for a missing label map or val annotations when it evaluates, TrackingError
-    when MLflow is unreachable, CheckpointError when the starting weights cannot be read or do not fit, and, once Ray
-    has started, ConfigError when the cluster cannot hold the workers (see :func:`require_room_for_workers`). Once
-    training runs, MLflow may go away: see :class:`RunLogger`.
+    ``model.pretrained`` are read here). Before Ray starts, raises OSError when the run folder cannot be written (see
+    :func:`require_writable_run_folder`), UnpreparedDataError for shards that are missing, incomplete or empty,
+    FileNotFoundError for a missing label map or val annotations when it evaluates, TrackingError when MLflow is
+    unreachable, CheckpointError when the starting weights cannot be read or do not fit, and, once Ray has started,
+    ConfigError when the cluster cannot hold the workers (see :func:`require_room_for_workers`). Once training runs,
+    MLflow may go away: see :class:`RunLogger`.
     """
+    require_writable_run_folder(cfg)
     manifest = require_prepared(cfg, training_splits(cfg))
     if cfg.eval.every_epochs > 0:
         require_evaluation_files(cfg)
@@ -667,6 +669,17 @@ def scaling_config(cfg: ExperimentConfig) -> ray.train.ScalingConfig:
                                    resources_per_worker={"CPU": cfg.train.cpus_per_worker,
                                                          **cfg.train.resources_per_worker},
                                    elastic_resize_monitor_interval_s=cfg.train.resize_interval_s)
+
+
+def require_writable_run_folder(cfg: ExperimentConfig) -> None:
+    """Where a run writes (checkpoints, evaluations, the MLflow backlog), checked before any work:
+    ``train.storage_path`` when it is on this machine's file system, else ``output_dir``, which then holds those files.
+    Raises OSError naming the key (``train.storage_path /x cannot be written (/x is a file)``); an object-store URI is
+    Ray's to reach."""
+    if storage.is_local(cfg.train.storage_path):
+        storage.require_writable_folder(storage.local_path(cfg.train.storage_path), "train.storage_path")
+    else:
+        storage.require_writable_folder(cfg.run_dir, "output_dir")
 
 
 def require_room_for_workers(cfg: ExperimentConfig) -> None:

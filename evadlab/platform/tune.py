@@ -41,7 +41,7 @@ from evadlab.platform.compare import (
     trade_off_table,
 )
 from evadlab.platform.modeling import StartingWeights, build_model, complete_checkpoint
-from evadlab.platform.run import ensure_prepared, synthesise_if_needed
+from evadlab.platform.run import ensure_prepared, require_writable_outputs, synthesise_if_needed
 from evadlab.platform.tracking import (
     RunLogger,
     check_tracking_uri,
@@ -273,13 +273,15 @@ def resources_text(resources: dict[str, float], gpus: int) -> str:
 
 def prepare_sweep(spec: SweepSpec, base: ExperimentConfig,
                   sweep_path: str | Path) -> tuple[StartingWeights | None, int]:
-    """Everything a trial would otherwise check or do itself, once, before the first trial: the MLflow server, the
-    cluster's room for a trial, the warm start's weights (read and fitted on the meta device), the synthetic data if
-    the config asks for it, the prepared shards (a complete prepare is reused, an interrupted one resumed), and the
-    warm start's base model when it must be trained. Returns the starting weights (None without a warm start) and
-    how many trials run at once (:func:`concurrent_trials`)."""
+    """Everything a trial would otherwise check or do itself, once, before the first trial: the folders it writes
+    (:func:`~evadlab.platform.run.require_writable_outputs`), the MLflow server, the cluster's room for a trial, the
+    warm start's weights (read and fitted on the meta device), the synthetic data if the config asks for it, the
+    prepared shards (a complete prepare is reused, an interrupted one resumed), and the warm start's base model when
+    it must be trained. Returns the starting weights (None without a warm start) and how many trials run at once
+    (:func:`concurrent_trials`)."""
     from evadlab.ray_session import ensure_ray
 
+    require_writable_outputs(base)
     if base.tracking.enabled:
         check_tracking_uri(base.tracking.resolved_uri())
     ensure_ray()
