@@ -146,11 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _synth(args: argparse.Namespace) -> None:
     from evadlab.pipelines.ava import read_label_map
     from evadlab.pipelines.synthetic import generate_mini_ava
+    from evadlab.storage import require_writable_folder
 
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} is not empty: synth writes a whole dataset there, replacing files of the "
                               f"same names; choose a new folder or remove this one")
+    require_writable_folder(out, "--out")
     label_map = read_label_map(args.label_map) if args.label_map else None
     summary = generate_mini_ava(args.out, videos=args.videos, seconds=args.seconds, seed=args.seed, frames=args.frames,
                                 label_map=label_map)

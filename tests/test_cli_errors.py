@@ -147,7 +147,8 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
         (["compare", "--tracking-uri", f"sqlite:///{folder}/mlflwo.db"],
          (rf"no MLflow database at {e(folder)}/mlflwo\.db \(tracking.uri sqlite:///{e(folder)}/mlflwo\.db\): "
          r"check the path")),
-        (["synth", "--out", f"{notes}/ava"], rf".*{e(notes)}.*"),
+        (["synth", "--out", f"{notes}/ava"], rf"--out {e(notes)}/ava cannot be written \({e(notes)} is a file\)"),
+        (["synth", "--out", notes], rf"--out {e(notes)} cannot be written \({e(notes)} is a file\)"),
         (["synth", "--out", str(f["root"])], (rf"--out {e(str(f['root']))} is not empty: synth writes a whole dataset "
          r"there, replacing files of the same names; choose a new folder or remove this one")),
         (["tracking", "replay", missing], rf"no MLflow backlog at {e(missing)} .*"),
