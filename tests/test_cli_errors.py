@@ -54,6 +54,7 @@ def files(tmp_path_factory, mini_ava, ray_local) -> dict[str, Path]:
     truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     notes = folder / "notes.txt"
     notes.write_text("not a checkpoint\n")
+    (folder / "taken.csv").mkdir()  # where a demo's detections CSV would go
     video = folder / "clip.mp4"
     video.write_bytes((mini_ava / "videos" / min(p.name for p in (mini_ava / "videos").iterdir())).read_bytes())
     return {"folder": folder, "root": mini_ava, "checkpoint": checkpoint, "released": released,
@@ -144,6 +145,27 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
          rf"data.root {e(notes)} cannot be written \({e(notes)} is a file\)"),
         (["tune", str(SWEEP), *q, f"train.storage_path={notes}"],
          rf"train.storage_path {e(notes)} cannot be written \({e(notes)} is a file\)"),
+        (["tune", str(SWEEP), *q, f"warm_start.checkpoint={notes}/base.pt"],
+         rf"warm_start.checkpoint {e(notes)} cannot be written \({e(notes)} is a file\)"),
+        ([*train, *q, f"model.checkpoint={folder}"], rf"checkpoint {e(folder)} is a folder, not a checkpoint file"),
+        # The demo's outputs: never the input video, never a CSV over the video, never a folder.
+        ([*demo, "--checkpoint", pt, "--out", f"{folder}/annotated.csv"],
+         rf"--out {e(folder)}/annotated\.csv must end in \.mp4: .*"),
+        ([*demo, "--checkpoint", pt, "--out", str(f["video"])], rf"--out {e(str(f['video']))} is the input video: .*"),
+        ([*demo, "--checkpoint", pt, "--out", f"{folder}/taken.mp4"],
+         rf"--out: {e(folder)}/taken\.csv is a folder; name a file"),
+        ([*demo, "--checkpoint", "runs:/0123/checkpoint.pt", "--tracking-uri", f"sqlite:///{notes}"],
+         rf"cannot open the MLflow database {e(notes)} \(tracking.uri sqlite:///{e(notes)}\): file is not a database"),
+        (["compare", "--out", notes, "--tracking-uri", "http://127.0.0.1:9"],
+         rf"--out {e(notes)} cannot be written \({e(notes)} is a file\)"),
+        # A binary file or a folder where a text file of AVA is expected: named, before any parser sees it.
+        (["ava-map", "--labelmap", pt, "--groundtruth", missing, "--detections", missing],
+         rf"label map file {e(pt)} is not a text file \(not UTF-8 at byte \d+\)"),
+        (["ava-map", "--labelmap", str(f["root"] / "annotations" / "ava_action_list_v2.2_for_activitynet_2019.pbtxt"),
+          "--groundtruth", str(f["root"] / "annotations" / "ava_val_v2.2.csv"), "--detections", pt],
+         rf"detections file {e(pt)} is not a text file \(not UTF-8 at byte \d+\)"),
+        (["ava-map", "--labelmap", folder, "--groundtruth", missing, "--detections", missing],
+         rf"label map file {e(folder)} is a folder, not a file"),
         (["compare", "--tracking-uri", f"sqlite:///{folder}/mlflwo.db"],
          (rf"no MLflow database at {e(folder)}/mlflwo\.db \(tracking.uri sqlite:///{e(folder)}/mlflwo\.db\): "
          r"check the path")),

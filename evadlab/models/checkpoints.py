@@ -228,10 +228,12 @@ def read_checkpoint(source: str | os.PathLike | IO[bytes], name: str | None = No
     """Read a checkpoint file (a local path, or an open binary file called ``name`` in messages) with
     ``weights_only=True``.
 
-    Raises CheckpointError, naming the file, when it does not exist, is not a PyTorch file or is truncated, holds
-    Python objects other than tensors and plain containers, or is not a dict.
+    Raises CheckpointError, naming the file, when it does not exist or is a folder, is not a PyTorch file or is
+    truncated, holds Python objects other than tensors and plain containers, or is not a dict.
     """
     name = name or str(source)
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        raise CheckpointError(f"checkpoint {name} is a folder, not a checkpoint file")
     if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
         raise CheckpointError(f"checkpoint {name} does not exist")
     try:

@@ -30,6 +30,7 @@ The keyframe arithmetic maps a keyframe second to the frames of its clip, follow
 
 from __future__ import annotations
 
+import codecs
 import csv
 import enum
 import re
@@ -201,9 +202,23 @@ class Keyframe:
 
 
 def _require_file(path: str | Path, what: str) -> Path:
-    path = Path(path)
+    """``path`` as a Path once it names a text file: FileNotFoundError when it does not exist, IsADirectoryError for a
+    folder, ValueError when its first 64 KiB hold a NUL byte or are not UTF-8 (a checkpoint or an image passed by
+    mistake), each naming ``what`` and the path, before any parser sees the bytes."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} file {path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")
+    with path.open("rb") as file:
+        head = file.read(1 << 16)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} file {path} is not a text file (not UTF-8 at byte {error.start})") from None
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"{what} file {path} is not a text file (a NUL byte at byte {nul})")
     return path
 
 
@@ -542,10 +557,11 @@ def read_annotations(path: str | Path, *, is_detection: bool = False, mode: Mode
     groups by. The Rejections are the lines left out and why, in line order. Official mode keeps every line the
     official reader reads and announces those the metric will leave out with one DroppedRowsWarning, those scored
     although they look wrong with one SuspectRowsWarning (each gives the count and the first line). Raises
-    FileNotFoundError, and ValueError naming the file and line of a line official mode refuses.
+    FileNotFoundError, IsADirectoryError or ValueError for a path that is no text file (:func:`_require_file`), and
+    ValueError naming the file and line of a line official mode refuses.
     """
     _check_mode(mode)
-    path = _require_file(path, "annotation")
+    path = _require_file(path, "detections" if is_detection else "annotation")
     file = DETECTIONS if is_detection else GROUNDTRUTH
     names, parsed = _box_fields(path, file, mode)
     rows = _split_rows(path, names, parsed, as_text=mode == "prepare")

@@ -169,7 +169,12 @@ def compare_runs(experiment: str | None, tracking_uri: str | None, out_dir: str 
     """``evadlab compare``: the trade-off table of every run with mAP and GFLOPs in ``experiment`` (or every
     experiment), or of the trials of ``sweep``, its Pareto set and best run per objective for ``cost`` (default: the
     sweep's own cost, else GFLOPs), and the plot. Everything is read from the tracking server (a local store or a
-    remote ``mlflow server``); the table and plot are written to ``out_dir``."""
+    remote ``mlflow server``); the table and plot are written to ``out_dir``, a local one checked before anything is
+    read (ValueError or OSError naming ``--out``)."""
+    if str(out_dir) == "":
+        raise ValueError("--out is empty: name a folder or a storage URI")
+    if storage.is_local(out_dir):
+        storage.require_writable_folder(storage.local_path(out_dir), "--out")
     uri = tracking_uri or default_tracking_uri()
     check_tracking_uri(uri, read_only=True)
     client = MlflowClient(uri)

@@ -155,17 +155,38 @@ def detections_table(video_id: str, times: np.ndarray, detections: list[Detectio
     ))
 
 
+def demo_outputs(video: str, out: str) -> tuple[Path, Path]:
+    """The annotated MP4 ``out`` and the detections CSV beside it (``out`` with ``.csv``), checked before any work:
+    ``out`` must name an ``.mp4`` file (so the CSV cannot replace the video), be neither the input video nor a folder,
+    nor may the CSV's path be a folder, and their folder must be writable. Raises ValueError or OSError naming
+    ``--out``."""
+    if not out:
+        raise ValueError("--out is empty: name the annotated video, e.g. --out annotated.mp4")
+    out_path = Path(out).expanduser()
+    if out_path.suffix.lower() != ".mp4":
+        raise ValueError(f"--out {out} must end in .mp4: the annotated video is an MP4 file, and its detections are "
+                         f"written beside it as {out_path.with_suffix('.csv').name}")
+    if out_path.resolve() == Path(video).resolve():
+        raise ValueError(f"--out {out} is the input video: name another file")
+    csv_path = out_path.with_suffix(".csv")
+    for path in (out_path, csv_path):
+        if path.is_dir():
+            raise IsADirectoryError(f"--out: {path} is a folder; name a file")
+    require_writable_folder(out_path.absolute().parent, "--out")
+    return out_path, csv_path
+
+
 def run_demo(video: str, *, checkpoint: str, config: str | None, out: str, fps: float,
              video_id: str | None = None, tracking_uri: str | None = None) -> Path:
     """Detects, draws and writes; every input (fps, video file, video id, checkpoint, decoder) is checked before the
     work that needs it. ``checkpoint`` may be a path, a storage URI, or ``runs:/`` / ``models:/`` on the MLflow server
     ``tracking_uri`` (default: ``mlflow.db`` in the working directory). Raises ValueError, FileNotFoundError or
-    OSError (a folder of ``out`` that cannot be written) with one line for the command to print."""
+    OSError (``out`` not a writable ``.mp4`` path, see :func:`demo_outputs`) with one line for the command to print."""
     if fps <= 0:
         raise ValueError(f"--fps must be positive, got {fps}")
     if not Path(video).is_file():
         raise FileNotFoundError(f"video {video} does not exist")
-    require_writable_folder(Path(out).absolute().parent, "--out")
+    out_path, csv_path = demo_outputs(video, out)
     video_id = demo_video_id(video, video_id)
     uri = tracking_uri or TrackingConfig().resolved_uri()
     start = StartingWeights(open_checkpoint(checkpoint, uri), backbone_only=False)
@@ -183,9 +204,7 @@ def run_demo(video: str, *, checkpoint: str, config: str | None, out: str, fps: 
     print(f"evadlab demo: {video} (video id {video_id}, {frames.decoder.name}), {len(frames.frame_times)} frames, "
           f"{len(times)} keyframes at {fps:g}/s")
     detections = detect_keyframes(model, frames, times, cfg, device)
-    out_path = Path(out)
     write_annotated_video(video, times, detections, names, out_path, len(frames.frame_times))
-    csv_path = out_path.with_suffix(".csv")
     write_detections_csv(csv_path, detections_table(video_id, times, detections, cfg.model.num_actions))
     persons = sum(len(found.boxes) for found in detections)
     print(f"annotated video: {out_path}\ndetections ({persons} persons on {len(times)} keyframes): {csv_path}")

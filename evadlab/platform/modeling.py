@@ -36,7 +36,9 @@ def open_checkpoint(location: str, tracking_uri: str | None = None) -> Checkpoin
     ``gs://``, ... through pyarrow.fs) or an MLflow artifact URI (``runs:/<run_id>/<path>``, ``models:/...``, resolved
     with ``mlflow.artifacts.download_artifacts`` against ``tracking_uri``).
 
-    Raises CheckpointError (one line naming ``location``) when it cannot be found or read.
+    Raises CheckpointError (one line naming ``location``) when it cannot be found or read, and, for an MLflow URI,
+    TrackingError when ``tracking_uri`` is no store that can be read (an absent SQLite file, a file that is no
+    database, a server that does not answer).
     """
     if location.startswith(MLFLOW_URI_PREFIXES):
         return _open_mlflow_artifact(location, tracking_uri)
@@ -53,6 +55,11 @@ def _open_mlflow_artifact(location: str, tracking_uri: str | None) -> Checkpoint
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
+    from evadlab.platform.tracking import check_tracking_uri
+
+    if tracking_uri:
+        # A reader: an absent SQLite file is refused, not created, and a file that is no database named as such.
+        check_tracking_uri(tracking_uri, read_only=True)
     with tempfile.TemporaryDirectory() as folder:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_location(location, tracking_uri),

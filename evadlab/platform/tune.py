@@ -51,7 +51,18 @@ from evadlab.platform.tracking import (
     start_run,
 )
 from evadlab.platform.train import INFERENCE_RATE_METRIC, LATENCY_METRIC, should_evaluate, train
-from evadlab.storage import absolute, exists, join, read_bytes, read_text, write_bytes, write_text
+from evadlab.storage import (
+    absolute,
+    exists,
+    is_local,
+    join,
+    local_path,
+    read_bytes,
+    read_text,
+    require_writable_folder,
+    write_bytes,
+    write_text,
+)
 
 # How long tune waits for CPUs/GPUs that another (ending) job still holds before it plans its trials.
 FREE_WAIT_S = 30.0
@@ -274,8 +285,9 @@ def resources_text(resources: dict[str, float], gpus: int) -> str:
 def prepare_sweep(spec: SweepSpec, base: ExperimentConfig,
                   sweep_path: str | Path) -> tuple[StartingWeights | None, int]:
     """Everything a trial would otherwise check or do itself, once, before the first trial: the folders it writes
-    (:func:`~evadlab.platform.run.require_writable_outputs`), the MLflow server, the cluster's room for a trial, the
-    warm start's weights (read and fitted on the meta device), the synthetic data if the config asks for it, the
+    (:func:`~evadlab.platform.run.require_writable_outputs`), the MLflow server, the warm start's weights (read and
+    fitted on the meta device) or, when its base model is to be trained, the folder of ``warm_start.checkpoint``, all
+    before Ray starts; then the cluster's room for a trial, the synthetic data if the config asks for it, the
     prepared shards (a complete prepare is reused, an interrupted one resumed), and the warm start's base model when
     it must be trained. Returns the starting weights (None without a warm start) and how many trials run at once
     (:func:`concurrent_trials`)."""
@@ -284,11 +296,14 @@ def prepare_sweep(spec: SweepSpec, base: ExperimentConfig,
     require_writable_outputs(base)
     if base.tracking.enabled:
         check_tracking_uri(base.tracking.resolved_uri())
-    ensure_ray()
-    concurrency = concurrent_trials(spec, base)
     warm = spec.warm_start
     trains_base = warm is not None and warm.can_train and not exists(warm.location)
+    if trains_base and is_local(warm.location):
+        # The base model trains for minutes; where its checkpoint goes is checked first.
+        require_writable_folder(local_path(warm.location).parent, "warm_start.checkpoint")
     start = None if warm is None or trains_base else read_warm_start(warm, base)
+    ensure_ray()
+    concurrency = concurrent_trials(spec, base)
     synthesise_if_needed(base)
     ensure_prepared(base)
     if trains_base:
