@@ -71,7 +71,7 @@ def _synth_command(commands: argparse._SubParsersAction) -> None:
     """``evadlab synth``: its options."""
     synth_help = "write a synthetic mini-AVA in the official layout"
     synth = commands.add_parser("synth", help=synth_help, description=synth_help + " into a new or empty folder")
-    synth.add_argument("--out", required=True, type=Path, help="the dataset's folder (new or empty)")
+    synth.add_argument("--out", required=True, help="the dataset's folder (new or empty; a path or a file:// URI)")
     synth.add_argument("--videos", type=int, default=6,
                        help="videos; the last third (at least one) are val (default 6)")
     synth.add_argument("--seconds", type=int, default=12, help="seconds per video, keyframes: seconds - 3 (default 12)")
@@ -146,15 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _synth(args: argparse.Namespace) -> None:
     from evadlab.pipelines.ava import read_label_map
     from evadlab.pipelines.synthetic import generate_mini_ava
-    from evadlab.storage import require_writable_folder
+    from evadlab.storage import is_local, local_path, require_writable_folder
 
-    out = Path(args.out)
+    if not args.out or not is_local(args.out):
+        raise ValueError(f"--out {args.out!r}: synth writes to a local folder (a path or a file:// URI)")
+    out = local_path(args.out)
     if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} is not empty: synth writes a whole dataset there, replacing files of the "
                               f"same names; choose a new folder or remove this one")
     require_writable_folder(out, "--out")
     label_map = read_label_map(args.label_map) if args.label_map else None
-    summary = generate_mini_ava(args.out, videos=args.videos, seconds=args.seconds, seed=args.seed, frames=args.frames,
+    summary = generate_mini_ava(out, videos=args.videos, seconds=args.seconds, seed=args.seed, frames=args.frames,
                                 label_map=label_map)
     print(json.dumps(summary, default=str))
 

@@ -522,7 +522,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping of a config or sweep file. Raises ConfigError, naming the file (and the line of a YAML error), for
     a missing file, a folder, a file that is not UTF-8 text, invalid YAML, an empty file and a top level that is no
     mapping."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder")
     if not path.is_file():

@@ -171,6 +171,8 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
          r"check the path")),
         (["synth", "--out", f"{notes}/ava"], rf"--out {e(notes)}/ava cannot be written \({e(notes)} is a file\)"),
         (["synth", "--out", notes], rf"--out {e(notes)} cannot be written \({e(notes)} is a file\)"),
+        (["synth", "--out", "s3://bucket/ava"], r"--out 's3://bucket/ava': synth writes to a local folder .*"),
+        (["synth", "--out", ""], r"--out '': synth writes to a local folder .*"),
         (["synth", "--out", str(f["root"])], (rf"--out {e(str(f['root']))} is not empty: synth writes a whole dataset "
          r"there, replacing files of the same names; choose a new folder or remove this one")),
         (["tracking", "replay", missing], rf"no MLflow backlog at {e(missing)} .*"),

@@ -139,7 +139,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     ``warm_start.*`` change the sweep file's own section). Every value the search space can take (each grid or choice
     value, the bounds of a range) and the base stage's config are validated here, before any trial. Raises
     ConfigError naming the file and key."""
-    path = Path(path)
+    path = Path(path).expanduser()
     own = [text for text in overrides if text.partition("=")[0].split(".")[0] == "warm_start"]
     try:
         spec = SweepSpec.model_validate(apply_overrides(read_yaml(path), own))
