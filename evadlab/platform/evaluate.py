@@ -24,6 +24,7 @@ from ray.util.annotations import RayDeprecationWarning
 
 from evadlab.config import ExperimentConfig
 from evadlab.console import progress_bar
+from evadlab.memory import reuse_freed_memory
 from evadlab.pipelines.ava import (
     detection_rows,
     distinct_class_names,
@@ -175,6 +176,7 @@ class ClipDetector:
     detection rows."""
 
     def __init__(self, experiment: dict[str, Any], start: StartingWeights | ray.ObjectRef):
+        reuse_freed_memory()
         self.cfg = ExperimentConfig.model_validate(experiment)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         start = ray.get(start) if isinstance(start, ray.ObjectRef) else start

@@ -30,6 +30,7 @@ from evadlab import storage
 from evadlab.config import ConfigError, ExperimentConfig
 from evadlab.console import EpochProgress, duration
 from evadlab.errors import INTERRUPTIONS
+from evadlab.memory import reuse_freed_memory
 from evadlab.models.checkpoints import load_training_checkpoint, save_training_checkpoint, training_checkpoint_bytes
 from evadlab.models.flops import REFERENCE_INPUT_SIZE, flops_report
 from evadlab.models.latency import inference_latency_s
@@ -182,7 +183,9 @@ def system_monitor(cfg: ExperimentConfig, logger: RunLogger | None):
 
 
 def start_worker(loop_config: dict[str, Any]) -> Worker:
-    """Builds the model and optimiser, restores them from Ray Train's latest checkpoint if there is one."""
+    """Builds the model and optimiser, restores them from Ray Train's latest checkpoint if there is one. The worker
+    process keeps the memory its steps free (:func:`~evadlab.memory.reuse_freed_memory`)."""
+    reuse_freed_memory()
     cfg = ExperimentConfig.model_validate(loop_config["experiment"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
