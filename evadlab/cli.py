@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(args, error)
     except INTERRUPTIONS:
         hint = CONTINUE_HINTS.get(args.command)
-        print(f"evadlab {args.command}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        print(f"evadlab {command_name(args)}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     finally:
         session = sys.modules.get("evadlab.ray_session")  # imported by the commands that use Ray, and only by them
@@ -292,20 +292,25 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     return args
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """The command as typed, with its action where it has one (``tracking replay``), for the one-line messages."""
+    return f"{args.command} {args.action}" if getattr(args, "action", None) else args.command
+
+
 def report_error(args: argparse.Namespace, error: Exception) -> int:
     """Prints the one line (after the traceback when debugging) and returns the exit code."""
     if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
         traceback.print_exception(error)
-    cause = original_error(error)
+    cause, name = original_error(error), command_name(args)
     if is_user_error(cause):
-        print(f"evadlab {args.command}: error: {one_line(cause)}", file=sys.stderr)
+        print(f"evadlab {name}: error: {one_line(cause)}", file=sys.stderr)
         return 2
     if is_lost_process(cause):
         hints = [RETRY_HINT] if args.command in ("train", "run", "tune") else []
         hints += [CONTINUE_HINTS[args.command]] if args.command in CONTINUE_HINTS else []
-        print(f"evadlab {args.command}: error: {'; '.join([lost_process_line(cause), *hints])}", file=sys.stderr)
+        print(f"evadlab {name}: error: {'; '.join([lost_process_line(cause), *hints])}", file=sys.stderr)
         return 1
-    print(f"evadlab {args.command}: error: {kind_of(cause)}: {one_line(cause)} (a fault of evadlab; "
+    print(f"evadlab {name}: error: {kind_of(cause)}: {one_line(cause)} (a fault of evadlab; "
           f"{DEBUG_VARIABLE}=1 shows the traceback)", file=sys.stderr)
     return 1
 

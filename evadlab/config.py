@@ -58,6 +58,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
+def named_folder(value: str) -> str:
+    """A folder key that has no default to fall back on: an empty value would silently mean the working directory."""
+    if not value.strip():
+        raise ValueError("must name a folder, not be empty")
+    return value
+
+
 def local_folder(value: str) -> str:
     """A folder read and written with plain file I/O (data, shards, outputs): a local path or a ``file://`` URI (a
     mounted shared file system), returned as an absolute path. Raises ValueError for a remote URI."""
@@ -101,6 +108,7 @@ class DataConfig(Section):
     # Keyframes per shard part, the unit a prepare writes atomically and resumes from.
     keyframes_per_part: int = Field(120, ge=1)
 
+    _named_folders = field_validator("root")(named_folder)
     _local_folders = field_validator("root", "shards")(local_folder)
 
     @property
@@ -259,6 +267,8 @@ class TrainConfig(Section):
                 raise ValueError(f"'{name}' must be >= 0, got {amount}")
         return value
 
+    _named_folders = field_validator("storage_path")(named_folder)
+
     @model_validator(mode="after")
     def _schedule(self) -> TrainConfig:
         if len(self.lr_steps) != len(self.lr_factors):
@@ -363,6 +373,7 @@ class ExperimentConfig(Section):
     tune: TuneConfig = TuneConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    _named_folders = field_validator("output_dir")(named_folder)
     _local_folders = field_validator("output_dir")(local_folder)
 
     @field_validator("name")

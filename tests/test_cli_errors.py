@@ -148,6 +148,8 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
         (["tune", str(SWEEP), *q, f"warm_start.checkpoint={notes}/base.pt"],
          rf"warm_start.checkpoint {e(notes)} cannot be written \({e(notes)} is a file\)"),
         ([*train, *q, f"model.checkpoint={folder}"], rf"checkpoint {e(folder)} is a folder, not a checkpoint file"),
+        ([*train, *q, "train.storage_path=foo://bucket/ray"], (r"train.storage_path 'foo://bucket/ray' is no storage Ray "
+         r"can open: Unrecognized filesystem type in URI: foo://bucket/ray")),
         # The demo's outputs: never the input video, never a CSV over the video, never a folder.
         ([*demo, "--checkpoint", pt, "--out", f"{folder}/annotated.csv"],
          rf"--out {e(folder)}/annotated\.csv must end in \.mp4: .*"),
@@ -186,7 +188,7 @@ def test_each_bad_input_ends_in_one_line_with_exit_code_2(files, capsys):
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
         assert len(lines) == 1, (argv, err)
-        prefix = f"evadlab {argv[0]}: error: "
+        prefix = f"evadlab {' '.join(argv[:2]) if argv[0] == 'tracking' else argv[0]}: error: "
         assert lines[0].startswith(prefix) and re.fullmatch(message, lines[0].removeprefix(prefix)), (argv, lines[0])
         assert "Traceback" not in err and "weights_only=False" not in err
     assert not (files["folder"] / "never_written").exists(), "run checks the tracking server before it synthesises"

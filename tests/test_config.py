@@ -53,6 +53,10 @@ def test_overrides_are_yaml_scalars_and_reach_nested_keys():
         ("train.seed=-1", "'train.seed': Input should be greater than or equal to 0 (got -1)"),
         ("data.synth_seed=-3", "'data.synth_seed': Input should be greater than or equal to 0 (got -3)"),
         ("name=''", "'name': must be letters"),
+        # An empty folder key would silently mean the working directory (data.shards='' means its documented default).
+        ("train.storage_path=", "'train.storage_path': must name a folder, not be empty (got '')"),
+        ("data.root=", "'data.root': must name a folder, not be empty (got '')"),
+        ("output_dir=' '", "'output_dir': must name a folder, not be empty (got ' ')"),
         ("train.num_workers=[2, 1]", ("'train.num_workers': must be >= 1, a range [min, max] with 1 <= min <= max "
                                      "(got [2, 1])")),
     ],

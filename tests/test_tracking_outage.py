@@ -98,7 +98,35 @@ def test_a_file_that_is_no_backlog_is_refused_and_kept(tmp_path, capsys, content
     file.write_text(content)
     assert main(["tracking", "replay", str(file)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"evadlab tracking: error: {file}: line {line} is not an MLflow backlog record")
+    assert err.startswith(f"evadlab tracking replay: error: {file}: line {line} is not an MLflow backlog record")
+    assert file.read_text() == content
+
+
+def test_a_replay_to_a_store_without_the_run_is_refused_and_the_backlog_kept(tmp_path, capsys):
+    """An empty file, a SQLite store that does not exist (it is not created) and a store that holds no such run are
+    answers, not outages: one line naming the file or the store, exit 2, the file as it was."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["tracking", "replay", str(empty)]) == 2
+    assert capsys.readouterr().err.strip() == (f"evadlab tracking replay: error: {empty}: empty, not an MLflow backlog "
+                                               f"(evadlab removes a backlog once it is sent)")
+    assert empty.read_text() == ""
+
+    file = tmp_path / BACKLOG_FILE
+    missing_store = tmp_path / "nowhere" / "mlflow.db"
+    content = json.dumps({**A_RECORD, "uri": f"sqlite:///{missing_store}"}) + "\n"
+    file.write_text(content)
+    assert main(["tracking", "replay", str(file)]) == 2
+    assert f"no MLflow database at {missing_store}" in capsys.readouterr().err
+    assert not missing_store.parent.exists()
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(store).search_experiments()  # a store with its tables and no runs
+    capsys.readouterr()
+    assert main(["tracking", "replay", str(file), "--tracking-uri", store]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"evadlab tracking replay: error: {file}: its run {A_RECORD['run_id']} does not exist at {store}: replay it "
+        f"to the tracking server of that run (--tracking-uri)")
     assert file.read_text() == content
 
 

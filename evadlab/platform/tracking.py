@@ -336,12 +336,14 @@ def record_groups(records: list[dict[str, Any]]) -> Iterator[tuple[int, list[dic
 
 def read_backlog(file: Path) -> list[dict[str, Any]]:
     """The records of a backlog file; a last line cut short by a crash (the start of a JSON object) is left out.
-    Raises ValueError naming the file and line for anything else that is not a record :class:`RunLogger` writes, so
-    that a file that is no backlog is never taken for an empty one (and removed)."""
+    Raises ValueError naming the file (and line) for an empty file and anything else that is not a record
+    :class:`RunLogger` writes, so that a file that is no backlog is never taken for an empty one (and removed)."""
     try:
         lines = [line for line in file.read_text().splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise ValueError(f"{file}: not an MLflow backlog (not text)") from None
+    if not lines:
+        raise ValueError(f"{file}: empty, not an MLflow backlog (evadlab removes a backlog once it is sent)")
     records = []
     for number, line in enumerate(lines, start=1):
         try:
@@ -383,19 +385,38 @@ def send_backlog(file: Path, uri: str | None = None) -> tuple[int, BaseException
 def replay_backlog(location: str | Path, tracking_uri: str | None = None) -> int:
     """``evadlab tracking replay``: sends a backlog (the file, or the run folder that holds it) to its MLflow server,
     or to ``tracking_uri``; returns the number of records sent. Raises FileNotFoundError without a backlog,
-    ValueError for a file that is not one (it is kept), TrackingError when the server does not answer (what was not
-    sent stays)."""
+    ValueError for a file that is not one or names a run the store does not hold (it is kept), TrackingError when the
+    server does not answer or a SQLite store does not exist (what was not sent stays)."""
     file = Path(location) / BACKLOG_FILE if Path(location).is_dir() else Path(location)
     if not file.is_file():
         raise FileNotFoundError(f"no MLflow backlog at {location} (expected a {BACKLOG_FILE} or a run folder with one)")
     records = read_backlog(file)
-    for uri in {tracking_uri} if tracking_uri else {record["uri"] for record in records}:
-        check_tracking_uri(uri)
+    runs = {(tracking_uri or record["uri"], record["run_id"]) for record in records}
+    for uri in sorted({uri for uri, _ in runs}):
+        check_tracking_uri(uri, read_only=True)
+    for uri, run_id in sorted(runs):
+        require_run(uri, run_id, file)
     sent, outage = send_backlog(file, tracking_uri)
     if outage is not None:
         raise TrackingError(f"the MLflow server stopped answering after {sent} of {len(records)} records "
                             f"({short_reason(outage)}); the rest stay in {file}: replay it again")
     return sent
+
+
+def require_run(uri: str, run_id: str, file: Path) -> None:
+    """Raises ValueError naming the backlog ``file`` when the store at ``uri`` answers that it holds no run
+    ``run_id``: a backlog replayed to the wrong server, which is no outage to wait out."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        with quick_http():
+            MlflowClient(uri).get_run(run_id)
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        raise ValueError(f"{file}: its run {run_id} does not exist at {uri}: replay it to the tracking server of "
+                         f"that run (--tracking-uri)") from None
 
 
 def short_reason(error: BaseException) -> str:

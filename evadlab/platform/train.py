@@ -29,7 +29,7 @@ import yaml
 from evadlab import storage
 from evadlab.config import ConfigError, ExperimentConfig
 from evadlab.console import EpochProgress, duration
-from evadlab.errors import INTERRUPTIONS
+from evadlab.errors import INTERRUPTIONS, one_line
 from evadlab.memory import reuse_freed_memory
 from evadlab.models.checkpoints import load_training_checkpoint, save_training_checkpoint, training_checkpoint_bytes
 from evadlab.models.flops import REFERENCE_INPUT_SIZE, flops_report
@@ -677,12 +677,19 @@ def scaling_config(cfg: ExperimentConfig) -> ray.train.ScalingConfig:
 def require_writable_run_folder(cfg: ExperimentConfig) -> None:
     """Where a run writes (checkpoints, evaluations, the MLflow backlog), checked before any work:
     ``train.storage_path`` when it is on this machine's file system, else ``output_dir``, which then holds those files.
-    Raises OSError naming the key (``train.storage_path /x cannot be written (/x is a file)``); an object-store URI is
-    Ray's to reach."""
-    if storage.is_local(cfg.train.storage_path):
-        storage.require_writable_folder(storage.local_path(cfg.train.storage_path), "train.storage_path")
-    else:
-        storage.require_writable_folder(cfg.run_dir, "output_dir")
+    Raises OSError naming the key (``train.storage_path /x cannot be written (/x is a file)``), and ConfigError when
+    an object-store URI names no file system pyarrow (and so Ray) can open: an unknown scheme, a missing client
+    library (HDFS's libjvm), an S3 bucket whose region cannot be resolved. Whether the bucket may be written is the
+    store's to answer, at the first checkpoint."""
+    path = cfg.train.storage_path
+    if storage.is_local(path):
+        storage.require_writable_folder(storage.local_path(path), "train.storage_path")
+        return
+    try:
+        storage.filesystem_of(path)
+    except (ValueError, OSError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"train.storage_path {path!r} is no storage Ray can open: {one_line(error)}") from None
+    storage.require_writable_folder(cfg.run_dir, "output_dir")
 
 
 def require_room_for_workers(cfg: ExperimentConfig) -> None:
