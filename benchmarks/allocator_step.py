@@ -24,24 +24,14 @@ SETTINGS = ("glibc defaults", "reuse_freed_memory")
 
 def measure(setting: str, steps: int, warmup: int) -> dict[str, float]:
     """In this process: ``steps`` quickstart training steps under ``setting``; the figures after ``warmup``."""
-    import torch
-
-    from evadlab.config import load_config
     from evadlab.memory import reuse_freed_memory
-    from evadlab.platform.modeling import build_model
-    from evadlab.platform.recipe import build_optimizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from optimizer_step import QUICKSTART, quickstart_batch
+    from optimizer_step import quickstart_training
 
     if setting == "reuse_freed_memory" and not reuse_freed_memory():
         raise SystemExit("this C library has no usable mallopt")
-    torch.set_num_threads(1)
-    cfg = load_config(QUICKSTART)
-    torch.manual_seed(0)
-    model = build_model(cfg.model).train()
-    optimizer = build_optimizer(model, cfg.train)
-    clips, targets = quickstart_batch(cfg.model.num_actions)
+    model, optimizer, clips, targets = quickstart_training(threads=1)
     times = []
     for index in range(steps):
         if index == warmup:

@@ -21,14 +21,10 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-from optimizer_step import QUICKSTART, quickstart_batch
+from optimizer_step import quickstart_training
 
 from evadlab import storage
-from evadlab.config import load_config
 from evadlab.models.checkpoints import save_training_checkpoint, training_checkpoint_bytes
-from evadlab.platform.modeling import build_model
-from evadlab.platform.recipe import build_optimizer
 
 
 def main() -> None:
@@ -37,12 +33,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
 
-    torch.set_num_threads(1)
-    cfg = load_config(QUICKSTART)
-    torch.manual_seed(0)
-    model = build_model(cfg.model).train()
-    optimizer = build_optimizer(model, cfg.train)
-    clips, targets = quickstart_batch(cfg.model.num_actions)
+    model, optimizer, clips, targets = quickstart_training(threads=1)
 
     def train_steps() -> None:
         for _ in range(args.steps):

@@ -33,6 +33,16 @@ def quickstart_batch(num_actions: int) -> tuple[list[torch.Tensor], list[dict]]:
     return clips, targets
 
 
+def quickstart_training(threads: int = 1):
+    """The quickstart's model (seed 0, training mode), its ``build_optimizer`` AdamW and a batch, with ``threads``
+    torch threads as a Ray Train worker of 1 CPU has: (model, optimizer, clips, targets)."""
+    torch.set_num_threads(threads)
+    cfg = load_config(QUICKSTART)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    return (model, build_optimizer(model, cfg.train), *quickstart_batch(cfg.model.num_actions))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=25)
