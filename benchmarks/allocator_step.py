@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)  # one measurement, in a child
     args = parser.parse_args()
+    if args.steps <= args.warmup:
+        parser.error("--steps must be more than --warmup: the figures are of the steps after the warm-up")
     if args.setting:
         print(json.dumps(measure(args.setting, args.steps, args.warmup)))
         return
