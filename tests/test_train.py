@@ -105,6 +105,36 @@ def test_ingest_materializes_what_fits_and_every_epoch_splits_each_keyframe_once
     assert other_seed != first, "another seed got the same orders"
 
 
+def test_a_small_split_decoded_by_the_driver_gets_the_blocks_ray_data_tasks_make(prepared, mini_ava):
+    """A materialized split of at most ``decode_here_bytes`` is decoded by this process instead of Ray Data's tasks,
+    whose processes take seconds to start; the dataset the workers get is the same to the byte: the same blocks of
+    ``train.batch_size`` rows (the last one shorter) in the same shuffled order, so a seed trains the same model."""
+    folder, shards = prepared
+    rows = len(all_train_keys(shards))
+    uneven = next(size for size in (3, 4, 5, 7) if rows % size)
+    for batch in (uneven, rows):  # blocks of a batch and a shorter last one; the whole split in one block
+        cfg = tiny_config(folder, mini_ava, f"data.shards={shards}", f"train.batch_size={batch}")
+        here, by_tasks = plan_ingest(cfg), plan_ingest(cfg, decode_here_bytes=0)
+        assert here.decode_here and "; decoded by this process)" in here.describe()
+        assert not by_tasks.decode_here and "decoded by this process" not in by_tasks.describe()
+        assert not plan_ingest(cfg, decode_here_bytes=here.decoded_bytes - 1).decode_here
+        assert plan_ingest(cfg, decode_here_bytes=here.decoded_bytes).decode_here
+        assert not plan_ingest(cfg, object_store_bytes=here.decoded_bytes).decode_here, "a streamed split is never"
+        decoded_here, decoded_by_tasks = dataset_blocks(training_dataset(cfg, here)), dataset_blocks(
+            training_dataset(cfg, by_tasks))
+        sizes = [block.num_rows for block in decoded_here]
+        assert sorted(sizes) == ([rows % batch] if rows % batch else []) + [batch] * (rows // batch)
+        assert sizes == [block.num_rows for block in decoded_by_tasks]
+        assert all(a.equals(b) for a, b in zip(decoded_here, decoded_by_tasks, strict=True))
+
+
+def dataset_blocks(dataset) -> list:
+    """A materialized dataset's blocks (pyarrow tables), in its order."""
+    import ray
+
+    return [ray.get(ref) for bundle in dataset.iter_internal_ref_bundles() for ref in bundle.block_refs]
+
+
 def split_keys(split, cfg, epoch: int) -> list[str]:
     """One epoch of a worker's split as training iterates it (local shuffle buffer included): its keyframes as
     ``video_id,timestamp``, in the order they came."""

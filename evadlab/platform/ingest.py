@@ -12,6 +12,7 @@ to its device.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from evadlab.pipelines.clips import (
     box_array,
     decode_jpegs,
     flip_clip,
+    iter_shard_rows,
     multi_hot,
     read_shards,
     split_dir,
@@ -42,6 +44,10 @@ MATERIALIZE, STREAM = "materialize", "stream"
 # The share of Ray's object store the decoded train split may fill: the rest stays free for the evaluation, the
 # checkpoints, a sweep's concurrent trials and Ray's own objects.
 OBJECT_STORE_SHARE = 0.5
+# A materialized split of at most this many decoded bytes is decoded in this process: ~0.4 s of JPEG decoding for the
+# quickstart's 14 MB, where Ray Data needs 4-10 s to start its decoding tasks' processes and import torch in them on a
+# 2-core machine (benchmarks/RESULTS.md, section 5). The blocks are the same either way.
+DECODE_HERE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -67,13 +73,15 @@ class IngestPlan:
     requested: str  # data.ingest: auto, materialize or stream
     decoded_bytes: int  # the decoded train clips, uint8 frames
     object_store_bytes: int  # the capacity of the cluster's object store
+    decode_here: bool = False  # a materialized split decoded in this process rather than by Ray Data tasks
 
     def describe(self) -> str:
         """One line for the console, e.g. ``ingest: materialize (decoded train clips 19 MB, 1.5 % of the 1.3 GB
-        object store; data.ingest=auto)``."""
+        object store; data.ingest=auto; decoded by this process)``."""
         share = self.decoded_bytes / max(self.object_store_bytes, 1)
+        where = "; decoded by this process" if self.decode_here else ""
         return (f"ingest: {self.mode} (decoded train clips {self.decoded_bytes / 1e6:,.0f} MB, {100 * share:.1f} % of "
-                f"the {self.object_store_bytes / 1e9:.1f} GB object store; data.ingest={self.requested})")
+                f"the {self.object_store_bytes / 1e9:.1f} GB object store; data.ingest={self.requested}{where})")
 
 
 def count_rows(cfg: ExperimentConfig, split: str) -> int:
@@ -90,10 +98,12 @@ def decoded_split_bytes(cfg: ExperimentConfig, split: str) -> int:
     return int(pixels.sum()) * cfg.data.num_frames * 3
 
 
-def plan_ingest(cfg: ExperimentConfig, object_store_bytes: int | None = None) -> IngestPlan:
+def plan_ingest(cfg: ExperimentConfig, object_store_bytes: int | None = None,
+                decode_here_bytes: int = DECODE_HERE_BYTES) -> IngestPlan:
     """``data.ingest``, with ``auto`` resolved: materialize when the decoded train split takes at most
     ``OBJECT_STORE_SHARE`` of the object store (``object_store_bytes``, by default the capacity of the Ray cluster
-    this process is connected to), else stream."""
+    this process is connected to), else stream. A materialized split of at most ``decode_here_bytes`` is decoded by
+    this process (see :data:`DECODE_HERE_BYTES`)."""
     capacity = object_store_bytes
     if capacity is None:
         capacity = int(ray.cluster_resources().get("object_store_memory", 0))
@@ -101,15 +111,17 @@ def plan_ingest(cfg: ExperimentConfig, object_store_bytes: int | None = None) ->
     mode = cfg.data.ingest
     if mode == "auto":
         mode = MATERIALIZE if decoded <= OBJECT_STORE_SHARE * capacity else STREAM
-    return IngestPlan(mode=mode, requested=cfg.data.ingest, decoded_bytes=decoded, object_store_bytes=capacity)
+    return IngestPlan(mode=mode, requested=cfg.data.ingest, decoded_bytes=decoded, object_store_bytes=capacity,
+                      decode_here=mode == MATERIALIZE and decoded <= decode_here_bytes)
 
 
 def training_dataset(cfg: ExperimentConfig, plan: IngestPlan) -> ray.data.Dataset:
     """The dataset an epoch iterates: decoded train clips in blocks of one batch (so the work spreads over every CPU
     even when the shards are few), in an order randomised every epoch.
 
-    ``materialize`` decodes the split here, once (Ray Data errors, such as a bad action id, are raised here); an epoch
-    then only shuffles block references. ``stream`` randomises the order of the shard files and decodes them again
+    ``materialize`` decodes the split here, once (errors, such as a bad action id, are raised here), by Ray Data's
+    tasks or, for a small split (``plan.decode_here``), by this process (:func:`decoded_here`); an epoch then only
+    shuffles block references. ``stream`` randomises the order of the shard files and decodes them again
     each epoch (a randomised order of decoded blocks would need them all at once).
 
     The epoch orders come from ``train.seed`` and the epoch's index within the run's execution (Ray Data's
@@ -117,14 +129,30 @@ def training_dataset(cfg: ExperimentConfig, plan: IngestPlan) -> ray.data.Datase
     ``materialize`` keeps the decoded blocks in shard order, so its orders, and the blocks each worker gets (Ray's
     splitter deals blocks to the worker that has fewest rows, in order), are exactly reproducible; ``stream``
     decodes in parallel without waiting for order, so its order also depends on which decoding task ends first."""
+    block_order_seed = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
+    if plan.decode_here:
+        return decoded_here(cfg).randomize_block_order(seed=block_order_seed)
     shards = read_shards(cfg.data.shards_path, TRAIN_SPLIT)
     # The ingest runs every epoch in every worker; its progress bars would drown the training log.
     shards.context.enable_progress_bars = False
-    block_order_seed = ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
     if plan.mode == STREAM:
         return decoded_rows(shards.randomize_block_order(seed=block_order_seed), cfg)
     shards.context.execution_options.preserve_order = True
     return decoded_rows(shards, cfg).materialize().randomize_block_order(seed=block_order_seed)
+
+
+def decoded_here(cfg: ExperimentConfig) -> ray.data.MaterializedDataset:
+    """The train split decoded by this process (:func:`decode_training_row`) into Ray's object store, in the blocks
+    :func:`decoded_rows` makes: ``train.batch_size`` rows each, in shard order, the last one shorter."""
+    rows = (decode_training_row(row, cfg.model.num_actions)
+            for row in iter_shard_rows(cfg.data.shards_path, TRAIN_SPLIT))
+    blocks = []
+    while chunk := list(itertools.islice(rows, cfg.train.batch_size)):
+        blocks.append(ray.data.from_items(chunk, override_num_blocks=1))
+    split = blocks[0].union(*blocks[1:]) if len(blocks) > 1 else blocks[0]  # Ray's union needs two or more
+    split.context.enable_progress_bars = False
+    split.context.execution_options.preserve_order = True
+    return split.materialize()
 
 
 def decoded_rows(shards: ray.data.Dataset, cfg: ExperimentConfig) -> ray.data.Dataset:

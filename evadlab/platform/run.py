@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from evadlab.config import ExperimentConfig
@@ -19,7 +20,7 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
     from evadlab.platform.evaluate import JobRun, evaluate, evaluation_of_detections, require_evaluation_files
     from evadlab.platform.modeling import build_model, starting_weights
     from evadlab.platform.tracking import check_tracking_uri
-    from evadlab.platform.train import should_evaluate, train
+    from evadlab.platform.train import count_model, should_evaluate, train
 
     start = time.perf_counter()
     require_writable_folder(cfg.run_dir, "output_dir")
@@ -28,11 +29,15 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
         check_tracking_uri(cfg.tracking.resolved_uri())
     weights = starting_weights(cfg.model, cfg.tracking.resolved_uri())
     build_model(cfg.model, weights, device="meta")
-    synthesise_if_needed(cfg)
-    require_evaluation_files(cfg)
-    ensure_prepared(cfg)
+    # The model's FLOP count (~2 s of Python) runs while synth and prepare mostly wait for their threads and tasks.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        counted = pool.submit(count_model, cfg)
+        synthesise_if_needed(cfg)
+        require_evaluation_files(cfg)
+        ensure_prepared(cfg)
+        flops = counted.result()
     print("[3/4] train")
-    trained = train(cfg, start=weights)
+    trained = train(cfg, start=weights, flops=flops)
     if trained.checkpoint_path is None:
         raise RuntimeError("training reported no checkpoint")
     print("[4/4] evaluate")

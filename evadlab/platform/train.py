@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -483,13 +484,14 @@ def training_splits(cfg: ExperimentConfig) -> tuple[str, ...]:
 
 
 def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks: list | None = None,
-          hooks: list[TrainingHooks] | None = None, start: StartingWeights | None = None) -> TrainResult:
+          hooks: list[TrainingHooks] | None = None, start: StartingWeights | None = None,
+          flops: dict[str, float] | None = None) -> TrainResult:
     """``evadlab train``: fit EVAD on the prepared train shards, evaluating on val as configured; prints one line per
     epoch (see :class:`EpochProgress`).
 
     ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback``); ``hooks`` run inside the workers (tests);
     ``start`` are starting weights the caller has read and checked already (else ``model.checkpoint`` /
-    ``model.pretrained`` are read here). Before Ray starts, raises OSError when the run folder cannot be written (see
+    ``model.pretrained`` are read here); ``flops`` the model's :func:`count_model` when the caller has it. Before Ray starts, raises OSError when the run folder cannot be written (see
     :func:`require_writable_run_folder`), UnpreparedDataError for shards that are missing, incomplete or empty,
     FileNotFoundError for a missing label map or val annotations when it evaluates, TrackingError when MLflow is
     unreachable, CheckpointError when the starting weights cannot be read or do not fit, and, once Ray has started,
@@ -506,9 +508,7 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
         start = starting_weights(cfg.model, cfg.tracking.resolved_uri())
         build_model(cfg.model, start, device="meta")
     began = time.perf_counter()
-    ensure_ray()
-    require_room_for_workers(cfg)
-    setup = set_up_run(cfg, parent_run_id, manifest)
+    setup = set_up_run(cfg, parent_run_id, manifest, start_ray_counting(cfg, flops))
     plan = plan_ingest(cfg)
     warn_if_no_cpu_left_for_data(cfg, plan)
     start_ref = ray.put(start) if start is not None else None
@@ -570,11 +570,29 @@ def summary_lines(result: TrainResult, epochs: int) -> list[str]:
     return lines
 
 
-def set_up_run(cfg: ExperimentConfig, parent_run_id: str | None, manifest: dict[str, Any]) -> RunSetup:
-    """Names the run (or finds the one to resume), counts the model and opens its MLflow run."""
+def start_ray_counting(cfg: ExperimentConfig, flops: dict[str, float] | None) -> dict[str, float]:
+    """Starts or joins Ray and checks that it can hold the workers (:func:`require_room_for_workers`) while another
+    thread counts the model (:func:`count_model`, ~2 s of Python on fake tensors, while Ray mostly waits for its
+    processes), unless the caller has the count (``flops``); returns the count."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        counted = pool.submit(count_model, cfg) if flops is None else None
+        ensure_ray()
+        require_room_for_workers(cfg)
+        return counted.result() if counted else flops
+
+
+def count_model(cfg: ExperimentConfig) -> dict[str, float]:
+    """The config's model counted at its input size (:func:`~evadlab.models.flops.flops_report`: GFLOPs there and at
+    16x288x288, parameters)."""
+    return flops_report(cfg.model.evad, (cfg.model.num_frames, cfg.data.short_side, cfg.data.short_side))
+
+
+def set_up_run(cfg: ExperimentConfig, parent_run_id: str | None, manifest: dict[str, Any],
+               report: dict[str, float]) -> RunSetup:
+    """Names the run (or finds the one to resume) and opens its MLflow run; ``report`` is the model's
+    :func:`~evadlab.models.flops.flops_report` at the config's input size."""
     location = storage.absolute(cfg.train.storage_path)
     run_name = run_name_for(cfg, location)
-    report = flops_report(cfg.model.evad, (cfg.model.num_frames, cfg.data.short_side, cfg.data.short_side))
     model_metrics = {"model/gflops": report["gflops_16x288x288"], "model/gflops_input": report["gflops"],
                      "model/params": report["params"]}
     # Evaluation outputs and the MLflow backlog are written with plain file I/O: in the run folder when it is on
