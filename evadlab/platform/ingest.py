@@ -1,13 +1,13 @@
 """Training input: the prepared train shards as a Ray Dataset, split exactly once per epoch over the DDP workers,
 and turned into model batches on each worker.
 
-The train clips are JPEG-decoded once in Ray's CPU pool. When the decoded split fits in a share of Ray's object store
-(``materialize``, the quickstart's case) it is kept there for the whole run, and an epoch only randomises the order
-of its blocks and splits them over the workers: no file is read or decoded again. When it does not fit (``stream``,
-AVA's 1.5 TB of decoded train clips) every epoch reads and decodes the shards again, streaming. ``data.ingest``
-chooses, ``auto`` by the estimate of :func:`plan_ingest`. Either way each worker iterates its split with a local
-shuffle buffer, flips clips at random (``data.flip_prob``, its own generator per epoch and rank) and moves the batch
-to its device.
+The train clips are JPEG-decoded once in Ray's CPU pool (a small split by the driver itself, into the same blocks).
+When the decoded split fits in a share of Ray's object store (``materialize``, the quickstart's case) it is kept there
+for the whole run, and an epoch only randomises the order of its blocks and splits them over the workers: no file is
+read or decoded again. When it does not fit (``stream``, AVA's 1.5 TB of decoded train clips) every epoch reads and
+decodes the shards again, streaming. ``data.ingest`` chooses, ``auto`` by the estimate of :func:`plan_ingest`. Either
+way each worker iterates its split with a local shuffle buffer, flips clips at random (``data.flip_prob``, its own
+generator per epoch and rank) and moves the batch to its device.
 """
 
 from __future__ import annotations
