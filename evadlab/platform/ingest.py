@@ -44,7 +44,7 @@ MATERIALIZE, STREAM = "materialize", "stream"
 # The share of Ray's object store the decoded train split may fill: the rest stays free for the evaluation, the
 # checkpoints, a sweep's concurrent trials and Ray's own objects.
 OBJECT_STORE_SHARE = 0.5
-# A materialized split of at most this many decoded bytes is decoded in this process: ~0.4 s of JPEG decoding for the
+# A materialized split of at most this many decoded bytes is decoded in this process: ~0.7 s of JPEG decoding for the
 # quickstart's 14 MB, where Ray Data needs 4-10 s to start its decoding tasks' processes and import torch in them on a
 # 2-core machine (benchmarks/RESULTS.md, section 5). The blocks are the same either way.
 DECODE_HERE_BYTES = 64 * 2**20
