@@ -491,12 +491,12 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
 
     ``callbacks`` are Ray Train callbacks (Tune's ``TuneReportCallback``); ``hooks`` run inside the workers (tests);
     ``start`` are starting weights the caller has read and checked already (else ``model.checkpoint`` /
-    ``model.pretrained`` are read here); ``flops`` the model's :func:`count_model` when the caller has it. Before Ray starts, raises OSError when the run folder cannot be written (see
-    :func:`require_writable_run_folder`), UnpreparedDataError for shards that are missing, incomplete or empty,
-    FileNotFoundError for a missing label map or val annotations when it evaluates, TrackingError when MLflow is
-    unreachable, CheckpointError when the starting weights cannot be read or do not fit, and, once Ray has started,
-    ConfigError when the cluster cannot hold the workers (see :func:`require_room_for_workers`). Once training runs,
-    MLflow may go away: see :class:`RunLogger`.
+    ``model.pretrained`` are read here); ``flops`` the model's :func:`count_model` when the caller has it. Before Ray
+    starts, raises OSError when the run folder cannot be written (see :func:`require_writable_run_folder`),
+    UnpreparedDataError for shards that are missing, incomplete or empty, FileNotFoundError for a missing label map or
+    val annotations when it evaluates, TrackingError when MLflow is unreachable, CheckpointError when the starting
+    weights cannot be read or do not fit, and, once Ray has started, ConfigError when the cluster cannot hold the
+    workers (see :func:`require_room_for_workers`). Once training runs, MLflow may go away: see :class:`RunLogger`.
     """
     require_writable_run_folder(cfg)
     manifest = require_prepared(cfg, training_splits(cfg))
