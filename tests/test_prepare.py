@@ -21,7 +21,15 @@ from evadlab.cli import main
 from evadlab.config import DataConfig, ExperimentConfig
 from evadlab.pipelines.ava import group_keyframes, read_annotations
 from evadlab.pipelines.clips import decode_jpegs, iter_shard_rows, read_shards, resize_short_side, resized_size
-from evadlab.pipelines.prepare import KeyframeRejection, PrepareHooks, prepare
+from evadlab.pipelines.prepare import (
+    PREPARE_HERE_BYTES,
+    KeyframeRejection,
+    PrepareHooks,
+    media_at_most,
+    plan_tasks,
+    prepare,
+    video_parts,
+)
 
 SHORT_SIDE = 64
 SPLITS = ("train", "val")
@@ -55,14 +63,20 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def video_shards(tmp_path_factory, mini_ava, ray_local):
+    """The videos prepared by Ray tasks (the mini-AVA is small enough to be prepared in-process by default)."""
     cfg = config(mini_ava, tmp_path_factory.mktemp("video_shards"))
-    return cfg, prepare(cfg)
+    summary = prepare(cfg, here_bytes=0)
+    assert not summary.here
+    return cfg, summary
 
 
 @pytest.fixture(scope="module")
-def frame_shards(tmp_path_factory, mini_ava, ray_local):
+def frame_shards(tmp_path_factory, mini_ava):
+    """The frame folders (~20 MB of JPEGs, more than PREPARE_HERE_BYTES) prepared by this process all the same."""
     cfg = config(mini_ava, tmp_path_factory.mktemp("frame_shards"), source="frames")
-    return cfg, prepare(cfg)
+    summary = prepare(cfg, here_bytes=2**40)
+    assert summary.here
+    return cfg, summary
 
 
 def test_rows_are_the_annotated_keyframes_with_their_labels(video_shards):
@@ -117,6 +131,30 @@ def test_frame_folders_and_videos_give_the_same_clips(video_shards, frame_shards
                 assert psnr(decode(a), decode(b)) >= 30
 
 
+def test_a_small_input_is_prepared_in_this_process_into_the_files_ray_tasks_write(video_shards, tmp_path, capsys):
+    ray_cfg, _ = video_shards
+    cfg = config(ray_cfg.data.root_path, tmp_path / "shards")
+    summary = prepare(cfg)
+    assert summary.here and "clips/s in this process; manifest" in capsys.readouterr().out
+    by_ray, here = ray_cfg.data.shards_path, cfg.data.shards_path
+    parts = sorted(path.relative_to(by_ray) for path in by_ray.glob("*/part-*.parquet"))
+    assert parts == sorted(path.relative_to(here) for path in here.glob("*/part-*.parquet")) and len(parts) == 3
+    for part in parts:
+        ray_table, here_table = pq.read_table(by_ray / part), pq.read_table(here / part)
+        assert here_table.equals(ray_table) and here_table.schema.metadata == ray_table.schema.metadata, part
+    assert json.loads((here / "manifest.json").read_text()) == json.loads((by_ray / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("source", ["videos", "frames"])
+def test_the_input_media_size_chooses_where_the_parts_are_written(mini_ava, source):
+    cfg = config(mini_ava, mini_ava / "unused", source=source)
+    tasks, _ = plan_tasks(cfg.data, SPLITS, cfg.model.num_actions)
+    parts = [part for task in tasks for part in video_parts(task, 2)]
+    media = (mini_ava / "videos").glob("*.mp4") if source == "videos" else (mini_ava / "frames").glob("*/*.jpg")
+    size = sum(path.stat().st_size for path in media)
+    assert len(parts) > len(tasks) and media_at_most(parts, size) and not media_at_most(parts, size - 1)
+
+
 class Killed(Exception):
     """Stands for the job being killed."""
 
@@ -139,10 +177,11 @@ class CheckManifest(PrepareHooks):
             raise Killed
 
 
-def test_a_killed_prepare_leaves_a_manifest_of_the_parts_it_saw_finish(mini_ava, tmp_path, ray_local):
+@pytest.mark.parametrize("here_bytes", [PREPARE_HERE_BYTES, 0], ids=["in-process", "ray-tasks"])
+def test_a_killed_prepare_leaves_a_manifest_of_the_parts_it_saw_finish(mini_ava, tmp_path, ray_local, here_bytes):
     cfg = config(mini_ava, tmp_path / "shards", keyframes_per_part=2)
     with pytest.raises(Killed):
-        prepare(cfg, hooks=CheckManifest(cfg.data.shards_path, kill_after=1))
+        prepare(cfg, hooks=CheckManifest(cfg.data.shards_path, kill_after=1), here_bytes=here_bytes)
     manifest = json.loads((cfg.data.shards_path / "manifest.json").read_text())
     # Tasks already running may finish more parts after the kill; the manifest counts the one it saw finish.
     counted = [rows for videos in manifest["parts"].values() for parts in videos.values() for rows in parts.values()]

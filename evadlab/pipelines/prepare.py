@@ -33,24 +33,29 @@ A keyframe inside the media whose clip window reaches past an end takes the firs
 released code does (``clip_frame_indices``, ``nearest_frame_indices``). A split left with no rows (no annotated
 keyframes, or every one rejected) is an error once the manifest is written.
 
-Each Ray task writes one part of one video: it works out the frames its keyframes' clips need, seeks to the first,
-decodes each of them once, in order, resizes and JPEG-encodes it, and streams the rows into the part. A task keeps to
-``data.prepare_cpus`` cores: that many decoding threads (PyAV, see ``video.py``) and torch threads for the resize,
-Arrow's pool sized the same. Video files are read by time (the frames nearest to the 30 fps sampling instants,
-whatever the file's frame rate); frame folders by index, as the released code does. A video that cannot be read (by
-PyAV, nor by decord) is recorded as rejected in the manifest; the other videos finish. The manifest is rewritten as
-each part finishes. A progress bar over the keyframe clips (on a terminal) shows the parts done, clips/s and the time
-left; a one-line summary ends the run.
+Each task writes one part of one video; the tasks are Ray tasks, or threads of this process when the input media
+total at most 16 MiB (``PREPARE_HERE_BYTES``: starting Ray's workers would cost more than the work). A task works
+out the frames its keyframes' clips need, seeks to the first, decodes each of them once, in order, resizes and
+JPEG-encodes it, and streams the rows into the part. A Ray task keeps to ``data.prepare_cpus`` cores: that many
+decoding threads (PyAV, see ``video.py``) and torch threads for the resize, Arrow's pool sized the same; this process
+runs as many parts at once as its cores allow at that many decoding threads each. Video files are read by time (the
+frames nearest to the 30 fps sampling instants, whatever the file's frame rate); frame folders by index, as the
+released code does. A video that cannot be read (by PyAV, nor by decord) is recorded as rejected in the manifest; the
+other videos finish. The manifest is rewritten as each part finishes. A progress bar over the keyframe clips (on a
+terminal) shows the parts done, clips/s and the time left; a one-line summary ends the run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +104,10 @@ VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 DECODE_CHUNK = 32
 # Rows per Parquet row group: readers stream a shard a few clips at a time.
 ROWS_PER_GROUP = 8
+# Input media of at most this size (video files, or the frames of frame folders) is prepared by this process:
+# starting Ray and its worker processes, each importing torch and PyAV, takes 5-10 s on 2 cores, while the
+# quickstart's 1.1 MB of synthetic videos decode in ~1 s.
+PREPARE_HERE_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,7 @@ class PrepareSummary:
     shards_path: Path
     skipped_parts: int = 0  # parts an earlier run had written (those of the skipped videos included)
     task_peak_memory_bytes: int = 0  # the largest peak resident memory of a process that ran a task of this run
+    here: bool = False  # the parts were written by this process, not by Ray tasks (see PREPARE_HERE_BYTES)
 
     @property
     def outside_media(self) -> list[KeyframeRejection]:
@@ -179,9 +189,11 @@ class PrepareHooks:
 
 
 # --------------------------------------------------------------------------------------------- driver
-def prepare(cfg: ExperimentConfig, *, splits: tuple[str, ...] = ("train", "val"),
-            hooks: PrepareHooks | None = None) -> PrepareSummary:
+def prepare(cfg: ExperimentConfig, *, splits: tuple[str, ...] = ("train", "val"), hooks: PrepareHooks | None = None,
+            here_bytes: int = PREPARE_HERE_BYTES) -> PrepareSummary:
     """Writes the shard parts of ``splits`` and the manifest; parts already written by an earlier run are skipped.
+    The parts still to write are written by this process when their input media total at most ``here_bytes``
+    (:func:`media_at_most`), else by Ray tasks: the same files either way.
 
     The manifest describes the splits of this call. It is rewritten (atomically) as each part finishes, so its
     counts are those of the parts on disk and ``complete`` turns true only at the end: a killed run leaves a
@@ -200,14 +212,16 @@ def prepare(cfg: ExperimentConfig, *, splits: tuple[str, ...] = ("train", "val")
     remove_stale_shards(out, splits, {shard_path(out, *part.key) for part in parts})
     write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=False)
 
-    written, peak_memory = write_parts(pending, cfg, splits, tasks, rows, rejected, hooks)
+    here = media_at_most(pending, here_bytes)
+    written, peak_memory = write_parts(pending, cfg, splits, tasks, rows, rejected, hooks, here)
     write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=True)
 
     seconds = time.perf_counter() - start
     unfinished = {(part.video.split, part.video.video_id) for part in pending}
     summary = PrepareSummary(written=written, skipped_videos=len(tasks) - len(unfinished), rejected=rejected,
                              seconds=seconds, clips_per_s=written / seconds, shards_path=out,
-                             skipped_parts=len(parts) - len(pending), task_peak_memory_bytes=peak_memory)
+                             skipped_parts=len(parts) - len(pending), task_peak_memory_bytes=peak_memory,
+                             here=here)
     print(summary_line(summary))
     refuse_empty_splits(summary, splits, rows)
     return summary
@@ -215,15 +229,17 @@ def prepare(cfg: ExperimentConfig, *, splits: tuple[str, ...] = ("train", "val")
 
 def write_parts(pending: list[PartTask], cfg: ExperimentConfig, splits: tuple[str, ...], tasks: list[VideoTask],
                 rows: dict[tuple[str, str, int], int], rejected: list[Rejection],
-                hooks: PrepareHooks | None) -> tuple[int, int]:
-    """Runs the ``pending`` part tasks, adding each finished part's rows to ``rows`` and its rejections to
-    ``rejected`` and rewriting the (incomplete) manifest; a progress bar over the keyframe clips on a terminal.
-    Returns the rows written and the largest peak memory of a task (bytes)."""
+                hooks: PrepareHooks | None, here: bool) -> tuple[int, int]:
+    """Runs the ``pending`` part tasks (in this process when ``here``, else as Ray tasks), adding each finished
+    part's rows to ``rows`` and its rejections to ``rejected`` and rewriting the (incomplete) manifest; a progress bar
+    over the keyframe clips on a terminal. Returns the rows written and the largest peak memory of a task (bytes)."""
     data, out = cfg.data, cfg.data.shards_path
     written, peak_memory = 0, 0
     by_key = {part.key: part for part in pending}
-    with progress_bar(sum(len(part.keyframes) for part in pending), "clip", "preparing") as bar:
-        for finished, result in enumerate(run_part_tasks(pending, data, out), start=1):
+    results = run_parts_here(pending, data, out) if here else run_part_tasks(pending, data, out)
+    # closing: an error here (a killed run) stops the parts not yet started now, not when the traceback is freed.
+    with closing(results), progress_bar(sum(len(part.keyframes) for part in pending), "clip", "preparing") as bar:
+        for finished, result in enumerate(results, start=1):
             part = by_key[result["split"], result["video_id"], result["part"]]
             peak_memory = max(peak_memory, result["peak_memory_bytes"])
             if result["error"]:
@@ -258,9 +274,10 @@ def find_finished_parts(parts: list[PartTask], out: Path, clip_spec: dict[str, A
 
 def summary_line(summary: PrepareSummary) -> str:
     outside = len(summary.outside_media)
+    where = " in this process" if summary.here else ""
     return (f"evadlab prepare: {summary.written} keyframe clips written, {summary.skipped_videos} videos already done, "
             f"{len(summary.rejected)} inputs rejected ({outside} of them keyframes outside their media), "
-            f"{summary.clips_per_s:.1f} clips/s; manifest: {summary.shards_path / MANIFEST}")
+            f"{summary.clips_per_s:.1f} clips/s{where}; manifest: {summary.shards_path / MANIFEST}")
 
 
 def refuse_empty_splits(summary: PrepareSummary, splits: tuple[str, ...],
@@ -394,6 +411,36 @@ def run_part_tasks(parts: list[PartTask], data: DataConfig, out: Path) -> Iterat
     yield from dataset.iter_rows()
 
 
+def run_parts_here(parts: list[PartTask], data: DataConfig, out: Path) -> Iterator[dict[str, Any]]:
+    """Writes the parts in this process's threads, as many at once as its cores allow at ``data.prepare_cpus`` each
+    (the decoder and the encoders release the GIL), and yields each part's result row (see ``write_part``) as it
+    finishes. Closing the generator early cancels the parts not yet started and waits for those being written."""
+    threads = max(1, math.floor(data.prepare_cpus))
+    with ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) // threads)) as pool:
+        futures = [pool.submit(write_part, task_item(part), data, str(out), threads) for part in parts]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def media_at_most(parts: list[PartTask], limit: int) -> bool:
+    """Whether the input media of ``parts`` (their videos' files, or their frame folders' listed frames) total at
+    most ``limit`` bytes. Stops reading sizes once past it (a frame folder of AVA holds ~27,000 frames); a missing
+    frame counts 0 (its task rejects it)."""
+    total = 0
+    for video in {part.video.source: part.video for part in parts}.values():
+        files = ([video.source] if video.frame_paths is None
+                 else (video.source.parent / relative for relative in video.frame_paths))
+        for path in files:
+            total += path.stat().st_size if path.is_file() else 0
+            if total > limit:
+                return False
+    return True
+
+
 def task_item(part: PartTask) -> dict[str, Any]:
     """A part as plain values, the form Ray Data carries between processes."""
     return {
@@ -508,10 +555,14 @@ def source_record(task: VideoTask) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- worker
 def prepare_part(item: dict[str, Any], *, data: DataConfig, out: str) -> dict[str, Any]:
-    """Ray Data task: writes one part's shard, on ``data.prepare_cpus`` cores (see ``task_threads``). Returns
-    ``split``, ``video_id``, ``part``, ``rows`` written, ``outside`` (JSON text: the records of its keyframes outside
-    the media, see ``split_by_media``), ``error`` ('' on success) and ``peak_memory_bytes`` (of this process so far)."""
-    threads = task_threads(data.prepare_cpus)
+    """Ray Data task: writes one part's shard (``write_part``) on ``data.prepare_cpus`` cores (see ``task_threads``)."""
+    return write_part(item, data, out, task_threads(data.prepare_cpus))
+
+
+def write_part(item: dict[str, Any], data: DataConfig, out: str, threads: int) -> dict[str, Any]:
+    """Writes one part's shard, decoding with ``threads`` threads. Returns ``split``, ``video_id``, ``part``, ``rows``
+    written, ``outside`` (JSON text: the records of its keyframes outside the media, see ``split_by_media``),
+    ``error`` ('' on success) and ``peak_memory_bytes`` (of this process so far)."""
     path = shard_path(out, item["split"], item["video_id"], item["part"])
     timestamps = [keyframe["timestamp"] for keyframe in item["keyframes"]]
     result = {"split": item["split"], "video_id": item["video_id"], "part": item["part"], "rows": 0, "outside": "[]",

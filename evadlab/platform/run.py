@@ -21,6 +21,7 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
     from evadlab.platform.modeling import build_model, starting_weights
     from evadlab.platform.tracking import check_tracking_uri
     from evadlab.platform.train import count_model, should_evaluate, train
+    from evadlab.ray_session import ensure_ray
 
     start = time.perf_counter()
     require_writable_folder(cfg.run_dir, "output_dir")
@@ -29,10 +30,16 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
         check_tracking_uri(cfg.tracking.resolved_uri())
     weights = starting_weights(cfg.model, cfg.tracking.resolved_uri())
     build_model(cfg.model, weights, device="meta")
-    # The model's FLOP count (~2 s of Python) runs while synth and prepare mostly wait for their threads and tasks.
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    require_data_source(cfg)
+    # Ray starts (~4 s, mostly waiting for its processes) while other threads count the model's FLOPs (~2 s of
+    # Python) and synthesise the data. Ray starts in this thread: its local processes die with the thread that
+    # started them (PR_SET_PDEATHSIG), and only the main thread gets its SIGTERM handler. Prepare runs here too, so
+    # that Ctrl-C stops it at once.
+    with ThreadPoolExecutor(max_workers=2) as pool:
         counted = pool.submit(count_model, cfg)
-        synthesise_if_needed(cfg)
+        synthesised = pool.submit(synthesise_if_needed, cfg)
+        ensure_ray()
+        synthesised.result()
         require_evaluation_files(cfg)
         ensure_prepared(cfg)
         flops = counted.result()
@@ -96,6 +103,18 @@ def has_annotations(cfg: ExperimentConfig) -> bool:
     return (cfg.data.annotation_dir / cfg.data.train_annotations).is_file()
 
 
+def require_data_source(cfg: ExperimentConfig) -> None:
+    """Before any work: the AVA annotations exist, or the config asks for the synthetic mini-AVA (FileNotFoundError
+    naming ``data.root`` otherwise); when they exist, the files scoring reads too."""
+    from evadlab.platform.evaluate import require_evaluation_files
+
+    if has_annotations(cfg):
+        require_evaluation_files(cfg)
+    elif not cfg.data.synthetic:
+        raise FileNotFoundError(f"no AVA annotations under data.root {cfg.data.root} (set data.synthetic=true "
+                                f"for the embedded mini-AVA)")
+
+
 def synthesise_if_needed(cfg: ExperimentConfig) -> None:
     """Writes the synthetic mini-AVA when the annotations are missing and the config asks for it."""
     from evadlab.pipelines.synthetic import generate_mini_ava
@@ -103,9 +122,7 @@ def synthesise_if_needed(cfg: ExperimentConfig) -> None:
     if has_annotations(cfg):
         print(f"[1/4] synth: AVA annotations found under {cfg.data.root}, nothing to generate")
         return
-    if not cfg.data.synthetic:
-        raise FileNotFoundError(f"no AVA annotations under data.root {cfg.data.root} (set data.synthetic=true "
-                                f"for the embedded mini-AVA)")
+    require_data_source(cfg)
     print(f"[1/4] synth: writing the synthetic mini-AVA to {cfg.data.root}")
     generate_mini_ava(cfg.data.root_path, videos=cfg.data.synth_videos, seconds=cfg.data.synth_seconds,
                       seed=cfg.data.synth_seed, frames=cfg.data.source == "frames")
