@@ -90,9 +90,10 @@ def timed_prepare(cfg: ExperimentConfig, cpus: int, warm_up: ExperimentConfig) -
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
         try:
             with contextlib.suppress(WarmedUp):
-                prepare(warm_up, hooks=StopAfterParts(cpus))
+                prepare(warm_up, hooks=StopAfterParts(cpus), here_bytes=0)
             start = time.perf_counter()
-            summary = prepare(cfg)
+            # Ray tasks, whatever the input's size (a small one would be prepared in this process).
+            summary = prepare(cfg, here_bytes=0)
             return summary.written, time.perf_counter() - start
         finally:
             ray.shutdown()

@@ -123,7 +123,8 @@ def timed_prepare(root: Path, shards: Path, part_keyframes: int, kill_after: int
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     start = time.perf_counter()
     try:
-        written = prepare(cfg, splits=("train",), hooks=StopAfter()).written
+        # Ray tasks, whatever the input's size (a small one would be prepared in this process).
+        written = prepare(cfg, splits=("train",), hooks=StopAfter(), here_bytes=0).written
     except Stop:
         written = sum(read_manifest(shards)["counts"].values())
     finally:

@@ -156,8 +156,9 @@ class Worker:
 
 # --------------------------------------------------------------------------------------------- worker loop
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    worker = start_worker(loop_config)
+    # The shard first: Ray Data starts its split coordinator (an actor, in a new process) while the model is built.
     shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
+    worker = start_worker(loop_config)
     monitor = system_monitor(worker.cfg, loop_config["mlflow"])
     first_epoch = worker.progress.epoch
     try:
