@@ -94,7 +94,9 @@ class NodeLoss:
 def kill_node_mid_epoch(cluster: LocalRayCluster, client: MlflowClient, experiment: str, node: str) -> NodeLoss:
     """Kills ``node`` in the middle of an epoch after the first: once Ray Train has committed every epoch the run has
     ended (a kill within Ray's report poll would lose the last report: see ``committed_epochs``) and the run has
-    logged a step of the next epoch, with at least 2 of its steps still to come. The run's live workers are located
+    logged a step of the next epoch, in its first half: the killed node's worker may run on for a moment (its
+    process outlived the kill by two steps, ~0.6 s, in one CI run, which then ended the epoch), so at least half of
+    the epoch's steps are left to come. The run's live workers are located
     once the first epoch has ended (they stay until the kill); then each round reads the metrics and the commit and
     kills at once when they allow."""
     deadline = time.time() + 600
@@ -109,7 +111,7 @@ def kill_node_mid_epoch(cluster: LocalRayCluster, client: MlflowClient, experime
             steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
             ended = [m.step for m in client.get_metric_history(run_id, "epoch")]
             committed = committed_epochs(run_path)
-            if ended and training and committed == len(ended) and 1 <= max(steps) - max(ended) <= min(ended) - 2:
+            if ended and training and committed == len(ended) and 1 <= max(steps) - max(ended) <= min(ended) // 2:
                 cluster.nodes[node].kill()
                 return NodeLoss(run_id, int(1000 * time.time()), max(ended), max(steps), training, nodes)
             assert len(ended) < EPOCHS, "the run finished before the node could be killed"
