@@ -95,7 +95,8 @@ def test_ingest_materializes_what_fits_and_every_epoch_splits_each_keyframe_once
         orders = []
         for epoch in range(3):
             with ThreadPoolExecutor(2) as pool:  # streaming splits are consumed side by side, as by DDP workers
-                seen = list(pool.map(lambda split, cfg=cfg, epoch=epoch: split_keys(split["train"], cfg, epoch), splits))
+                seen = list(pool.map(lambda split, rank, cfg=cfg, epoch=epoch: split_keys(split["train"], cfg, epoch, rank),
+                                     splits, range(2)))
             assert sorted(seen[0] + seen[1]) == expected and seen[0] and seen[1], mode
             orders.append(tuple(map(tuple, seen)))
         assert len(set(orders)) == 3, f"{mode}: an order repeats across epochs"
@@ -103,6 +104,13 @@ def test_ingest_materializes_what_fits_and_every_epoch_splits_each_keyframe_once
     first, again, other_seed = (orders for key, orders in runs.items() if key[0] == "materialize")
     assert again == first, "a second run of the same seed got other orders"
     assert other_seed != first, "another seed got the same orders"
+    # A worker group that starts at epoch 2 (a resumed run, a restart) trains it as an uninterrupted run does.
+    cfg = tiny_config(folder, mini_ava, f"data.shards={shards}")
+    splits = ExactlyOnceDataConfig(len(expected), epochs_done=lambda: 2).configure(
+        {"train": training_dataset(cfg, plan_ingest(cfg))}, world_size=2, worker_handles=None, worker_node_ids=None)
+    with ThreadPoolExecutor(2) as pool:
+        resumed = tuple(pool.map(lambda split, rank: tuple(split_keys(split["train"], cfg, 2, rank)), splits, range(2)))
+    assert resumed == first[2], "a run resumed at epoch 2 trains it in another order"
 
 
 def test_a_small_split_decoded_by_the_driver_gets_the_blocks_ray_data_tasks_make(prepared, mini_ava):
@@ -135,11 +143,24 @@ def dataset_blocks(dataset) -> list:
     return [ray.get(ref) for bundle in dataset.iter_internal_ref_bundles() for ref in bundle.block_refs]
 
 
-def split_keys(split, cfg, epoch: int) -> list[str]:
-    """One epoch of a worker's split as training iterates it (local shuffle buffer included): its keyframes as
-    ``video_id,timestamp``, in the order they came."""
-    return [f"{video},{timestamp}" for batch in epoch_batches(split, cfg, torch.device("cpu"), epoch)
+def split_keys(split, cfg, epoch: int, rank: int) -> list[str]:
+    """One epoch of the split of worker ``rank`` as training iterates it (local shuffle buffer included): its
+    keyframes as ``video_id,timestamp``, in the order they came."""
+    return [f"{video},{timestamp}" for batch in epoch_batches(split, cfg, torch.device("cpu"), epoch, rank)
             for video, timestamp in batch.keys]
+
+
+def epoch_orders(cfg, epoch: int, world: int) -> list[list[str]]:
+    """Each rank's keyframes in training order in epoch ``epoch`` of an uninterrupted run of ``cfg`` on ``world``
+    workers: the datasets Ray Train hands the workers, iterated here epoch after epoch."""
+    rows = len(all_train_keys(cfg.data.shards_path))
+    splits = ExactlyOnceDataConfig(rows).configure({"train": training_dataset(cfg, plan_ingest(cfg))}, world_size=world,
+                                                   worker_handles=None, worker_node_ids=None)
+    with ThreadPoolExecutor(world) as pool:
+        for done in range(epoch + 1):
+            orders = list(pool.map(lambda split, rank, done=done: split_keys(split["train"], cfg, done, rank), splits,
+                                   range(world)))
+    return orders
 
 
 def test_two_workers_equal_one_worker_with_twice_the_batch(prepared, mini_ava, tmp_path):
@@ -202,6 +223,9 @@ def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared,
     expected = sorted(all_train_keys(shards))
     for epoch in range(3):
         assert sorted(seen_keys(tmp_path / "seen", epoch)) == expected, f"epoch {epoch}"
+    # The restarted workers train epoch 1 in its own order (that of an uninterrupted run), not in epoch 0's.
+    assert [(tmp_path / "seen" / f"epoch_001_rank_{rank}.txt").read_text().split() for rank in range(2)] == \
+        epoch_orders(cfg, epoch=1, world=2)
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.mlflow_run_id)
@@ -255,7 +279,8 @@ def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, min
     poll_variable = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
     first = train(tiny_config(folder, mini_ava, *common, "train.epochs=1", "train.health_check_interval_s=0.25"),
                   hooks=[RecordSeenSamples(seen), RecordEnvironment(polls, poll_variable)])
-    second = train(tiny_config(folder, mini_ava, *common, "train.epochs=2", "train.resume=true"),
+    resumed = tiny_config(folder, mini_ava, *common, "train.epochs=2", "train.resume=true")
+    second = train(resumed,
                    hooks=[RecordSeenSamples(seen), RecordEnvironment(polls, poll_variable)])
     # train.health_check_interval_s reaches Ray Train's controller (which passes it on to the workers, where it is
     # read back here) and may change on resume.
@@ -265,6 +290,8 @@ def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, min
     client = MlflowClient(mlflow_server)
     assert sorted(m.value for m in client.get_metric_history(first.mlflow_run_id, "epoch")) == [0, 1]
     assert seen.joinpath("epoch_000_rank_0.txt").stat().st_mtime < seen.joinpath("epoch_001_rank_0.txt").stat().st_mtime
+    assert seen_keys(seen, 1) == epoch_orders(resumed, epoch=1, world=1)[0], \
+        "the resumed run trains epoch 1 in another order than an uninterrupted run"
 
 
 def test_ctrl_c_ends_training_in_one_line_and_the_mlflow_run_as_killed(prepared, mini_ava, tmp_path, mlflow_server):

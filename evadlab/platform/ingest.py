@@ -13,7 +13,7 @@ generator per epoch and rank) and moves the batch to its device.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,8 +124,9 @@ def training_dataset(cfg: ExperimentConfig, plan: IngestPlan) -> ray.data.Datase
     shuffles block references. ``stream`` randomises the order of the shard files and decodes them again
     each epoch (a randomised order of decoded blocks would need them all at once).
 
-    The epoch orders come from ``train.seed`` and the epoch's index within the run's execution (Ray Data's
-    ``RandomSeedConfig`` with ``reseed_after_execution``): new every epoch, the same in every run of that seed.
+    The epoch orders come from ``train.seed`` and the epoch (Ray Data's ``RandomSeedConfig`` with
+    ``reseed_after_execution``: the execution index, which :class:`ExactlyOnceDataConfig` starts at the epoch a worker
+    group starts at): new every epoch, the same in every run of that seed, resumed or not.
     ``materialize`` keeps the decoded blocks in shard order, so its orders, and the blocks each worker gets (Ray's
     splitter deals blocks to the worker that has fewest rows, in order), are exactly reproducible; ``stream``
     decodes in parallel without waiting for order, so its order also depends on which decoding task ends first."""
@@ -176,35 +177,47 @@ def decode_training_row(row: dict[str, Any], num_actions: int) -> dict[str, Any]
 class ExactlyOnceDataConfig(ray.train.DataConfig):
     """Ray's default split (``equal=True``) drops the remainder rows to give every worker the same count.
     Equal splits are kept when nothing is lost; otherwise the split is uneven and :func:`epoch_batches` keeps the
-    DDP workers in step, so every row is trained on exactly once per epoch."""
+    DDP workers in step, so every row is trained on exactly once per epoch.
 
-    def __init__(self, num_rows: int):
+    Ray Train configures the datasets again for every worker group it starts (a resumed run, a restart after a lost
+    worker or node, an elastic resize), and Ray Data numbers the executions of a configured dataset from its
+    context's execution index. ``epochs_done`` (called then; by default none) is where that group's training starts,
+    so epoch ``e`` gets the block order of execution ``e`` (:func:`training_dataset`) in every attempt: a resumed run
+    trains its epochs in the order an uninterrupted run of the seed does."""
+
+    def __init__(self, num_rows: int, epochs_done: Callable[[], int] | None = None):
         super().__init__()
-        self.num_rows = num_rows
+        self.num_rows, self.epochs_done = num_rows, epochs_done
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         splits = [{} for _ in range(world_size)]
         equal = self.num_rows % world_size == 0
+        first_epoch = self.epochs_done() if self.epochs_done else 0
         for name, dataset in datasets.items():
             dataset = dataset.copy(dataset)
             dataset.context.execution_options = self._resolve_execution_options(name)
+            # Ray Data 2.x keeps the index as a private field; tests/test_train.py holds the orders it gives.
+            dataset.context._execution_idx = first_epoch
             for rank, split in enumerate(dataset.streaming_split(world_size, equal=equal)):
                 splits[rank][name] = split
         return splits
 
 
-def epoch_batches(shard, cfg: ExperimentConfig, device: torch.device, epoch: int) -> Iterator[MicroBatch]:
+def epoch_batches(shard, cfg: ExperimentConfig, device: torch.device, epoch: int,
+                  rank: int | None = None) -> Iterator[MicroBatch]:
     """One epoch of this worker's split as micro-batches of ``train.batch_size``.
 
     Workers may hold one batch more than others. Every micro-batch, the workers agree (one all-reduce) on how many
     of them still have data: a worker that has run out repeats its last batch with ``loss_scale`` 0, so DDP's
     collectives stay matched, and the active ones scale their loss by world/active, so the gradient is the mean over
     the samples actually present. The same agreement, one batch ahead, tells every worker which batch is the last.
-    The local shuffle buffer's seed and the flips are drawn from a generator of (``train.seed``, ``epoch``, rank):
-    new every epoch, reproducible.
+    The local shuffle buffer's seed and the flips are drawn from a generator of (``train.seed``, ``epoch``,
+    ``rank``): new every epoch, reproducible. ``rank`` is torch.distributed's unless given (to replay a worker's
+    epoch outside training).
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank is None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
     rng = np.random.default_rng([cfg.train.seed, epoch, rank])
     batches = iter(shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
                                       local_shuffle_buffer_size=4 * cfg.train.batch_size,

@@ -9,6 +9,7 @@ learning rate) is in :mod:`evadlab.platform.recipe`, the input pipeline in :mod:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import sys
@@ -53,6 +54,7 @@ from evadlab.platform.modeling import StartingWeights, build_model, starting_wei
 from evadlab.platform.recipe import build_optimizer, learning_rate, set_learning_rate
 from evadlab.platform.runs import (
     CHECKPOINT_FOLDER,
+    committed_epochs,
     new_run_name,
     run_to_resume,
     why_none_matches,
@@ -680,7 +682,9 @@ def build_trainer(cfg: ExperimentConfig, setup: RunSetup, callbacks: list | None
             callbacks=callbacks,
         ),
         datasets={TRAIN_SPLIT: dataset},
-        dataset_config=ExactlyOnceDataConfig(train_rows),
+        # A worker group starts at the epoch after Ray Train's newest committed checkpoint (start_worker restores it).
+        dataset_config=ExactlyOnceDataConfig(train_rows, epochs_done=functools.partial(
+            committed_epochs, storage.join(setup.storage, setup.run_name))),
     )
 
 
