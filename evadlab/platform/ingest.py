@@ -182,8 +182,8 @@ class ExactlyOnceDataConfig(ray.train.DataConfig):
     Ray Train configures the datasets again for every worker group it starts (a resumed run, a restart after a lost
     worker or node, an elastic resize), and Ray Data numbers the executions of a configured dataset from its
     context's execution index. ``epochs_done`` (called then; by default none) is where that group's training starts,
-    so epoch ``e`` gets the block order of execution ``e`` (:func:`training_dataset`) in every attempt: a resumed run
-    trains its epochs in the order an uninterrupted run of the seed does."""
+    and the index is advanced by it, so epoch ``e`` gets the block order (:func:`training_dataset`) of the ``e``-th
+    execution in every attempt: a resumed run trains its epochs in the order an uninterrupted run of the seed does."""
 
     def __init__(self, num_rows: int, epochs_done: Callable[[], int] | None = None):
         super().__init__()
@@ -196,8 +196,10 @@ class ExactlyOnceDataConfig(ray.train.DataConfig):
         for name, dataset in datasets.items():
             dataset = dataset.copy(dataset)
             dataset.context.execution_options = self._resolve_execution_options(name)
-            # Ray Data 2.x keeps the index as a private field; tests/test_train.py holds the orders it gives.
-            dataset.context._execution_idx = first_epoch
+            # Counted on from the executions the driver ran (a materialization), so a run that starts at epoch 0
+            # keeps the orders it always had. Ray Data 2.x keeps the index as a private field; tests/test_train.py
+            # holds the orders it gives.
+            dataset.context._execution_idx += first_epoch
             for rank, split in enumerate(dataset.streaming_split(world_size, equal=equal)):
                 splits[rank][name] = split
         return splits
