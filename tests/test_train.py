@@ -105,12 +105,8 @@ def test_ingest_materializes_what_fits_and_every_epoch_splits_each_keyframe_once
     assert again == first, "a second run of the same seed got other orders"
     assert other_seed != first, "another seed got the same orders"
     # A worker group that starts at epoch 2 (a resumed run, a restart) trains it as an uninterrupted run does.
-    cfg = tiny_config(folder, mini_ava, f"data.shards={shards}")
-    splits = ExactlyOnceDataConfig(len(expected), epochs_done=lambda: 2).configure(
-        {"train": training_dataset(cfg, plan_ingest(cfg))}, world_size=2, worker_handles=None, worker_node_ids=None)
-    with ThreadPoolExecutor(2) as pool:
-        resumed = tuple(pool.map(lambda split, rank: tuple(split_keys(split["train"], cfg, 2, rank)), splits, range(2)))
-    assert resumed == first[2], "a run resumed at epoch 2 trains it in another order"
+    resumed = epoch_orders(tiny_config(folder, mini_ava, f"data.shards={shards}"), epoch=2, world=2, start=2)
+    assert tuple(map(tuple, resumed)) == first[2], "a run resumed at epoch 2 trains it in another order"
 
 
 def test_a_small_split_decoded_by_the_driver_gets_the_blocks_ray_data_tasks_make(prepared, mini_ava):
@@ -150,14 +146,15 @@ def split_keys(split, cfg, epoch: int, rank: int) -> list[str]:
             for video, timestamp in batch.keys]
 
 
-def epoch_orders(cfg, epoch: int, world: int) -> list[list[str]]:
-    """Each rank's keyframes in training order in epoch ``epoch`` of an uninterrupted run of ``cfg`` on ``world``
-    workers: the datasets Ray Train hands the workers, iterated here epoch after epoch."""
+def epoch_orders(cfg, epoch: int, world: int, start: int = 0) -> list[list[str]]:
+    """Each rank's keyframes in training order in epoch ``epoch`` of a run of ``cfg`` on ``world`` workers whose worker
+    group started at epoch ``start`` (0: an uninterrupted run): the datasets Ray Train hands the workers, iterated here
+    epoch after epoch."""
     rows = len(all_train_keys(cfg.data.shards_path))
-    splits = ExactlyOnceDataConfig(rows).configure({"train": training_dataset(cfg, plan_ingest(cfg))}, world_size=world,
-                                                   worker_handles=None, worker_node_ids=None)
+    splits = ExactlyOnceDataConfig(rows, epochs_done=lambda: start).configure(
+        {"train": training_dataset(cfg, plan_ingest(cfg))}, world_size=world, worker_handles=None, worker_node_ids=None)
     with ThreadPoolExecutor(world) as pool:
-        for done in range(epoch + 1):
+        for done in range(start, epoch + 1):
             orders = list(pool.map(lambda split, rank, done=done: split_keys(split["train"], cfg, done, rank), splits,
                                    range(world)))
     return orders
