@@ -2,8 +2,11 @@
 
 Each node is a ``ray start --block`` process started in a process group of its own, with its own ``--temp-dir``,
 so that the tests end exactly the processes they started (never ``ray stop``, which ends every Ray process of the
-machine, a user's own cluster included) and so that "a node is lost" is one ``SIGKILL`` to that node's process
-group: its raylet and every worker on it die at once, as when a host crashes. Token authentication is on (one
+machine, a user's own cluster included). Ray puts each worker process in a process group of its own (per-worker
+process-group cleanup), so a signal to the node's group does not reach the workers: a worker outlived such a kill by
+~1.7 s (until it saw its raylet gone), long enough to end an epoch and report it. "A node is lost" is therefore the
+node's whole process tree frozen, then killed, and waited for: its raylet and every worker on it are gone when
+:meth:`RayNode.kill` returns, as when a host crashes. Token authentication is on (one
 token for every node and client, as users run it), the dashboard and every service listen on 127.0.0.1, and all
 nodes share one storage folder the way NFS would.
 """
@@ -22,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 from tracking_server import free_port
 
 RAY = Path(sys.executable).with_name("ray")
@@ -43,18 +47,38 @@ class RayNode:
         _signal_group(self.process.pid, signal.SIGTERM)
 
     def kill(self) -> None:
-        """A lost host: SIGKILL to every process of the node (raylet, workers, agents), nothing drains."""
+        """A lost host: every process of the node (raylet, workers, agents) is stopped with SIGSTOP, so none can
+        start another or send one more message, then killed with SIGKILL; returns once all are gone. Nothing drains.
+
+        Raises:
+            TimeoutError: a process of the node is still there 60 s after its SIGKILL.
+        """
+        _signal_group(self.process.pid, signal.SIGSTOP)
+        frozen = _process_tree(self.process.pid)
+        for process in frozen:
+            _signal_process(process, signal.SIGSTOP)
+        frozen = _process_tree(self.process.pid)  # children forked just before their parent stopped
+        for process in frozen:
+            _signal_process(process, signal.SIGKILL)
         _signal_group(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=60)
+        deadline = time.time() + 60
+        while alive := [process.pid for process in frozen if _is_alive(process)]:
+            if time.time() > deadline:
+                raise TimeoutError(f"node {self.name}: processes {alive} outlived SIGKILL by 60 s")
+            time.sleep(0.01)
 
     def stop(self) -> None:
-        """A clean shutdown: SIGTERM (Ray drains the node), then SIGKILL whatever is left."""
+        """A clean shutdown: SIGTERM (Ray drains the node), then SIGKILL whatever is left of its process tree."""
+        tree = _process_tree(self.process.pid)
         self.terminate()
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pass
         _signal_group(self.process.pid, signal.SIGKILL)
+        for process in tree:
+            _signal_process(process, signal.SIGKILL)
 
 
 @dataclass
@@ -225,4 +249,29 @@ def _signal_group(pid: int, signum: int) -> None:
     try:
         os.killpg(pid, signum)
     except ProcessLookupError:
+        pass
+
+
+def _process_tree(pid: int) -> list[psutil.Process]:
+    """The process ``pid`` and all its descendants (whatever process group they are in); empty once it is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _is_alive(process: psutil.Process) -> bool:
+    """Whether ``process`` can still run. A killed process stays a zombie until its new parent (init, which reaps
+    when it gets to it: ~1 s here) collects it; a zombie runs nothing and sends nothing."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _signal_process(process: psutil.Process, signum: int) -> None:
+    try:
+        process.send_signal(signum)
+    except psutil.NoSuchProcess:
         pass

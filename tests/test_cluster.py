@@ -3,8 +3,8 @@ worker nodes on 127.0.0.1, token authentication on, one shared storage folder, o
 
 `evadlab prepare` and `evadlab train` are submitted with `ray job submit` as a user runs it (--working-dir, the token
 passed the way the README says); the 2 training workers are placed one per worker node by a custom
-resource each node offers once. Mid-epoch, one worker node is killed (SIGKILL to every process of the node: raylet,
-workers, agents), as a crashed host or a preemption without notice. Then:
+resource each node offers once. Mid-epoch, one worker node is killed (every process of the node, raylet, workers and
+agents, stopped and then killed at once), as a crashed host or a preemption without notice. Then:
 
 - fixed ``train.num_workers=2``: a replacement node joins, and the run finishes every epoch from the last checkpoint;
 - elastic ``train.num_workers=[1, 2]``: no node comes back, and the run finishes on 1 worker, accumulating 2
@@ -94,11 +94,10 @@ class NodeLoss:
 def kill_node_mid_epoch(cluster: LocalRayCluster, client: MlflowClient, experiment: str, node: str) -> NodeLoss:
     """Kills ``node`` in the middle of an epoch after the first: once Ray Train has committed every epoch the run has
     ended (a kill within Ray's report poll would lose the last report: see ``committed_epochs``) and the run has
-    logged a step of the next epoch, in its first half: the killed node's worker may run on for a moment (its
-    process outlived the kill by two steps, ~0.6 s, in one CI run, which then ended the epoch), so at least half of
-    the epoch's steps are left to come. The run's live workers are located
-    once the first epoch has ended (they stay until the kill); then each round reads the metrics and the commit and
-    kills at once when they allow."""
+    logged a step of the next epoch, in its first half, so that the workers cannot end the epoch between the reads
+    below and the kill (at least half the epoch's steps are left; the node's processes are all gone when ``kill``
+    returns, see tests/ray_cluster.py). The run's live workers are located once the first epoch has ended (they stay
+    until the kill); then each round reads the metrics and the commit and kills at once when they allow."""
     deadline = time.time() + 600
     training: list[str] = []
     nodes: list[str] = []
