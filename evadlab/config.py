@@ -253,6 +253,12 @@ class TrainConfig(Section):
     # report and checkpoint is committed, the end of training noticed and a dead worker found within about this time.
     # A worker that misses polls is declared dead only after Ray's 10 minutes, so a short interval fails nothing.
     health_check_interval_s: float = Field(0.5, gt=0)
+    # How long Ray Train waits for a new worker group's resources before it gives that size up and decides again
+    # (Ray's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, default 60 s; a retry that is not counted in max_failures). After
+    # a node loss an elastic run first asks for the old size, as Ray Data's autoscaling coordinator refreshes the
+    # cluster's nodes only every 20 s, and starts smaller only once this has run out: a shorter wait recovers sooner,
+    # while a fixed-size run waiting for a replacement node rebuilds its placement group this often.
+    worker_group_start_timeout_s: float = Field(60.0, gt=0)
     # Seeds the initial weights, every epoch's order and flips (see ingest.training_dataset) and Tune's sampler.
     seed: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)

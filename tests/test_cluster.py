@@ -158,9 +158,11 @@ def submit_train(cluster: LocalRayCluster, overrides: str, experiment: str, *ext
     """``evadlab train`` as a job. Its epochs (5 steps of ~0.3 s) are shorter than Ray Train's own default report
     poll (2 s), after which an epoch's checkpoint is committed: the job polls every 0.5 s
     (``train.health_check_interval_s``), so that an epoch has steps left between its predecessor's commit and its own
-    end, where the node is killed."""
+    end, where the node is killed. A new worker group that cannot be placed is given up after 10 s
+    (``train.worker_group_start_timeout_s``; Ray's 60 s made the elastic case's recovery ~75 s, see the README)."""
     cluster.submit_job(f"{COMMAND} train experiments/quickstart.yaml {overrides} train.health_check_interval_s=0.5 "
-                       f"tracking.experiment={experiment} " + " ".join(extra), experiment, REPO)
+                       f"train.worker_group_start_timeout_s=10 tracking.experiment={experiment} " + " ".join(extra),
+                       experiment, REPO)
 
 
 def train_and_lose_a_node(cluster: LocalRayCluster, overrides: str, client: MlflowClient, experiment: str,

@@ -13,15 +13,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
+import ray.cloudpickle
 import torch
 from mlflow.tracking import MlflowClient
 
 from evadlab.cli import CONTINUE_HINTS, INTERRUPTED_EXIT_CODE, main
 from evadlab.config import load_config
+from evadlab.console import EpochProgress
 from evadlab.errors import one_line, original_error
 from evadlab.models.checkpoints import load_training_checkpoint
 from evadlab.pipelines.clips import decode_jpegs, iter_shard_rows
 from evadlab.pipelines.prepare import prepare
+from evadlab.platform.data_config import ExactlyOnceDataConfig
 from evadlab.platform.hooks import (
     BlockCheckpointAtEpoch,
     FailOnceAtEpoch,
@@ -29,10 +33,10 @@ from evadlab.platform.hooks import (
     RecordSeenSamples,
     RecordWeights,
 )
-from evadlab.platform.ingest import ExactlyOnceDataConfig, epoch_batches, plan_ingest, training_dataset
+from evadlab.platform.ingest import epoch_batches, plan_ingest, training_dataset
 from evadlab.platform.modeling import build_model
 from evadlab.platform.runs import committed_epochs
-from evadlab.platform.train import train
+from evadlab.platform.train import RunSetup, build_trainer, train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 pytestmark = pytest.mark.slow
@@ -107,6 +111,30 @@ def test_ingest_materializes_what_fits_and_every_epoch_splits_each_keyframe_once
     # A worker group that starts at epoch 2 (a resumed run, a restart) trains it as an uninterrupted run does.
     resumed = epoch_orders(tiny_config(folder, mini_ava, f"data.shards={shards}"), epoch=2, world=2, start=2)
     assert tuple(map(tuple, resumed)) == first[2], "a run resumed at epoch 2 trains it in another order"
+
+
+def test_ray_trains_own_actors_unpickle_their_arguments_without_mlflow_or_torch(prepared, mini_ava, tmp_path):
+    """Ray Train's controller unpickles the trainer's run context (the train_loop_config with it) and its dataset
+    manager the DataConfig, each in a new process on the path to the first step: the MLflow logger goes by
+    reference (the controller imports no MLflow), and the DataConfig's module imports no torch."""
+    folder, shards = prepared
+    cfg = tiny_config(folder, mini_ava, f"data.shards={shards}")
+    setup = RunSetup(run_name="r", storage=str(tmp_path), local_path=str(tmp_path), mlflow_run_id="0" * 32,
+                     experiment_id="1", tracking_uri="http://127.0.0.1:9", model_metrics={"model/gflops": 1.0})
+    trainer = build_trainer(cfg, setup, None, [], None, EpochProgress(), ray.data.range(2))
+    # A process of this Ray, as Ray's actors are (object references and actor handles need one).
+    probe = ("import json, pickle, sys; import ray.train; ray.init(address=sys.argv[1], log_to_driver=False); "
+             "pickle.loads(sys.stdin.buffer.read()); "
+             "print(json.dumps(sorted(m for m in ('mlflow', 'torch', 'evadlab.platform.tracking') if m in sys.modules)))")
+
+    def imported_by_unpickling(payload: object) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", probe, ray.get_runtime_context().gcs_address],
+                              input=ray.cloudpickle.dumps(payload), capture_output=True, check=False, timeout=120)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        return json.loads(done.stdout)
+
+    assert imported_by_unpickling(trainer.train_run_context) == ["torch"], "torch by Ray's TorchConfig only"
+    assert imported_by_unpickling(trainer.data_config) == []
 
 
 def test_a_small_split_decoded_by_the_driver_gets_the_blocks_ray_data_tasks_make(prepared, mini_ava):
@@ -272,16 +300,18 @@ def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, min
     folder, shards = prepared
     common = [f"data.shards={shards}", f"train.storage_path={tmp_path / 'ray'}", f"tracking.uri={mlflow_server}",
               "tracking.experiment=resume_test"]
-    seen, polls = tmp_path / "seen", tmp_path / "polls.txt"
-    poll_variable = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-    first = train(tiny_config(folder, mini_ava, *common, "train.epochs=1", "train.health_check_interval_s=0.25"),
-                  hooks=[RecordSeenSamples(seen), RecordEnvironment(polls, poll_variable)])
+    seen, variables = tmp_path / "seen", tmp_path / "variables.txt"
+    names = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+    first = train(tiny_config(folder, mini_ava, *common, "train.epochs=1", "train.health_check_interval_s=0.25",
+                              "train.worker_group_start_timeout_s=15"),
+                  hooks=[RecordSeenSamples(seen), RecordEnvironment(variables, *names)])
     resumed = tiny_config(folder, mini_ava, *common, "train.epochs=2", "train.resume=true")
     second = train(resumed,
-                   hooks=[RecordSeenSamples(seen), RecordEnvironment(polls, poll_variable)])
-    # train.health_check_interval_s reaches Ray Train's controller (which passes it on to the workers, where it is
-    # read back here) and may change on resume.
-    assert polls.read_text().split() == [f"{poll_variable}=0.25", f"{poll_variable}=0.5"]
+                   hooks=[RecordSeenSamples(seen), RecordEnvironment(variables, *names)])
+    # train.health_check_interval_s and train.worker_group_start_timeout_s reach Ray Train's controller (which passes
+    # them on to the workers, where they are read back here) and may change on resume.
+    assert variables.read_text().split() == [f"{names[0]}=0.25", f"{names[1]}=15.0",
+                                             f"{names[0]}=0.5", f"{names[1]}=60.0"]
     assert second.run_name == first.run_name and second.mlflow_run_id == first.mlflow_run_id
     assert load_training_checkpoint(second.checkpoint_path)["epoch"] == 1
     client = MlflowClient(mlflow_server)

@@ -100,15 +100,16 @@ class RecordSeenSamples(TrainingHooks):
 
 
 class RecordEnvironment(TrainingHooks):
-    """Appends ``name=value`` of the environment variable ``name`` as each worker sees it to ``path`` at the end of
-    each epoch: what Ray Train passed on from the driver through its controller to the workers."""
+    """Appends a line ``name=value`` for each of the environment variables ``names`` as each worker sees them to
+    ``path`` at the end of each epoch: what Ray Train passed on from the driver through its controller to the
+    workers."""
 
-    def __init__(self, path: str | Path, name: str):
-        self.path, self.name = Path(path), name
+    def __init__(self, path: str | Path, *names: str):
+        self.path, self.names = Path(path), names
 
     def after_epoch(self, epoch: int, rank: int, model: torch.nn.Module) -> None:
         with open(self.path, "a") as out:
-            out.write(f"{self.name}={os.environ.get(self.name)}\n")
+            out.writelines(f"{name}={os.environ.get(name)}\n" for name in self.names)
 
 
 class RecordWeights(TrainingHooks):

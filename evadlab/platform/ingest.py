@@ -13,7 +13,7 @@ generator per epoch and rank) and moves the batch to its device.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,7 +125,8 @@ def training_dataset(cfg: ExperimentConfig, plan: IngestPlan) -> ray.data.Datase
     each epoch (a randomised order of decoded blocks would need them all at once).
 
     The epoch orders come from ``train.seed`` and the epoch (Ray Data's ``RandomSeedConfig`` with
-    ``reseed_after_execution``: the execution index, which :class:`ExactlyOnceDataConfig` starts at the epoch a worker
+    ``reseed_after_execution``: the execution index, which
+    :class:`~evadlab.platform.data_config.ExactlyOnceDataConfig` starts at the epoch a worker
     group starts at): new every epoch, the same in every run of that seed, resumed or not.
     ``materialize`` keeps the decoded blocks in shard order, so its orders, and the blocks each worker gets (Ray's
     splitter deals blocks to the worker that has fewest rows, in order), are exactly reproducible; ``stream``
@@ -172,37 +173,6 @@ def decode_training_row(row: dict[str, Any], num_actions: int) -> dict[str, Any]
         raise ValueError(f"row {row['video_id']},{row['timestamp']}: {error}") from None
     return {"frames": frames, "boxes": box_array(row["boxes"]), "actions": actions,
             "video_id": row["video_id"], "timestamp": int(row["timestamp"])}
-
-
-class ExactlyOnceDataConfig(ray.train.DataConfig):
-    """Ray's default split (``equal=True``) drops the remainder rows to give every worker the same count.
-    Equal splits are kept when nothing is lost; otherwise the split is uneven and :func:`epoch_batches` keeps the
-    DDP workers in step, so every row is trained on exactly once per epoch.
-
-    Ray Train configures the datasets again for every worker group it starts (a resumed run, a restart after a lost
-    worker or node, an elastic resize), and Ray Data numbers the executions of a configured dataset from its
-    context's execution index. ``epochs_done`` (called then; by default none) is where that group's training starts,
-    and the index is advanced by it, so epoch ``e`` gets the block order (:func:`training_dataset`) of the ``e``-th
-    execution in every attempt: a resumed run trains its epochs in the order an uninterrupted run of the seed does."""
-
-    def __init__(self, num_rows: int, epochs_done: Callable[[], int] | None = None):
-        super().__init__()
-        self.num_rows, self.epochs_done = num_rows, epochs_done
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        splits = [{} for _ in range(world_size)]
-        equal = self.num_rows % world_size == 0
-        first_epoch = self.epochs_done() if self.epochs_done else 0
-        for name, dataset in datasets.items():
-            dataset = dataset.copy(dataset)
-            dataset.context.execution_options = self._resolve_execution_options(name)
-            # Counted on from the executions the driver ran (a materialization), so a run that starts at epoch 0
-            # keeps the orders it always had. Ray Data 2.x keeps the index as a private field; tests/test_train.py
-            # holds the orders it gives.
-            dataset.context._execution_idx += first_epoch
-            for rank, split in enumerate(dataset.streaming_split(world_size, equal=equal)):
-                splits[rank][name] = split
-        return splits
 
 
 def epoch_batches(shard, cfg: ExperimentConfig, device: torch.device, epoch: int,

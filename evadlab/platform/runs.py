@@ -36,7 +36,7 @@ CHECKPOINT_FOLDER = "checkpoint_epoch_{epochs:04d}"
 RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.resume", "train.max_failures", "train.keep_checkpoints", "train.log_every",
     "train.storage_path", "train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.resources_per_worker",
-    "train.resize_interval_s", "train.health_check_interval_s",
+    "train.resize_interval_s", "train.health_check_interval_s", "train.worker_group_start_timeout_s",
     "data.root", "data.shards", "data.prepare_cpus", "data.keyframes_per_part", "data.ingest", "output_dir",
 })
 # ... and how it is evaluated, swept and tracked. Everything else (data, model, recipe) identifies the run.

@@ -37,12 +37,12 @@ from evadlab.models.checkpoints import load_training_checkpoint, save_training_c
 from evadlab.models.flops import REFERENCE_INPUT_SIZE, flops_report
 from evadlab.models.latency import inference_latency_s
 from evadlab.pipelines.prepare import require_prepared
+from evadlab.platform.data_config import ExactlyOnceDataConfig
 from evadlab.platform.evaluate import DETECTIONS_FILE, evaluate_in_workers, require_evaluation_files
 from evadlab.platform.hooks import TrainingHooks
 from evadlab.platform.ingest import (
     STREAM,
     TRAIN_SPLIT,
-    ExactlyOnceDataConfig,
     IngestPlan,
     MicroBatch,
     count_rows,
@@ -160,8 +160,9 @@ class Worker:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # The shard first: Ray Data starts its split coordinator (an actor, in a new process) while the model is built.
     shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
-    worker = start_worker(loop_config)
-    monitor = system_monitor(worker.cfg, loop_config["mlflow"])
+    logger = ray.get(loop_config["mlflow"])
+    worker = start_worker(loop_config, logger)
+    monitor = system_monitor(worker.cfg, logger)
     first_epoch = worker.progress.epoch
     try:
         for epoch in range(first_epoch, worker.cfg.train.epochs):
@@ -186,9 +187,9 @@ def system_monitor(cfg: ExperimentConfig, logger: RunLogger | None):
     return start_system_metrics(logger, f"node{context.get_node_rank()}", cfg.tracking.system_metrics_interval_s)
 
 
-def start_worker(loop_config: dict[str, Any]) -> Worker:
-    """Builds the model and optimiser, restores them from Ray Train's latest checkpoint if there is one. The worker
-    process keeps the memory its steps free (:func:`~evadlab.memory.reuse_freed_memory`)."""
+def start_worker(loop_config: dict[str, Any], logger: RunLogger | None) -> Worker:
+    """Builds the model and optimiser, restores them from Ray Train's latest checkpoint if there is one; rank 0 logs
+    to ``logger``. The worker process keeps the memory its steps free (:func:`~evadlab.memory.reuse_freed_memory`)."""
     reuse_freed_memory()
     cfg = ExperimentConfig.model_validate(loop_config["experiment"])
     context = ray.train.get_context()
@@ -206,7 +207,7 @@ def start_worker(loop_config: dict[str, Any]) -> Worker:
         optimizer.load_state_dict(state["optimizer_state"])
         progress = Progress(**state["extra"]["progress"])
     model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
-    logger = loop_config["mlflow"] if rank == 0 else None
+    logger = logger if rank == 0 else None
     if logger and not restored:
         logger.log_metrics(loop_config["model_metrics"], step=0)
     return Worker(cfg=cfg, rank=rank, world=world, device=ray.train.torch.get_device(), model=model,
@@ -520,8 +521,9 @@ def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks:
     progress.start()
     try:
         dataset = ingest_dataset(cfg, plan, logger)
-        # Ray Train hands this variable from the process that calls fit() to its controller (ENV_VARS_TO_PROPAGATE).
+        # Ray Train hands these variables from the process that calls fit() to its controller (ENV_VARS_TO_PROPAGATE).
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.train.health_check_interval_s)
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.train.worker_group_start_timeout_s)
         result = build_trainer(cfg, setup, callbacks, hooks or [], start_ref, progress, dataset).fit()
     except BaseException as error:
         if logger:  # MLflow's statuses: KILLED for a run stopped by its user (Ctrl-C), FAILED for an error
@@ -664,9 +666,11 @@ def build_trainer(cfg: ExperimentConfig, setup: RunSetup, callbacks: list | None
     train_rows = count_rows(cfg, TRAIN_SPLIT)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
+        # Ray Train's controller unpickles this dict too; the MLflow logger goes by reference, so that only the
+        # workers import MLflow (~1 s in the controller, before it starts them).
         train_loop_config={
             "experiment": cfg.model_dump(mode="json"),
-            "mlflow": setup.logger(retry_s=cfg.tracking.retry_s),
+            "mlflow": ray.put(setup.logger(retry_s=cfg.tracking.retry_s)),
             "model_metrics": setup.model_metrics,
             "run_path": setup.local_path,
             "train_rows": train_rows,
