@@ -667,7 +667,7 @@ def build_trainer(cfg: ExperimentConfig, setup: RunSetup, callbacks: list | None
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         # Ray Train's controller unpickles this dict too; the MLflow logger goes by reference, so that only the
-        # workers import MLflow (~1 s in the controller, before it starts them).
+        # workers import MLflow (1.9 s measured in the controller, before it starts them: benchmarks/RESULTS.md §5).
         train_loop_config={
             "experiment": cfg.model_dump(mode="json"),
             "mlflow": ray.put(setup.logger(retry_s=cfg.tracking.retry_s)),
