@@ -1,9 +1,12 @@
 """Sweeps from a fresh start against a real MLflow server: a warm-started sweep that synthesises and prepares its data
-and trains its base model once (2 trials), then an Optuna multi-objective sweep with ASHA that reuses that base model
-(2 trials); the parent runs' trial tables and Pareto sets are read back through MLflow. Tiny model, 1 epoch."""
+and trains its base model once (2 trials) on a ``file://`` storage path, its resume from another working directory
+after one trial was interrupted, then an Optuna multi-objective sweep with ASHA that reuses that base model (2 trials);
+the parent runs' trial tables and Pareto sets are read back through MLflow. Tiny model, 1 epoch. One test holds all
+three because each Tune trial costs a Ray Train start (~50 s on 2 cores)."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 def write_sweep(folder: Path, name: str, search_space: dict, **overrides) -> Path:
     """A sweep of the quickstart model (act_fc_dim 64, 1 epoch) on a synthetic set of 3 videos that does not exist
-    yet, warm-started from ``folder/base_model.pt``, trained once (1 epoch) when it is missing."""
+    yet, warm-started from ``folder/base_model.pt``, trained once (1 epoch) when it is missing. Its Ray storage is
+    ``file://folder/ray``, as Ray users name NFS paths."""
     sweep = {
         "name": name,
         "base": str(EXPERIMENTS / "quickstart.yaml"),
@@ -28,7 +32,7 @@ def write_sweep(folder: Path, name: str, search_space: dict, **overrides) -> Pat
         "warm_start": {"checkpoint": str(folder / "base_model.pt"),
                        "train_if_missing": {"name": "sweeps_test_base", "eval.every_epochs": 0}},
         "overrides": {"data.root": str(folder / "mini_ava"), "data.synth_videos": 3, "data.synth_seconds": 8,
-                      "train.storage_path": str(folder / "ray"), "output_dir": str(folder / "runs"),
+                      "train.storage_path": f"file://{folder / 'ray'}", "output_dir": str(folder / "runs"),
                       "train.epochs": 1, "train.cpus_per_worker": 0.5, "model.act_fc_dim": 64,
                       "name": "sweeps_test", **overrides},
     }
@@ -56,7 +60,8 @@ def test_a_trial_that_does_not_fit_stops_before_anything_is_written(tmp_path, ra
     assert not (tmp_path / "mini_ava").exists() and not (tmp_path / "ray").exists()
 
 
-def test_warm_started_and_multi_objective_sweeps(tmp_path, ray_local, mlflow_server, capsys):
+def test_warm_started_sweep_resumes_and_a_multi_objective_sweep_reuses_its_base(tmp_path, ray_local, mlflow_server,
+                                                                                 capsys, monkeypatch):
     client = MlflowClient(mlflow_server)
     warm = write_sweep(tmp_path, "warm", {"model.keep_rate": {"grid": [1.0, 0.5]}})
     rows = run_sweep(warm, [f"tracking.uri={mlflow_server}"])
@@ -66,17 +71,60 @@ def test_warm_started_and_multi_objective_sweeps(tmp_path, ray_local, mlflow_ser
 
     parent, trials = parent_and_trials(client, "warm")
     assert parent.data.tags["evadlab.warm_start"] == str(tmp_path / "base_model.pt")
-    assert len(trials) == 2 and len(rows) == 2
+    assert len(trials) == 2 and len(rows) == 2 and any(row["pareto"] for row in rows)
     by_keep = {float(t.data.params["model.keep_rate"]): t.data.metrics for t in trials}
-    assert by_keep[0.5]["model/gflops"] < by_keep[1.0]["model/gflops"]
-    for metrics in by_keep.values():
-        assert metrics["speed/infer_clips_per_s"] > 0 and "val/mAP" in metrics
+    assert set(by_keep) == {1.0, 0.5} and by_keep[0.5]["model/gflops"] < by_keep[1.0]["model/gflops"]
+    for trial in trials:
+        assert {"val/mAP", "train/clips_per_s", "model/params"} <= set(trial.data.metrics)
+        assert trial.data.metrics["speed/infer_clips_per_s"] > 0
+        assert trial.data.tags["evadlab.keep_rate"] == trial.data.params["model.keep_rate"]
     table = artifact_json(client, parent.info.run_id, "trials.json", tmp_path / "warm_artifacts")
     pareto = artifact_json(client, parent.info.run_id, "pareto.json", tmp_path / "warm_artifacts")
     assert {row["run_id"] for row in table} == {t.info.run_id for t in trials}
     assert pareto == [row for row in table if row["pareto"]] and pareto
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.txt", "best_config.yaml", "best_config_gflops.yaml", "map_vs_gflops.png"} <= artifacts
+    png = client.download_artifacts(parent.info.run_id, "map_vs_gflops.png", str(tmp_path))
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The base model's run logs no mAP (eval.every_epochs 0), so the experiment's table holds the trials only.
+    experiment_table = compare_runs("sweeps_test", mlflow_server, tmp_path / "compare")
+    assert {r["run_id"] for r in experiment_table} == {t.info.run_id for t in trials}
+    assert (tmp_path / "compare" / "map_vs_gflops.png").stat().st_size > 0
+    for sweep in ("warm", parent.info.run_id):
+        shown = compare_runs(None, mlflow_server, tmp_path / "compare_sweep", sweep=sweep)
+        assert sorted(r["run_id"] for r in shown) == sorted(t.info.run_id for t in trials), "a sweep's trials only"
+
+    # Resume: make one trial look interrupted before its training started (status RUNNING, no Ray Train run, no
+    # MLflow run). The resumed sweep, run from another working directory, must find its parent run and trials under
+    # the file:// URI, run that trial again, leave the finished one untouched and write nothing relative to either.
+    storage = tmp_path / "ray"
+    sweep_dir = storage / "warm"
+    state_file = max(sweep_dir.glob("experiment_state-*.json"))
+    state = json.loads(state_file.read_text())
+    trial = json.loads(state["trial_data"][0][0])
+    trial["status"] = "RUNNING"
+    state["trial_data"][0][0] = json.dumps(trial)
+    state_file.write_text(json.dumps(state))
+    interrupted = trial["trial_id"]
+    trial_ids = [json.loads(t[0])["trial_id"] for t in state["trial_data"]]
+    runs_by_trial = {trial_id: path for trial_id in trial_ids for path in storage.glob(f"sweeps_test_{trial_id}_*")}
+    assert len(runs_by_trial) == 2
+    shutil.rmtree(runs_by_trial.pop(interrupted))
+    (interrupted_run,) = [t for t in trials if t.data.tags["mlflow.runName"].startswith(f"sweeps_test_{interrupted}_")]
+    client.delete_run(interrupted_run.info.run_id)
+    untouched = {trial_id: path.stat().st_mtime_ns for trial_id, path in runs_by_trial.items()}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resumed_rows = run_sweep(warm, [f"tracking.uri={mlflow_server}", "tune.resume=true"])
+    assert (sweep_dir / "mlflow_parent_run_id").read_text() == parent.info.run_id
+    assert list(elsewhere.iterdir()) == [] and not list(Path(__file__).parents[1].glob("file:*"))
+    assert {trial_id: runs_by_trial[trial_id].stat().st_mtime_ns for trial_id in untouched} == untouched
+    assert len(list(storage.glob(f"sweeps_test_{interrupted}_*"))) == 1, "the interrupted trial ran again"
+    resumed_parent, resumed_trials = parent_and_trials(client, "warm")
+    assert resumed_parent.info.run_id == parent.info.run_id and len(resumed_trials) == 2 and len(resumed_rows) == 2
+    assert len(client.search_runs([parent.info.experiment_id], "tags.mlflow.runName = 'warm'")) == 1
+    assert "training the base model once" not in capsys.readouterr().out
 
     # The second sweep reuses the base model and the shards: no second base stage, no prepare.
     multi = write_sweep(tmp_path, "multi", {"model.keep_rate": {"choice": [0.5, 0.7, 1.0]},
