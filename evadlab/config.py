@@ -299,6 +299,12 @@ class TrainConfig(Section):
         """The most workers the run uses: ``num_workers``, or the max of its range."""
         return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        """What one Train worker holds, by Ray's resource names: ``cpus_per_worker`` CPUs, a GPU with ``use_gpu``, and
+        ``resources_per_worker``."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {}), **self.resources_per_worker}
+
     def effective_grad_accum(self, world: int) -> int:
         """Micro-batches per optimiser step on each of ``world`` workers, so that the global batch stays
         ``batch_size x grad_accum x max_workers`` clips whatever the worker count, and the learning-rate recipe

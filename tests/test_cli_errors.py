@@ -122,8 +122,8 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
          (rf"cannot open the MLflow database {e(notes)}/mlflow\.db "
          rf"\(tracking.uri sqlite:///{e(notes)}/mlflow\.db\): .*")),
         ([*train, *q, "train.num_workers=[64, 128]", "train.cpus_per_worker=2"],
-         (r"64 worker\(s\) \(train.num_workers\) need 128 CPU \(train.cpus_per_worker=2 each\) but the cluster has "
-         r"[\d.]+ CPU: lower train.num_workers or train.cpus_per_worker, or add nodes")),
+         (r"64 worker\(s\) \(train.num_workers\) need 128 CPUs \(train.cpus_per_worker=2 each\) but the cluster has "
+         r"[\d.]+ CPUs: lower train.num_workers or train.cpus_per_worker, or add nodes")),
         ([*evaluate, "--checkpoint", pt, *q, "data.label_map=nope.pbtxt"],
          rf"the label map {e(str(f['root']))}/annotations/nope\.pbtxt \('data\.label_map'\) does not exist"),
         ([*train, *q, "data.val_annotations=val.csv", "eval.every_epochs=1"],

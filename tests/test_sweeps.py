@@ -1,8 +1,8 @@
 """Sweeps from a fresh start against a real MLflow server: a warm-started sweep that synthesises and prepares its data
 and trains its base model once (2 trials) on a ``file://`` storage path, its resume from another working directory
-after one trial was interrupted, then an Optuna multi-objective sweep with ASHA that reuses that base model (2 trials);
-the parent runs' trial tables and Pareto sets are read back through MLflow. Tiny model, 1 epoch. One test holds all
-three because each Tune trial costs a Ray Train start (~50 s on 2 cores)."""
+after one trial was interrupted, then an Optuna multi-objective sweep with ASHA of elastic trials (1 to 2 workers)
+that reuses that base model (2 trials); the parent runs' trial tables and Pareto sets are read back through MLflow.
+Tiny model, 1 epoch. One test holds all three because each Tune trial costs a Ray Train start (~50 s on 2 cores)."""
 
 import json
 import math
@@ -130,10 +130,12 @@ def test_warm_started_sweep_resumes_and_a_multi_objective_sweep_reuses_its_base(
     multi = write_sweep(tmp_path, "multi", {"model.keep_rate": {"choice": [0.5, 0.7, 1.0]},
                                             "model.enhanced_weight": {"uniform": [1.0, 4.0]}},
                         **{"tune.search": "optuna", "tune.sampler": "tpe", "tune.cost": "latency",
-                           "tune.num_samples": 2, "tune.scheduler": "asha"})
+                           "tune.num_samples": 2, "tune.scheduler": "asha", "train.num_workers": [1, 2]})
     rows = run_sweep(multi, [f"tracking.uri={mlflow_server}"])
     printed = capsys.readouterr().out
     assert "training the base model once" not in printed and "shards with this clip spec exist" in printed
+    # Elastic trials are counted at their max: 2 x 0.5 CPUs, tune.data_cpus 1 and the driver's 0.01 exceed 2 CPUs.
+    assert "evadlab tune: 1 trial(s) at a time: each needs 2.01 CPUs, the cluster has 2 CPUs free" in printed
     assert len(client.search_runs([parent.info.experiment_id], "tags.mlflow.runName LIKE 'sweeps_test_base%'")) == 1
 
     parent, trials = parent_and_trials(client, "multi")

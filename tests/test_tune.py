@@ -1,6 +1,7 @@
 """Sweep files: what ``load_sweep`` refuses, in one line naming the key. The sweeps themselves (Ray Tune, MLflow,
 resume, compare) run in ``test_sweeps.py``."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,33 @@ def test_an_empty_or_reversed_search_dimension_is_refused(tmp_path, dimension, m
     path.write_text(yaml.safe_dump(text))
     with pytest.raises(ConfigError, match=rf"search_space.*model.keep_rate.*{message}"):
         load_sweep(path)
+
+
+@pytest.mark.parametrize(("overrides", "printed"), [
+    (["train.num_workers=1"], "2 trial(s) at a time: each needs 0.91 CPUs, the cluster has 2 CPUs free"),
+    # Elastic trials are counted at their max, so that each gets its largest size on a whole cluster...
+    (["train.num_workers=[1, 2]"], "1 trial(s) at a time: each needs 1.41 CPUs, the cluster has 2 CPUs free"),
+    # ...and run one at a time, without waiting for CPUs to come free, when the cluster never holds their max.
+    (["train.num_workers=[2, 8]"], "1 trial(s) at a time: each needs 4.41 CPUs, the cluster has 2 CPUs free"),
+])
+def test_trials_at_once_count_the_workers_an_elastic_trial_may_grow_to(tmp_path, ray_local, capsys, overrides, printed):
+    from evadlab.platform.tune import concurrent_trials
+
+    spec, base = load_sweep(write_sweep(tmp_path), ["tune.data_cpus=0.4", *overrides])
+    started = time.monotonic()
+    assert concurrent_trials(spec, base) == int(printed[0])
+    assert time.monotonic() - started < 10 and capsys.readouterr().out.strip() == f"evadlab tune: {printed}"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.num_workers=[4, 8]"], (r"one trial needs 2\.41 CPUs \(4 worker\(s\) x train\.cpus_per_worker=0\.5, "
+     r"tune\.data_cpus=0\.4 for Ray Data, 0\.01 for its driver\) but the cluster has 2 CPUs: lower train\.num_workers")),
+    (["train.resources_per_worker={gpu_node: 1}"], (r"one trial needs 0\.91 CPUs, 1 gpu_node .* but the cluster has "
+     r"2 CPUs, 0 gpu_node: lower")),
+])
+def test_a_trial_the_cluster_cannot_hold_is_refused_in_one_line(tmp_path, ray_local, overrides, message):
+    from evadlab.platform.tune import concurrent_trials
+
+    spec, base = load_sweep(write_sweep(tmp_path), ["tune.data_cpus=0.4", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        concurrent_trials(spec, base)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import re
 import sys
@@ -723,17 +724,28 @@ def require_room_for_workers(cfg: ExperimentConfig) -> None:
     """Ray Train waits without a word for workers the cluster cannot place. Raises ConfigError, in one line, when the
     cluster's total resources cannot hold ``train.num_workers`` workers (the min of a range): their CPUs
     (``train.cpus_per_worker``), a GPU each with ``train.use_gpu``, and ``train.resources_per_worker``."""
-    workers = cfg.train.min_workers
-    needs = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {}),
-             **cfg.train.resources_per_worker}
+    workers, needs = cfg.train.min_workers, cfg.train.worker_resources
     total = ray.cluster_resources()
-    if all(workers * amount <= total.get(name, 0.0) + 1e-9 for name, amount in needs.items()):
+    if copies_that_fit(total, needs) >= workers:
         return
-    need = ", ".join(f"{workers * amount:g} {name}" for name, amount in needs.items())
-    have = ", ".join(f"{total.get(name, 0.0):g} {name}" for name in needs)
-    raise ConfigError(f"{workers} worker(s) (train.num_workers) need {need} (train.cpus_per_worker="
-                      f"{cfg.train.cpus_per_worker:g} each) but the cluster has {have}: lower train.num_workers or "
+    raise ConfigError(f"{workers} worker(s) (train.num_workers) need {resources_text(needs, workers)} "
+                      f"(train.cpus_per_worker={cfg.train.cpus_per_worker:g} each) but the cluster has "
+                      f"{resources_text({name: total.get(name, 0.0) for name in needs})}: lower train.num_workers or "
                       f"train.cpus_per_worker, or add nodes")
+
+
+def copies_that_fit(resources: dict[str, float], needs: dict[str, float]) -> int:
+    """How many holders of ``needs`` (Ray's resource names and amounts, e.g. one Train worker's or one Tune trial's)
+    fit in ``resources`` (``ray.cluster_resources()`` or ``ray.available_resources()``), counting each resource on
+    its own as Ray's scheduler does for a whole cluster. Needs of 0 do not limit it."""
+    limits = [math.floor((resources.get(name, 0.0) + 1e-9) / amount) for name, amount in needs.items() if amount > 0]
+    return min(limits, default=10**6)
+
+
+def resources_text(resources: dict[str, float], times: int = 1) -> str:
+    """``times`` x ``resources`` for a message, e.g. ``3.01 CPUs, 2 GPUs, 1 gpu_node``."""
+    plural = {"CPU": "CPUs", "GPU": "GPUs"}
+    return ", ".join(f"{times * amount:g} {plural.get(name, name)}" for name, amount in resources.items())
 
 
 def warn_if_no_cpu_left_for_data(cfg: ExperimentConfig, plan: IngestPlan) -> None:

@@ -50,7 +50,14 @@ from evadlab.platform.tracking import (
     quick_http,
     start_run,
 )
-from evadlab.platform.train import INFERENCE_RATE_METRIC, LATENCY_METRIC, should_evaluate, train
+from evadlab.platform.train import (
+    INFERENCE_RATE_METRIC,
+    LATENCY_METRIC,
+    copies_that_fit,
+    resources_text,
+    should_evaluate,
+    train,
+)
 from evadlab.storage import (
     absolute,
     exists,
@@ -240,46 +247,47 @@ def search_algorithm(cfg: ExperimentConfig):
 
 
 def concurrent_trials(spec: SweepSpec, cfg: ExperimentConfig) -> int:
-    """How many trials run at once: as many as the cluster's free CPUs and GPUs hold, at most
+    """How many trials run at once: as many as the cluster's free resources hold, at most
     ``tune.max_concurrent_trials`` (0: no further limit). One trial holds its driver (``trial_cpus``), its
-    ``train.num_workers`` workers (``train.cpus_per_worker`` each, and a GPU each with ``train.use_gpu``) and
-    ``tune.data_cpus`` for Ray Data's tasks. Raises ConfigError, in one line, when not even one trial fits the
-    cluster's total resources. Resources that other jobs hold now (or a job that is just ending: Ray frees its CPUs a
-    moment later) are waited for up to ``FREE_WAIT_S``; then the trials run one at a time and Tune queues them."""
+    ``train.num_workers`` workers (each :attr:`~evadlab.config.TrainConfig.worker_resources`: its CPUs, a GPU with
+    ``train.use_gpu``, ``train.resources_per_worker``) and ``tune.data_cpus`` for Ray Data's tasks; an elastic trial
+    (a range of workers) is counted at its max, so that each gets its largest size when the cluster is whole. Raises
+    ConfigError, in one line, when not even one trial fits the cluster's total resources (an elastic one at its min).
+    Resources that other jobs hold now (or a job that is just ending: Ray frees its CPUs a moment later) are waited for
+    up to ``FREE_WAIT_S``; then the trials run one at a time and Tune queues them. Elastic trials whose max the
+    cluster can never hold run one at a time at once."""
     import ray
 
     train_cfg = cfg.train
-    cpus = spec.trial_cpus + train_cfg.num_workers * train_cfg.cpus_per_worker + cfg.tune.data_cpus
-    gpus = train_cfg.num_workers if train_cfg.use_gpu else 0
-    need = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "")
+    smallest = trial_resources(spec, cfg, train_cfg.min_workers)
     total = ray.cluster_resources()
-    if trials_that_fit(total, cpus, gpus) < 1:
-        raise ConfigError(f"one trial needs {need} ({train_cfg.num_workers} worker(s) x train.cpus_per_worker="
-                          f"{train_cfg.cpus_per_worker:g}, tune.data_cpus={cfg.tune.data_cpus:g} for Ray Data, "
-                          f"{spec.trial_cpus:g} for its driver) but the cluster has {resources_text(total, gpus)}: "
-                          f"lower train.num_workers or train.cpus_per_worker, or add nodes")
-    deadline = time.monotonic() + FREE_WAIT_S
+    if copies_that_fit(total, smallest) < 1:
+        raise ConfigError(f"one trial needs {resources_text(smallest)} ({train_cfg.min_workers} worker(s) x "
+                          f"train.cpus_per_worker={train_cfg.cpus_per_worker:g}, tune.data_cpus="
+                          f"{cfg.tune.data_cpus:g} for Ray Data, {spec.trial_cpus:g} for its driver) but the cluster "
+                          f"has {resources_text({name: total.get(name, 0.0) for name in smallest})}: lower "
+                          f"train.num_workers or train.cpus_per_worker, or add nodes")
+    largest = trial_resources(spec, cfg, train_cfg.max_workers)
+    # Waiting helps only when the cluster could hold a trial at its largest, were nothing else running.
+    deadline = time.monotonic() + (FREE_WAIT_S if copies_that_fit(total, largest) >= 1 else 0.0)
     free = ray.available_resources()
-    while (fits := trials_that_fit(free, cpus, gpus)) < 1 and time.monotonic() < deadline:
+    while (fits := copies_that_fit(free, largest)) < 1 and time.monotonic() < deadline:
         time.sleep(1.0)
         free = ray.available_resources()
     fits = max(fits, 1)
     wanted = cfg.tune.max_concurrent_trials or fits
-    print(f"evadlab tune: {min(wanted, fits)} trial(s) at a time: each needs {need}, the cluster has "
-          f"{resources_text(free, gpus)} free"
+    print(f"evadlab tune: {min(wanted, fits)} trial(s) at a time: each needs {resources_text(largest)}, the cluster "
+          f"has {resources_text({name: free.get(name, 0.0) for name in largest})} free"
           + (f" (tune.max_concurrent_trials={wanted} capped)" if wanted > fits else ""))
     return min(wanted, fits)
 
 
-def trials_that_fit(resources: dict[str, float], cpus: float, gpus: int) -> int:
-    """How many trials of ``cpus`` CPUs and ``gpus`` GPUs ``resources`` (Ray's resource dict) hold."""
-    fits = int(resources.get("CPU", 0.0) // cpus) if cpus > 0 else 10**6
-    return min(fits, int(resources.get("GPU", 0.0) // gpus)) if gpus else fits
-
-
-def resources_text(resources: dict[str, float], gpus: int) -> str:
-    text = f"{resources.get('CPU', 0.0):g} CPUs"
-    return text + (f" and {resources.get('GPU', 0.0):g} GPUs" if gpus else "")
+def trial_resources(spec: SweepSpec, cfg: ExperimentConfig, workers: int) -> dict[str, float]:
+    """What one trial of ``workers`` Train workers holds, by Ray's resource names: the workers', its driver's
+    ``trial_cpus`` and ``tune.data_cpus``."""
+    needs = {name: workers * amount for name, amount in cfg.train.worker_resources.items()}
+    needs["CPU"] += spec.trial_cpus + cfg.tune.data_cpus
+    return needs
 
 
 def prepare_sweep(spec: SweepSpec, base: ExperimentConfig,
