@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import math
 import os
 import socket
 from pathlib import Path
@@ -113,3 +114,17 @@ def quiet_ray_data(verbose: bool) -> None:
     context.enable_progress_bars = verbose
     context.print_on_execution_start = verbose
     context.enable_auto_log_stats = False
+
+
+def copies_that_fit(resources: dict[str, float], needs: dict[str, float]) -> int:
+    """How many holders of ``needs`` (Ray's resource names and amounts, e.g. one Train worker's or one Tune trial's)
+    fit in ``resources`` (``ray.cluster_resources()`` or ``ray.available_resources()``), counting each resource on
+    its own as Ray's scheduler does for a whole cluster. Needs of 0 do not limit it."""
+    limits = [math.floor((resources.get(name, 0.0) + 1e-9) / amount) for name, amount in needs.items() if amount > 0]
+    return min(limits, default=10**6)
+
+
+def resources_text(resources: dict[str, float], times: int = 1) -> str:
+    """``times`` x ``resources`` for a message, e.g. ``3.01 CPUs, 2 GPUs, 1 gpu_node``."""
+    plural = {"CPU": "CPUs", "GPU": "GPUs"}
+    return ", ".join(f"{times * amount:g} {plural.get(name, name)}" for name, amount in resources.items())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from evadlab.cli import CONTINUE_HINTS, RETRY_HINT, main, report_error
 from evadlab.config import load_config
@@ -93,6 +94,16 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
         (["evaluate", str(VIT_B), "--checkpoint", pt, *b], misfit),
         ([*evaluate, *q], r"evaluate needs a checkpoint: pass --checkpoint or set model.checkpoint"),
         ([*evaluate, "--checkpoint", pt, *q, "tracking.enabled=true", "tracking.uri=http://127.0.0.1:9"], unreachable),
+        # Ray Data would wait forever for actors the cluster cannot place: refused before the evaluation's MLflow run.
+        ([*evaluate, "--checkpoint", pt, *q, "eval.cpus_per_actor=64", "tracking.enabled=true",
+          f"tracking.uri=sqlite:///{folder}/evaluate_refused.db"],
+         (r"1 inference actor\(s\) \(eval.concurrency\) need 64 CPUs \(eval.cpus_per_actor=64, eval.num_gpus=0 each\) "
+          r"but the cluster has [\d.]+ CPUs: lower eval.concurrency, eval.cpus_per_actor or eval.num_gpus, or add nodes")),
+        ([*evaluate, "--checkpoint", pt, *q, "eval.concurrency=3", "eval.num_gpus=0.5"],
+         (r"3 inference actor\(s\) \(eval.concurrency\) need 3 CPUs, 1.5 GPUs \(eval.cpus_per_actor=1, "
+          r"eval.num_gpus=0.5 each\) but the cluster has [\d.]+ CPUs, 0 GPUs: .*")),
+        (["run", str(QUICKSTART), *q, "eval.every_epochs=0", "eval.concurrency=64"],
+         r"64 inference actor\(s\) \(eval.concurrency\) need 64 CPUs .*"),
         ([*train, *q, f"model.checkpoint={missing}"], absent),
         ([*train, *q, f"model.checkpoint={truncated}"], cut_short),
         ([*train, *q, f"model.pretrained={notes}"], rf"{e(notes)} {not_torch}"),
@@ -193,6 +204,9 @@ def test_each_bad_input_ends_in_one_line_with_exit_code_2(files, capsys):
         assert "Traceback" not in err and "weights_only=False" not in err
     assert not (files["folder"] / "never_written").exists(), "run checks the tracking server before it synthesises"
     assert not (files["folder"] / "ray").exists() and not (files["folder"] / "runs").exists(), "nothing may start"
+    refused = MlflowClient(f"sqlite:///{files['folder']}/evaluate_refused.db")
+    assert refused.search_runs([e.experiment_id for e in refused.search_experiments()]) == [], \
+        "an evaluation the cluster cannot hold opens no MLflow run"
 
 
 def test_argument_errors_are_one_line_too(capsys):

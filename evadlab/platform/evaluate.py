@@ -22,7 +22,7 @@ import ray.data
 import torch
 from ray.util.annotations import RayDeprecationWarning
 
-from evadlab.config import ExperimentConfig
+from evadlab.config import ConfigError, ExperimentConfig
 from evadlab.console import progress_bar
 from evadlab.memory import reuse_freed_memory
 from evadlab.pipelines.ava import (
@@ -45,7 +45,7 @@ from evadlab.platform.tracking import (
     shard_datasets,
     start_run,
 )
-from evadlab.ray_session import ensure_ray
+from evadlab.ray_session import copies_that_fit, ensure_ray, resources_text
 from evadlab.storage import atomic_path, require_writable_folder
 
 DETECTIONS_FILE = "detections.csv"
@@ -196,8 +196,9 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
     annotations exist (FileNotFoundError) and the folder of ``out_dir`` be writable (OSError); the MLflow server must
     answer (TrackingError), unless ``job_run`` names the run of the job this evaluation is part of; ``checkpoint`` (else
     ``model.checkpoint``: a path, a storage URI, ``runs:/`` or ``models:/``) is read once and checked against the
-    configured model (ValueError without one, CheckpointError for one that cannot be read or does not fit); then the
-    evaluation's own MLflow run is created, with the val shards as its dataset. The actors get the weights from the
+    configured model (ValueError without one, CheckpointError for one that cannot be read or does not fit); then Ray
+    starts and must be able to hold the ``eval.concurrency`` actors (ConfigError, :func:`require_room_for_evaluation`);
+    then the evaluation's own MLflow run is created, with the val shards as its dataset. The actors get the weights from the
     object store. The result is printed, with where the detections are, before it is logged; records a lost tracking
     server could not take wait in ``out_dir`` (see :class:`RunLogger`).
     """
@@ -212,6 +213,8 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
         check_tracking_uri(cfg.tracking.resolved_uri())
     start_weights = complete_checkpoint(cfg.model, location, cfg.tracking.resolved_uri())
     build_model(cfg.model, start_weights, device="meta")
+    ensure_ray()
+    require_room_for_evaluation(cfg)
     job_run = job_run or own_run(cfg, location, manifest)
     logger = RunLogger(cfg.tracking.resolved_uri(), job_run.run_id, backlog=str(out_dir), retry_s=0.0) \
         if job_run else None
@@ -275,6 +278,21 @@ def infer_and_score(cfg: ExperimentConfig, start_weights: StartingWeights, out_d
     print(f"evadlab evaluate: frame-mAP@0.5 = {result.mAP:.4f} on {clips} keyframes ({result.num_detections} "
           f"detection rows, {seconds:.1f} s); detections: {result.detections_path}")
     return result
+
+
+def require_room_for_evaluation(cfg: ExperimentConfig) -> None:
+    """Ray Data waits without a word for inference actors the cluster cannot place: its pool of ``eval.concurrency``
+    actors starts all of them before the first batch. Raises ConfigError, in one line, when the cluster's total
+    resources cannot hold them (``eval.cpus_per_actor`` CPUs and ``eval.num_gpus`` GPUs each)."""
+    actors = cfg.eval.concurrency
+    needs = {"CPU": cfg.eval.cpus_per_actor, **({"GPU": cfg.eval.num_gpus} if cfg.eval.num_gpus else {})}
+    total = ray.cluster_resources()
+    if copies_that_fit(total, needs) >= actors:
+        return
+    raise ConfigError(f"{actors} inference actor(s) (eval.concurrency) need {resources_text(needs, actors)} "
+                      f"(eval.cpus_per_actor={cfg.eval.cpus_per_actor:g}, eval.num_gpus={cfg.eval.num_gpus:g} each) "
+                      f"but the cluster has {resources_text({name: total.get(name, 0.0) for name in needs})}: lower "
+                      f"eval.concurrency, eval.cpus_per_actor or eval.num_gpus, or add nodes")
 
 
 def counted(batches: Iterable[dict[str, np.ndarray]], bar) -> Iterator[dict[str, np.ndarray]]:

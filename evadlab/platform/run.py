@@ -17,7 +17,13 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
     evaluation inside training when there was one, else Ray Data inference on the final checkpoint), then a summary and
     ``summary.json``. Nothing is written before the MLflow server has answered and the starting weights (if any) have
     been read and checked. The final evaluation logs into the training's MLflow run at its final step."""
-    from evadlab.platform.evaluate import JobRun, evaluate, evaluation_of_detections, require_evaluation_files
+    from evadlab.platform.evaluate import (
+        JobRun,
+        evaluate,
+        evaluation_of_detections,
+        require_evaluation_files,
+        require_room_for_evaluation,
+    )
     from evadlab.platform.modeling import build_model, starting_weights
     from evadlab.platform.tracking import check_tracking_uri
     from evadlab.platform.train import count_model, should_evaluate, train
@@ -39,6 +45,8 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
         counted = pool.submit(count_model, cfg)
         synthesised = pool.submit(synthesise_if_needed, cfg)
         ensure_ray()
+        if not should_evaluate(cfg, cfg.train.epochs - 1):  # the final evaluation infers with Ray Data's actors
+            require_room_for_evaluation(cfg)
         synthesised.result()
         require_evaluation_files(cfg)
         ensure_prepared(cfg)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import re
 import sys
@@ -74,7 +73,7 @@ from evadlab.platform.tracking import (
     start_system_metrics,
     trade_off_tags,
 )
-from evadlab.ray_session import ensure_ray
+from evadlab.ray_session import copies_that_fit, ensure_ray, resources_text
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_MODEL_FILE = "best_model.pt"
@@ -732,20 +731,6 @@ def require_room_for_workers(cfg: ExperimentConfig) -> None:
                       f"(train.cpus_per_worker={cfg.train.cpus_per_worker:g} each) but the cluster has "
                       f"{resources_text({name: total.get(name, 0.0) for name in needs})}: lower train.num_workers or "
                       f"train.cpus_per_worker, or add nodes")
-
-
-def copies_that_fit(resources: dict[str, float], needs: dict[str, float]) -> int:
-    """How many holders of ``needs`` (Ray's resource names and amounts, e.g. one Train worker's or one Tune trial's)
-    fit in ``resources`` (``ray.cluster_resources()`` or ``ray.available_resources()``), counting each resource on
-    its own as Ray's scheduler does for a whole cluster. Needs of 0 do not limit it."""
-    limits = [math.floor((resources.get(name, 0.0) + 1e-9) / amount) for name, amount in needs.items() if amount > 0]
-    return min(limits, default=10**6)
-
-
-def resources_text(resources: dict[str, float], times: int = 1) -> str:
-    """``times`` x ``resources`` for a message, e.g. ``3.01 CPUs, 2 GPUs, 1 gpu_node``."""
-    plural = {"CPU": "CPUs", "GPU": "GPUs"}
-    return ", ".join(f"{times * amount:g} {plural.get(name, name)}" for name, amount in resources.items())
 
 
 def warn_if_no_cpu_left_for_data(cfg: ExperimentConfig, plan: IngestPlan) -> None:

@@ -50,14 +50,8 @@ from evadlab.platform.tracking import (
     quick_http,
     start_run,
 )
-from evadlab.platform.train import (
-    INFERENCE_RATE_METRIC,
-    LATENCY_METRIC,
-    copies_that_fit,
-    resources_text,
-    should_evaluate,
-    train,
-)
+from evadlab.platform.train import INFERENCE_RATE_METRIC, LATENCY_METRIC, should_evaluate, train
+from evadlab.ray_session import copies_that_fit, resources_text
 from evadlab.storage import (
     absolute,
     exists,
