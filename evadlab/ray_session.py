@@ -16,6 +16,7 @@ import logging.handlers
 import math
 import os
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 import ray
@@ -116,12 +117,29 @@ def quiet_ray_data(verbose: bool) -> None:
     context.enable_auto_log_stats = False
 
 
-def copies_that_fit(resources: dict[str, float], needs: dict[str, float]) -> int:
-    """How many holders of ``needs`` (Ray's resource names and amounts, e.g. one Train worker's or one Tune trial's)
-    fit in ``resources`` (``ray.cluster_resources()`` or ``ray.available_resources()``), counting each resource on
-    its own as Ray's scheduler does for a whole cluster. Needs of 0 do not limit it."""
-    limits = [math.floor((resources.get(name, 0.0) + 1e-9) / amount) for name, amount in needs.items() if amount > 0]
-    return min(limits, default=10**6)
+def node_resources() -> list[dict[str, float]]:
+    """Each live node's total resources by Ray's names (CPU, GPU, custom ones), from ``ray.nodes()``."""
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def copies_that_fit(nodes: list[dict[str, float]], needs: dict[str, float]) -> int:
+    """How many holders of ``needs`` (Ray's resource names and amounts, e.g. one Train worker's or one inference
+    actor's) fit on ``nodes`` (:func:`node_resources`), each on one node as Ray places a task, an actor or a placement
+    group's bundle: the sum over the nodes of how many each holds. ``[ray.available_resources()]`` counts the
+    cluster's free resources as one pool. Needs of 0 do not limit it."""
+    return sum(min((math.floor((node.get(name, 0.0) + 1e-9) / amount) for name, amount in needs.items() if amount > 0),
+                   default=10**6) for node in nodes)
+
+
+def cluster_text(nodes: list[dict[str, float]], names: Iterable[str]) -> str:
+    """The ``names`` resources of ``nodes`` for a message: ``2 CPUs``, or on several nodes ``6 CPUs on 3 nodes, at
+    most 2 CPUs on one``."""
+    names = list(names)
+    total = resources_text({name: sum(node.get(name, 0.0) for node in nodes) for name in names})
+    if len(nodes) < 2:
+        return total
+    largest = resources_text({name: max(node.get(name, 0.0) for node in nodes) for name in names})
+    return f"{total} on {len(nodes)} nodes, at most {largest} on one"
 
 
 def resources_text(resources: dict[str, float], times: int = 1) -> str:

@@ -97,11 +97,12 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
         # Ray Data would wait forever for actors the cluster cannot place: refused before the evaluation's MLflow run.
         ([*evaluate, "--checkpoint", pt, *q, "eval.cpus_per_actor=64", "tracking.enabled=true",
           f"tracking.uri=sqlite:///{folder}/evaluate_refused.db"],
-         (r"1 inference actor\(s\) \(eval.concurrency\) need 64 CPUs \(eval.cpus_per_actor=64, eval.num_gpus=0 each\) "
+         (r"1 inference actor\(s\) \(eval.concurrency\) need 64 CPUs \(eval.cpus_per_actor=64, eval.num_gpus=0 each, "
+          r"each actor on one node\) "
           r"but the cluster has [\d.]+ CPUs: lower eval.concurrency, eval.cpus_per_actor or eval.num_gpus, or add nodes")),
         ([*evaluate, "--checkpoint", pt, *q, "eval.concurrency=3", "eval.num_gpus=0.5"],
          (r"3 inference actor\(s\) \(eval.concurrency\) need 3 CPUs, 1.5 GPUs \(eval.cpus_per_actor=1, "
-          r"eval.num_gpus=0.5 each\) but the cluster has [\d.]+ CPUs, 0 GPUs: .*")),
+          r"eval.num_gpus=0.5 each, each actor on one node\) but the cluster has [\d.]+ CPUs, 0 GPUs: .*")),
         (["run", str(QUICKSTART), *q, "eval.every_epochs=0", "eval.concurrency=64"],
          r"64 inference actor\(s\) \(eval.concurrency\) need 64 CPUs .*"),
         ([*train, *q, f"model.checkpoint={missing}"], absent),
@@ -133,7 +134,8 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
          (rf"cannot open the MLflow database {e(notes)}/mlflow\.db "
          rf"\(tracking.uri sqlite:///{e(notes)}/mlflow\.db\): .*")),
         ([*train, *q, "train.num_workers=[64, 128]", "train.cpus_per_worker=2"],
-         (r"64 worker\(s\) \(train.num_workers\) need 128 CPUs \(train.cpus_per_worker=2 each\) but the cluster has "
+         (r"64 worker\(s\) \(train.num_workers\) need 128 CPUs \(train.cpus_per_worker=2 each, each worker on one "
+         r"node\) but the cluster has "
          r"[\d.]+ CPUs: lower train.num_workers or train.cpus_per_worker, or add nodes")),
         ([*evaluate, "--checkpoint", pt, *q, "data.label_map=nope.pbtxt"],
          rf"the label map {e(str(f['root']))}/annotations/nope\.pbtxt \('data\.label_map'\) does not exist"),

@@ -18,7 +18,7 @@ from PIL import Image
 from video_files import level, levels, write_numbered_video
 
 from evadlab.cli import main
-from evadlab.config import DataConfig, ExperimentConfig
+from evadlab.config import ConfigError, DataConfig, ExperimentConfig
 from evadlab.pipelines.ava import group_keyframes, read_annotations
 from evadlab.pipelines.clips import decode_jpegs, iter_shard_rows, read_shards, resize_short_side, resized_size
 from evadlab.pipelines.prepare import (
@@ -400,3 +400,12 @@ def test_live_recordings_are_prepared_with_pyav(tmp_path, ray_local):
         keyframe = (second - 900) * 30
         assert levels(np.stack([decode(jpeg) for jpeg in row["frames"]])) == [
             (keyframe + 4 * offset) % 80 for offset in range(-8, 8)], video
+
+
+def test_a_prepare_task_no_node_can_hold_is_refused_before_any_part(mini_ava, tmp_path, ray_local):
+    """Ray Data would wait forever for a task of more CPUs than any node has."""
+    cfg = config(mini_ava, tmp_path, prepare_cpus=64)
+    with pytest.raises(ConfigError, match=r"a prepare task needs 64 CPUs \(data.prepare_cpus\) on one node but the "
+                                          r"cluster has 2 CPUs: lower data.prepare_cpus"):
+        prepare(cfg, here_bytes=0)
+    assert not list(cfg.data.shards_path.rglob("part-*.parquet"))

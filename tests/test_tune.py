@@ -75,6 +75,7 @@ def test_trials_at_once_count_the_workers_an_elastic_trial_may_grow_to(tmp_path,
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["train.num_workers=[4, 8]"], (r"one trial needs 2\.41 CPUs \(4 worker\(s\) x train\.cpus_per_worker=0\.5, "
+     r"each worker on one node, "
      r"tune\.data_cpus=0\.4 for Ray Data, 0\.01 for its driver\) but the cluster has 2 CPUs: lower train\.num_workers")),
     (["train.resources_per_worker={gpu_node: 1}"], (r"one trial needs 0\.91 CPUs, 1 gpu_node .* but the cluster has "
      r"2 CPUs, 0 gpu_node: lower")),
@@ -85,3 +86,18 @@ def test_a_trial_the_cluster_cannot_hold_is_refused_in_one_line(tmp_path, ray_lo
     spec, base = load_sweep(write_sweep(tmp_path), ["tune.data_cpus=0.4", *overrides])
     with pytest.raises(ConfigError, match=message):
         concurrent_trials(spec, base)
+
+
+def test_resources_are_counted_node_by_node_as_ray_places_each_worker_or_actor():
+    """A worker, an actor or a task lives on one node: 6 CPUs on 3 nodes of 2 hold no 4-CPU worker."""
+    from evadlab.ray_session import cluster_text, copies_that_fit
+
+    nodes = [{"CPU": 2.0}, {"CPU": 2.0}, {"CPU": 2.0, "GPU": 1.0, "gpu_node": 1.0}]
+    assert copies_that_fit(nodes, {"CPU": 4.0}) == 0
+    assert copies_that_fit([{"CPU": 6.0}], {"CPU": 4.0}) == 1, "the same CPUs as one pool"
+    assert copies_that_fit(nodes, {"CPU": 0.5}) == 12 and copies_that_fit(nodes, {"CPU": 1.5}) == 3
+    assert copies_that_fit(nodes, {"CPU": 0.5, "GPU": 1.0}) == 1 and copies_that_fit(nodes, {"gpu_node": 1.0}) == 1
+    assert copies_that_fit(nodes, {"CPU": 1.0, "other": 0.0}) == 6, "a need of 0 does not limit"
+    assert copies_that_fit(nodes, {"CPU": 1.1 * 3 / 3.3}) == 6, "1.0000000000000002 CPUs: 2 on each node still"
+    assert cluster_text(nodes, ["CPU", "GPU"]) == "6 CPUs, 1 GPUs on 3 nodes, at most 2 CPUs, 1 GPUs on one"
+    assert cluster_text(nodes[:1], ["CPU"]) == "2 CPUs"

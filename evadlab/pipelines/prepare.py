@@ -67,7 +67,7 @@ import ray
 import ray.data
 import torch
 
-from evadlab.config import DataConfig, ExperimentConfig, check_action_ids
+from evadlab.config import ConfigError, DataConfig, ExperimentConfig, check_action_ids
 from evadlab.console import progress_bar
 from evadlab.pipelines.ava import (
     Keyframe,
@@ -78,7 +78,7 @@ from evadlab.pipelines.ava import (
 )
 from evadlab.pipelines.clips import encode_jpegs, resize_short_side
 from evadlab.pipelines.video import FrameSource, error_reason, open_frames
-from evadlab.ray_session import ensure_ray
+from evadlab.ray_session import cluster_text, copies_that_fit, ensure_ray, node_resources
 from evadlab.storage import atomic_path, remove, require_writable_folder, temporaries_in, write_text
 
 SHARD_SCHEMA = pa.schema([
@@ -398,10 +398,15 @@ def remove_stale_shards(out: Path, splits: tuple[str, ...], planned: set[Path]) 
 
 def run_part_tasks(parts: list[PartTask], data: DataConfig, out: Path) -> Iterator[dict[str, Any]]:
     """Runs one Ray task per part (``data.prepare_cpus`` CPUs each; Ray Data limits how many run at once to what the
-    cluster has) and yields each part's result row (see ``prepare_part``) as it finishes."""
+    cluster has) and yields each part's result row (see ``prepare_part``) as it finishes. Raises ConfigError when no
+    node has ``data.prepare_cpus`` CPUs."""
     if not parts:
         return
     ensure_ray()
+    nodes = node_resources()
+    if copies_that_fit(nodes, {"CPU": data.prepare_cpus}) < 1:  # Ray Data would wait for such a task forever
+        raise ConfigError(f"a prepare task needs {data.prepare_cpus:g} CPUs (data.prepare_cpus) on one node but the "
+                          f"cluster has {cluster_text(nodes, ['CPU'])}: lower data.prepare_cpus, or add a larger node")
     items = [task_item(part) for part in parts]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map(
         prepare_part, fn_kwargs={"data": data, "out": str(out)}, num_cpus=data.prepare_cpus)

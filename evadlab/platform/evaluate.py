@@ -45,7 +45,7 @@ from evadlab.platform.tracking import (
     shard_datasets,
     start_run,
 )
-from evadlab.ray_session import copies_that_fit, ensure_ray, resources_text
+from evadlab.ray_session import cluster_text, copies_that_fit, ensure_ray, node_resources, resources_text
 from evadlab.storage import atomic_path, require_writable_folder
 
 DETECTIONS_FILE = "detections.csv"
@@ -286,12 +286,12 @@ def require_room_for_evaluation(cfg: ExperimentConfig) -> None:
     resources cannot hold them (``eval.cpus_per_actor`` CPUs and ``eval.num_gpus`` GPUs each)."""
     actors = cfg.eval.concurrency
     needs = {"CPU": cfg.eval.cpus_per_actor, **({"GPU": cfg.eval.num_gpus} if cfg.eval.num_gpus else {})}
-    total = ray.cluster_resources()
-    if copies_that_fit(total, needs) >= actors:
+    nodes = node_resources()
+    if copies_that_fit(nodes, needs) >= actors:
         return
     raise ConfigError(f"{actors} inference actor(s) (eval.concurrency) need {resources_text(needs, actors)} "
-                      f"(eval.cpus_per_actor={cfg.eval.cpus_per_actor:g}, eval.num_gpus={cfg.eval.num_gpus:g} each) "
-                      f"but the cluster has {resources_text({name: total.get(name, 0.0) for name in needs})}: lower "
+                      f"(eval.cpus_per_actor={cfg.eval.cpus_per_actor:g}, eval.num_gpus={cfg.eval.num_gpus:g} each, "
+                      f"each actor on one node) but the cluster has {cluster_text(nodes, needs)}: lower "
                       f"eval.concurrency, eval.cpus_per_actor or eval.num_gpus, or add nodes")
 
 

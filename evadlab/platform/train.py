@@ -73,7 +73,7 @@ from evadlab.platform.tracking import (
     start_system_metrics,
     trade_off_tags,
 )
-from evadlab.ray_session import copies_that_fit, ensure_ray, resources_text
+from evadlab.ray_session import cluster_text, copies_that_fit, ensure_ray, node_resources, resources_text
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_MODEL_FILE = "best_model.pt"
@@ -724,13 +724,13 @@ def require_room_for_workers(cfg: ExperimentConfig) -> None:
     cluster's total resources cannot hold ``train.num_workers`` workers (the min of a range): their CPUs
     (``train.cpus_per_worker``), a GPU each with ``train.use_gpu``, and ``train.resources_per_worker``."""
     workers, needs = cfg.train.min_workers, cfg.train.worker_resources
-    total = ray.cluster_resources()
-    if copies_that_fit(total, needs) >= workers:
+    nodes = node_resources()
+    if copies_that_fit(nodes, needs) >= workers:
         return
     raise ConfigError(f"{workers} worker(s) (train.num_workers) need {resources_text(needs, workers)} "
-                      f"(train.cpus_per_worker={cfg.train.cpus_per_worker:g} each) but the cluster has "
-                      f"{resources_text({name: total.get(name, 0.0) for name in needs})}: lower train.num_workers or "
-                      f"train.cpus_per_worker, or add nodes")
+                      f"(train.cpus_per_worker={cfg.train.cpus_per_worker:g} each, each worker on one node) but the "
+                      f"cluster has {cluster_text(nodes, needs)}: lower train.num_workers or train.cpus_per_worker, or "
+                      f"add nodes")
 
 
 def warn_if_no_cpu_left_for_data(cfg: ExperimentConfig, plan: IngestPlan) -> None:

@@ -51,7 +51,7 @@ from evadlab.platform.tracking import (
     start_run,
 )
 from evadlab.platform.train import INFERENCE_RATE_METRIC, LATENCY_METRIC, should_evaluate, train
-from evadlab.ray_session import copies_that_fit, resources_text
+from evadlab.ray_session import cluster_text, copies_that_fit, node_resources, resources_text
 from evadlab.storage import (
     absolute,
     exists,
@@ -246,7 +246,8 @@ def concurrent_trials(spec: SweepSpec, cfg: ExperimentConfig) -> int:
     ``train.num_workers`` workers (each :attr:`~evadlab.config.TrainConfig.worker_resources`: its CPUs, a GPU with
     ``train.use_gpu``, ``train.resources_per_worker``) and ``tune.data_cpus`` for Ray Data's tasks; an elastic trial
     (a range of workers) is counted at its max, so that each gets its largest size when the cluster is whole. Raises
-    ConfigError, in one line, when not even one trial fits the cluster's total resources (an elastic one at its min).
+    ConfigError, in one line, when not even one trial fits the cluster's total resources or its workers do not fit on
+    its nodes (an elastic one at its min).
     Resources that other jobs hold now (or a job that is just ending: Ray frees its CPUs a moment later) are waited for
     up to ``FREE_WAIT_S``; then the trials run one at a time and Tune queues them. Elastic trials whose max the
     cluster can never hold run one at a time at once."""
@@ -254,18 +255,20 @@ def concurrent_trials(spec: SweepSpec, cfg: ExperimentConfig) -> int:
 
     train_cfg = cfg.train
     smallest = trial_resources(spec, cfg, train_cfg.min_workers)
-    total = ray.cluster_resources()
-    if copies_that_fit(total, smallest) < 1:
+    nodes = node_resources()
+    total = {name: sum(node.get(name, 0.0) for node in nodes) for name in smallest}
+    if copies_that_fit(nodes, train_cfg.worker_resources) < train_cfg.min_workers or \
+            copies_that_fit([total], smallest) < 1:
         raise ConfigError(f"one trial needs {resources_text(smallest)} ({train_cfg.min_workers} worker(s) x "
-                          f"train.cpus_per_worker={train_cfg.cpus_per_worker:g}, tune.data_cpus="
-                          f"{cfg.tune.data_cpus:g} for Ray Data, {spec.trial_cpus:g} for its driver) but the cluster "
-                          f"has {resources_text({name: total.get(name, 0.0) for name in smallest})}: lower "
-                          f"train.num_workers or train.cpus_per_worker, or add nodes")
+                          f"train.cpus_per_worker={train_cfg.cpus_per_worker:g}, each worker on one node, "
+                          f"tune.data_cpus={cfg.tune.data_cpus:g} for Ray Data, {spec.trial_cpus:g} for its driver) "
+                          f"but the cluster has {cluster_text(nodes, smallest)}: lower train.num_workers or "
+                          f"train.cpus_per_worker, or add nodes")
     largest = trial_resources(spec, cfg, train_cfg.max_workers)
     # Waiting helps only when the cluster could hold a trial at its largest, were nothing else running.
-    deadline = time.monotonic() + (FREE_WAIT_S if copies_that_fit(total, largest) >= 1 else 0.0)
+    deadline = time.monotonic() + (FREE_WAIT_S if copies_that_fit([total], largest) >= 1 else 0.0)
     free = ray.available_resources()
-    while (fits := copies_that_fit(free, largest)) < 1 and time.monotonic() < deadline:
+    while (fits := copies_that_fit([free], largest)) < 1 and time.monotonic() < deadline:
         time.sleep(1.0)
         free = ray.available_resources()
     fits = max(fits, 1)
