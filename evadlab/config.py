@@ -371,6 +371,16 @@ class TrackingConfig(Section):
 
 # An experiment's name: one folder name.
 RUN_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]*")
+
+
+def folder_name(value: str) -> str:
+    """An experiment's or a sweep's name, which becomes one folder's name. Raises ValueError otherwise."""
+    if not RUN_NAME.fullmatch(value):
+        raise ValueError(f"must be letters, digits, '.', '_' or '-', not starting with '.' (a folder name), got "
+                         f"{value!r}")
+    return value
+
+
 _LOCAL_PATHS = (("data", "root"), ("data", "shards"), ("model", "pretrained"), ("model", "checkpoint"),
                 ("train", "storage_path"), ("", "output_dir"))
 
@@ -388,14 +398,8 @@ class ExperimentConfig(Section):
     _named_folders = field_validator("output_dir")(named_folder)
     _local_folders = field_validator("output_dir")(local_folder)
 
-    @field_validator("name")
-    @classmethod
-    def _folder_name(cls, value: str) -> str:
-        # The name becomes folder names (output_dir/<name>, <storage>/<name>_<time>) that resume finds again.
-        if not RUN_NAME.fullmatch(value):
-            raise ValueError(f"must be letters, digits, '.', '_' or '-', not starting with '.' (a folder name), got "
-                             f"{value!r}")
-        return value
+    # The name becomes folder names (output_dir/<name>, <storage>/<name>_<time>) that resume finds again.
+    _folder_name = field_validator("name")(folder_name)
 
     @model_validator(mode="after")
     def _clip_frames(self) -> ExperimentConfig:
@@ -452,6 +456,14 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 VALID_KEYS = _valid_keys(ExperimentConfig)
+# Keys that name a section (train, model, ...): an override of one sets the keys it gives, and keeps the others.
+SECTION_KEYS = frozenset(key for key in VALID_KEYS if any(other.startswith(f"{key}.") for other in VALID_KEYS))
+
+
+def unknown_key_message(key: str) -> str:
+    """``unknown key 'trian.epochs' (did you mean 'train.epochs'?)``, the hint when a config key is close."""
+    close = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
+    return f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -462,10 +474,7 @@ def describe_validation_error(error: ValidationError) -> str:
             # A misspelt section holds whole keys; name those, as the user wrote them.
             value = item.get("input")
             typed = list(flatten(value, f"{key}.")) if isinstance(value, dict) and value else [key]
-            for unknown in typed:
-                close = difflib.get_close_matches(unknown, VALID_KEYS, n=1, cutoff=0.5)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                lines.append(f"unknown key '{unknown}'{hint}")
+            lines += [unknown_key_message(unknown) for unknown in typed]
         elif isinstance(item.get("ctx", {}).get("error"), EVADConfigError):
             # EVADConfig validates the whole section at once; its error names the key within it.
             error = item["ctx"]["error"]
@@ -528,8 +537,16 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        key, value = parse_override(text)
+    """``tree`` with each ``key=value`` override set. A mapping given for a section (``train={epochs: 2}``, or
+    ``train: {epochs: 2}`` in a sweep's overrides) sets the keys it names and keeps the section's others, as its
+    dotted keys would; any other value replaces what was there. Raises ConfigError for an override that is not
+    ``key=value`` or goes through a key that is not a section."""
+    pending = [parse_override(text) for text in overrides]
+    while pending:
+        key, value = pending.pop(0)
+        if key in SECTION_KEYS and isinstance(value, dict):
+            pending[:0] = [(f"{key}.{name}", inner) for name, inner in value.items()]
+            continue
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:

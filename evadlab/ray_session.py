@@ -143,6 +143,6 @@ def cluster_text(nodes: list[dict[str, float]], names: Iterable[str]) -> str:
 
 
 def resources_text(resources: dict[str, float], times: int = 1) -> str:
-    """``times`` x ``resources`` for a message, e.g. ``3.01 CPUs, 2 GPUs, 1 gpu_node``."""
-    plural = {"CPU": "CPUs", "GPU": "GPUs"}
-    return ", ".join(f"{times * amount:g} {plural.get(name, name)}" for name, amount in resources.items())
+    """``times`` x ``resources`` for a message, e.g. ``3.01 CPUs, 1 GPU, 1 gpu_node``."""
+    return ", ".join(f"{times * amount:g} {name}{'s' if name in ('CPU', 'GPU') and times * amount != 1 else ''}"
+                     for name, amount in resources.items())

@@ -67,6 +67,23 @@ def test_errors_name_the_key(override, message):
     assert message in str(err.value)
 
 
+def test_a_section_given_as_a_mapping_sets_its_keys_and_keeps_the_others():
+    """``train={epochs: 2}`` (or ``train: {epochs: 2}`` in a sweep's overrides) is ``train.epochs=2``: the quickstart's
+    batch size, learning rate and precision stay, where replacing the section reset them to the defaults."""
+    quickstart = load_config(QUICKSTART)
+    cfg = load_config(QUICKSTART, ["train={epochs: 2, lr_steps: [0, 1]}", "train.lr_factors=[1.0, 0.5]",
+                                   "train.resources_per_worker={slot: 1}"])
+    assert cfg.train.epochs == 2 and cfg.train.lr_steps == [0, 1] and cfg.train.lr_factors == [1.0, 0.5]
+    assert (cfg.train.batch_size, cfg.train.base_lr, cfg.train.amp) == \
+        (quickstart.train.batch_size, quickstart.train.base_lr, quickstart.train.amp) == (4, 1.0e-4, False)
+    assert cfg.model == quickstart.model
+    # A mapping-valued key is a value, not a section: it is replaced whole.
+    assert load_config(QUICKSTART, ["train.resources_per_worker={a: 1}", "train.resources_per_worker={b: 2}"]
+                       ).train.resources_per_worker == {"b": 2}
+    with pytest.raises(ConfigError, match=r"unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)"):
+        load_config(QUICKSTART, ["train={epoch: 2}"])
+
+
 def test_unsafe_yaml_is_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: !!python/object/apply:os.system ['true']\n")

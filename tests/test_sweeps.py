@@ -135,7 +135,8 @@ def test_warm_started_sweep_resumes_and_a_multi_objective_sweep_reuses_its_base(
     printed = capsys.readouterr().out
     assert "training the base model once" not in printed and "shards with this clip spec exist" in printed
     # Elastic trials are counted at their max: 2 x 0.5 CPUs, tune.data_cpus 1 and the driver's 0.01 exceed 2 CPUs.
-    assert "evadlab tune: 1 trial(s) at a time: each needs 2.01 CPUs, the cluster has 2 CPUs free" in printed
+    assert ("evadlab tune: 1 trial(s) at a time: each needs 2.01 CPUs at its largest, the cluster has 2 CPUs free; an "
+            "elastic trial trains with the workers the cluster can place, from its min") in printed
     assert len(client.search_runs([parent.info.experiment_id], "tags.mlflow.runName LIKE 'sweeps_test_base%'")) == 1
 
     parent, trials = parent_and_trials(client, "multi")

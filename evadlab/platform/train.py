@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from evadlab import storage
-from evadlab.config import ConfigError, ExperimentConfig
+from evadlab.config import ConfigError, ExperimentConfig, TrainConfig
 from evadlab.console import EpochProgress, duration
 from evadlab.errors import INTERRUPTIONS, one_line
 from evadlab.memory import reuse_freed_memory
@@ -729,8 +729,14 @@ def require_room_for_workers(cfg: ExperimentConfig) -> None:
         return
     raise ConfigError(f"{workers} worker(s) (train.num_workers) need {resources_text(needs, workers)} "
                       f"(train.cpus_per_worker={cfg.train.cpus_per_worker:g} each, each worker on one node) but the "
-                      f"cluster has {cluster_text(nodes, needs)}: lower train.num_workers or train.cpus_per_worker, or "
-                      f"add nodes")
+                      f"cluster has {cluster_text(nodes, needs)}: {worker_remedy(cfg.train)}")
+
+
+def worker_remedy(train_cfg: TrainConfig) -> str:
+    """What to change when workers do not fit: the keys that set what each one holds, or the cluster."""
+    keys = ", ".join(["set train.use_gpu=false"] * train_cfg.use_gpu
+                     + ["change train.resources_per_worker"] * bool(train_cfg.resources_per_worker))
+    return f"lower train.num_workers or train.cpus_per_worker{', ' + keys if keys else ''}, or add nodes"
 
 
 def warn_if_no_cpu_left_for_data(cfg: ExperimentConfig, plan: IngestPlan) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray.tune import Callback
 
 from evadlab.config import (
@@ -29,7 +29,9 @@ from evadlab.config import (
     apply_overrides,
     build_config,
     describe_validation_error,
+    folder_name,
     read_yaml,
+    unknown_key_message,
 )
 from evadlab.errors import original_error
 from evadlab.platform.compare import (
@@ -50,7 +52,7 @@ from evadlab.platform.tracking import (
     quick_http,
     start_run,
 )
-from evadlab.platform.train import INFERENCE_RATE_METRIC, LATENCY_METRIC, should_evaluate, train
+from evadlab.platform.train import INFERENCE_RATE_METRIC, LATENCY_METRIC, should_evaluate, train, worker_remedy
 from evadlab.ray_session import cluster_text, copies_that_fit, node_resources, resources_text
 from evadlab.storage import (
     absolute,
@@ -130,9 +132,12 @@ class SweepSpec(BaseModel):
     name: str
     base: str = Field(description="experiment YAML, relative to the sweep file")
     overrides: dict[str, Any] = {}
-    search_space: dict[str, SearchDimension]
+    search_space: dict[str, SearchDimension] = Field(min_length=1)
     warm_start: WarmStart | None = None
     trial_cpus: float = Field(0.01, ge=0, description="CPUs held by each trial's driver (the workers hold their own)")
+
+    # The name becomes the sweep's folder under train.storage_path, which tune.resume finds again.
+    _folder_name = field_validator("name")(folder_name)
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepSpec, ExperimentConfig]:
@@ -146,13 +151,14 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         spec = SweepSpec.model_validate(apply_overrides(read_yaml(path), own))
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
-    unknown = [key for key in [*spec.search_space, *spec.overrides] if key not in VALID_KEYS]
-    if unknown:
-        raise ConfigError(f"{path}: unknown config keys in the sweep: {unknown}")
+    for section, keys in (("search_space", spec.search_space), ("overrides", spec.overrides)):
+        unknown = [key for key in keys if key not in VALID_KEYS]
+        if unknown:
+            raise ConfigError(f"{path}: {section}: {'; '.join(unknown_key_message(key) for key in unknown)}")
     base_path = (path.parent / spec.base).resolve()
     tree = apply_overrides(read_yaml(base_path), [f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()])
     tree = apply_overrides(tree, [text for text in overrides if text not in own])
-    base = build_config(tree, str(base_path))
+    base = build_config(tree, f"{path} (its base {base_path} with the sweep's and the command line's overrides)")
     check_search_space(spec, base, path)
     if spec.warm_start is not None and spec.warm_start.can_train:
         base_stage_config(spec, base, path)
@@ -160,19 +166,31 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def check_search_space(spec: SweepSpec, base: ExperimentConfig, path: Path) -> None:
-    """Builds the trial config of every grid / choice value and range bound, so that a value the model refuses stops
-    the sweep before it starts; refuses ``grid`` under ``tune.search=optuna`` (Optuna samples, it does not
-    enumerate). Raises ConfigError."""
-    tree = base.model_dump(mode="json")
+    """Builds the trial config of every grid / choice value and range bound (:func:`search_space_configs`), so that a
+    value the model refuses stops the sweep before it starts; refuses ``grid`` under ``tune.search=optuna`` (Optuna
+    samples, it does not enumerate). Raises ConfigError."""
     for key, dimension in spec.search_space.items():
         if dimension.grid is not None and base.tune.search == "optuna":
             raise ConfigError(f"{path}: search_space.{key}: tune.search=optuna samples its values; use choice, "
                               f"uniform or loguniform instead of grid")
+    search_space_configs(spec, base, path)
+
+
+def search_space_configs(spec: SweepSpec, base: ExperimentConfig,
+                         path: str | Path) -> list[tuple[str, ExperimentConfig]]:
+    """``(label, config)`` for every grid / choice value and range bound of the search space, each applied alone to
+    ``base``; the label (``<path>: search_space.<key> = <value>``) names it in errors. Raises ConfigError for a value
+    the config refuses."""
+    tree = base.model_dump(mode="json")
+    configs = []
+    for key, dimension in spec.search_space.items():
         values = next(v for v in (dimension.grid, dimension.choice, dimension.uniform, dimension.loguniform)
                       if v is not None)
         for value in values:
-            build_config(apply_overrides(json.loads(json.dumps(tree)), [f"{key}={json.dumps(value)}"]),
-                         f"{path}: search_space.{key} = {value!r}")
+            label = f"{path}: search_space.{key} = {value!r}"
+            configs.append((label, build_config(apply_overrides(json.loads(json.dumps(tree)),
+                                                                [f"{key}={json.dumps(value)}"]), label)))
+    return configs
 
 
 def base_stage_config(spec: SweepSpec, base: ExperimentConfig, path: str | Path) -> ExperimentConfig:
@@ -240,31 +258,35 @@ def search_algorithm(cfg: ExperimentConfig):
     return OptunaSearch(metric=[cfg.tune.metric, cost_metric(cfg)], mode=[cfg.tune.mode, "min"], sampler=sampler)
 
 
-def concurrent_trials(spec: SweepSpec, cfg: ExperimentConfig) -> int:
+def concurrent_trials(spec: SweepSpec, cfg: ExperimentConfig, path: str | Path) -> int:
     """How many trials run at once: as many as the cluster's free resources hold, at most
     ``tune.max_concurrent_trials`` (0: no further limit). One trial holds its driver (``trial_cpus``), its
     ``train.num_workers`` workers (each :attr:`~evadlab.config.TrainConfig.worker_resources`: its CPUs, a GPU with
     ``train.use_gpu``, ``train.resources_per_worker``) and ``tune.data_cpus`` for Ray Data's tasks; an elastic trial
-    (a range of workers) is counted at its max, so that each gets its largest size when the cluster is whole. Raises
-    ConfigError, in one line, when not even one trial fits the cluster's total resources or its workers do not fit on
-    its nodes (an elastic one at its min).
-    Resources that other jobs hold now (or a job that is just ending: Ray frees its CPUs a moment later) are waited for
-    up to ``FREE_WAIT_S``; then the trials run one at a time and Tune queues them. Elastic trials whose max the
-    cluster can never hold run one at a time at once."""
+    (a range of workers) is counted at its max, so that each gets its largest size when the cluster is whole, and a
+    search space over those keys by its largest value. Raises ConfigError, in one line, when a trial of the base
+    config or of any value of the search space (:func:`search_space_configs`) does not fit the cluster's total
+    resources or its workers do not fit on its nodes (an elastic one at its min). Resources that other jobs hold now
+    (or a job that is just ending: Ray frees its CPUs a moment later) are waited for up to ``FREE_WAIT_S``; then the
+    trials run one at a time and Tune queues them. Trials whose max the cluster can never hold run one at a time at
+    once."""
     import ray
 
-    train_cfg = cfg.train
-    smallest = trial_resources(spec, cfg, train_cfg.min_workers)
+    variants = [(f"{path}", cfg), *search_space_configs(spec, cfg, path)]
     nodes = node_resources()
-    total = {name: sum(node.get(name, 0.0) for node in nodes) for name in smallest}
-    if copies_that_fit(nodes, train_cfg.worker_resources) < train_cfg.min_workers or \
-            copies_that_fit([total], smallest) < 1:
-        raise ConfigError(f"one trial needs {resources_text(smallest)} ({train_cfg.min_workers} worker(s) x "
-                          f"train.cpus_per_worker={train_cfg.cpus_per_worker:g}, each worker on one node, "
-                          f"tune.data_cpus={cfg.tune.data_cpus:g} for Ray Data, {spec.trial_cpus:g} for its driver) "
-                          f"but the cluster has {cluster_text(nodes, smallest)}: lower train.num_workers or "
-                          f"train.cpus_per_worker, or add nodes")
-    largest = trial_resources(spec, cfg, train_cfg.max_workers)
+    total = {name: sum(node.get(name, 0.0) for node in nodes) for node in nodes for name in node}
+    for label, variant in variants:
+        train_cfg = variant.train
+        smallest = trial_resources(spec, variant, train_cfg.min_workers)
+        if copies_that_fit(nodes, train_cfg.worker_resources) < train_cfg.min_workers or \
+                copies_that_fit([total], smallest) < 1:
+            raise ConfigError(f"{label}: one trial needs {resources_text(smallest)} ({train_cfg.min_workers} "
+                              f"worker(s) x train.cpus_per_worker={train_cfg.cpus_per_worker:g}, each worker on one "
+                              f"node, tune.data_cpus={variant.tune.data_cpus:g} for Ray Data, {spec.trial_cpus:g} for "
+                              f"its driver) but the cluster has {cluster_text(nodes, smallest)}: "
+                              f"{worker_remedy(train_cfg)}")
+    sizes = [trial_resources(spec, variant, variant.train.max_workers) for _, variant in variants]
+    largest = min(sizes, key=lambda needs: copies_that_fit([total], needs))
     # Waiting helps only when the cluster could hold a trial at its largest, were nothing else running.
     deadline = time.monotonic() + (FREE_WAIT_S if copies_that_fit([total], largest) >= 1 else 0.0)
     free = ray.available_resources()
@@ -273,9 +295,12 @@ def concurrent_trials(spec: SweepSpec, cfg: ExperimentConfig) -> int:
         free = ray.available_resources()
     fits = max(fits, 1)
     wanted = cfg.tune.max_concurrent_trials or fits
-    print(f"evadlab tune: {min(wanted, fits)} trial(s) at a time: each needs {resources_text(largest)}, the cluster "
-          f"has {resources_text({name: free.get(name, 0.0) for name in largest})} free"
-          + (f" (tune.max_concurrent_trials={wanted} capped)" if wanted > fits else ""))
+    elastic = any(variant.train.elastic for _, variant in variants)
+    print(f"evadlab tune: {min(wanted, fits)} trial(s) at a time: each needs {resources_text(largest)}"
+          + (" at its largest" if elastic or any(needs != largest for needs in sizes) else "")
+          + f", the cluster has {resources_text({name: free.get(name, 0.0) for name in largest})} free"
+          + (f" (tune.max_concurrent_trials={wanted} capped)" if wanted > fits else "")
+          + ("; an elastic trial trains with the workers the cluster can place, from its min" if elastic else ""))
     return min(wanted, fits)
 
 
@@ -308,7 +333,7 @@ def prepare_sweep(spec: SweepSpec, base: ExperimentConfig,
         require_writable_folder(local_path(warm.location).parent, "warm_start.checkpoint")
     start = None if warm is None or trains_base else read_warm_start(warm, base)
     ensure_ray()
-    concurrency = concurrent_trials(spec, base)
+    concurrency = concurrent_trials(spec, base, sweep_path)
     synthesise_if_needed(base)
     ensure_prepared(base)
     if trains_base:
