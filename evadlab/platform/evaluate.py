@@ -198,9 +198,9 @@ def evaluate(cfg: ExperimentConfig, checkpoint: str | None = None, *, out_dir: P
     ``model.checkpoint``: a path, a storage URI, ``runs:/`` or ``models:/``) is read once and checked against the
     configured model (ValueError without one, CheckpointError for one that cannot be read or does not fit); then Ray
     starts and must be able to hold the ``eval.concurrency`` actors (ConfigError, :func:`require_room_for_evaluation`);
-    then the evaluation's own MLflow run is created, with the val shards as its dataset. The actors get the weights from the
-    object store. The result is printed, with where the detections are, before it is logged; records a lost tracking
-    server could not take wait in ``out_dir`` (see :class:`RunLogger`).
+    then the evaluation's own MLflow run is created, with the val shards as its dataset. The actors get the weights
+    from the object store. The result is printed, with where the detections are, before it is logged; records a lost
+    tracking server could not take wait in ``out_dir`` (see :class:`RunLogger`).
     """
     manifest = require_prepared(cfg, ("val",))
     require_evaluation_files(cfg)
@@ -282,8 +282,8 @@ def infer_and_score(cfg: ExperimentConfig, start_weights: StartingWeights, out_d
 
 def require_room_for_evaluation(cfg: ExperimentConfig) -> None:
     """Ray Data waits without a word for inference actors the cluster cannot place: its pool of ``eval.concurrency``
-    actors starts all of them before the first batch. Raises ConfigError, in one line, when the cluster's total
-    resources cannot hold them (``eval.cpus_per_actor`` CPUs and ``eval.num_gpus`` GPUs each)."""
+    actors starts all of them before the first batch. Raises ConfigError, in one line, when the cluster's nodes
+    cannot hold them, each on one node (``eval.cpus_per_actor`` CPUs and ``eval.num_gpus`` GPUs each)."""
     actors = cfg.eval.concurrency
     needs = {"CPU": cfg.eval.cpus_per_actor, **({"GPU": cfg.eval.num_gpus} if cfg.eval.num_gpus else {})}
     nodes = node_resources()

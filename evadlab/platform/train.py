@@ -721,8 +721,9 @@ def require_writable_run_folder(cfg: ExperimentConfig) -> None:
 
 def require_room_for_workers(cfg: ExperimentConfig) -> None:
     """Ray Train waits without a word for workers the cluster cannot place. Raises ConfigError, in one line, when the
-    cluster's total resources cannot hold ``train.num_workers`` workers (the min of a range): their CPUs
-    (``train.cpus_per_worker``), a GPU each with ``train.use_gpu``, and ``train.resources_per_worker``."""
+    cluster's nodes cannot hold ``train.num_workers`` workers (the min of a range), each on one node
+    (:func:`~evadlab.ray_session.copies_that_fit`): their CPUs (``train.cpus_per_worker``), a GPU each with
+    ``train.use_gpu``, and ``train.resources_per_worker``."""
     workers, needs = cfg.train.min_workers, cfg.train.worker_resources
     nodes = node_resources()
     if copies_that_fit(nodes, needs) >= workers:
