@@ -160,6 +160,9 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
          rf"train.storage_path {e(notes)} cannot be written \({e(notes)} is a file\)"),
         (["tune", str(SWEEP), *q, f"warm_start.checkpoint={notes}/base.pt"],
          rf"warm_start.checkpoint {e(notes)} cannot be written \({e(notes)} is a file\)"),
+        (["tune", str(SWEEP), *q, f"warm_start.checkpoint={missing}", "warm_start.train_if_missing=null"],
+         rf"warm_start.checkpoint: {absent}"),
+        (["tune", str(SWEEP), *q, f"warm_start.checkpoint={truncated}"], rf"warm_start.checkpoint: {cut_short}"),
         ([*train, *q, f"model.checkpoint={folder}"], rf"checkpoint {e(folder)} is a folder, not a checkpoint file"),
         ([*train, *q, "train.storage_path=foo://bucket/ray"], (r"train.storage_path 'foo://bucket/ray' is no storage Ray "
          r"can open: Unrecognized filesystem type in URI: foo://bucket/ray")),

@@ -34,6 +34,7 @@ from evadlab.config import (
     unknown_key_message,
 )
 from evadlab.errors import original_error
+from evadlab.models.checkpoints import CheckpointError
 from evadlab.platform.compare import (
     COSTS,
     best_per_objective,
@@ -345,9 +346,12 @@ def prepare_sweep(spec: SweepSpec, base: ExperimentConfig,
 
 def read_warm_start(warm: WarmStart, cfg: ExperimentConfig) -> StartingWeights:
     """The warm start's checkpoint, read once and fitted to the sweep's model on the meta device (keep rate and EW
-    change no weights, so one fit holds for every trial). Raises CheckpointError naming the location."""
-    weights = complete_checkpoint(cfg.model, warm.location, cfg.tracking.resolved_uri())
-    build_model(cfg.model, weights, device="meta")
+    change no weights, so one fit holds for every trial). Raises CheckpointError naming the key and the location."""
+    try:
+        weights = complete_checkpoint(cfg.model, warm.location, cfg.tracking.resolved_uri())
+        build_model(cfg.model, weights, device="meta")
+    except CheckpointError as error:
+        raise CheckpointError(f"warm_start.checkpoint: {error}") from None
     return weights
 
 
