@@ -17,13 +17,7 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
     evaluation inside training when there was one, else Ray Data inference on the final checkpoint), then a summary and
     ``summary.json``. Nothing is written before the MLflow server has answered and the starting weights (if any) have
     been read and checked. The final evaluation logs into the training's MLflow run at its final step."""
-    from evadlab.platform.evaluate import (
-        JobRun,
-        evaluate,
-        evaluation_of_detections,
-        require_evaluation_files,
-        require_room_for_evaluation,
-    )
+    from evadlab.platform.evaluate import JobRun, evaluate, evaluation_of_detections, require_evaluation_files
     from evadlab.platform.modeling import build_model, starting_weights
     from evadlab.platform.tracking import check_tracking_uri
     from evadlab.platform.train import count_model, should_evaluate, train
@@ -45,8 +39,7 @@ def run_main_job(cfg: ExperimentConfig) -> dict:
         counted = pool.submit(count_model, cfg)
         synthesised = pool.submit(synthesise_if_needed, cfg)
         ensure_ray()
-        if not should_evaluate(cfg, cfg.train.epochs - 1):  # the final evaluation infers with Ray Data's actors
-            require_room_for_evaluation(cfg)
+        require_room_for_final_evaluation(cfg)
         synthesised.result()
         require_evaluation_files(cfg)
         ensure_prepared(cfg)
@@ -91,6 +84,17 @@ def summary_lines(summary: dict, cfg: ExperimentConfig, summary_file: Path) -> l
                                                                   summary["mlflow_run_id"])]
     lines.append(f"summary: {summary_file}")
     return lines
+
+
+def require_room_for_final_evaluation(cfg: ExperimentConfig) -> None:
+    """Before the main job trains: unless its last epoch is evaluated inside training (whose detections it then
+    scores), its final evaluation infers with Ray Data's actors, which the cluster must be able to hold
+    (:func:`~evadlab.platform.evaluate.require_room_for_evaluation`; ConfigError)."""
+    from evadlab.platform.evaluate import require_room_for_evaluation
+    from evadlab.platform.train import should_evaluate
+
+    if not should_evaluate(cfg, cfg.train.epochs - 1):
+        require_room_for_evaluation(cfg)
 
 
 def require_writable_outputs(cfg: ExperimentConfig) -> None:
