@@ -485,6 +485,9 @@ def describe_validation_error(error: ValidationError) -> str:
             message, value = item["msg"].removeprefix("Value error, "), item.get("input")
             got = "" if isinstance(value, dict) or "got " in message else f" (got {value!r})"
             lines.append(f"{shown}: {message}{got}")
+        elif item["type"] == "missing":
+            # Its input is the mapping that lacks the key: the whole file, of no help.
+            lines.append(f"'{key}': missing (a required key)")
         else:
             shown = f"'{key}'" if key else "config"
             lines.append(f"{shown}: {item['msg']} (got {item.get('input')!r})")

@@ -50,6 +50,16 @@ def test_sweep_file_errors_name_the_key(tmp_path, change, message):
         load_sweep(path)
 
 
+def test_a_sweep_file_without_its_search_space_names_the_key_alone(tmp_path):
+    path = write_sweep(tmp_path)
+    text = yaml.safe_load(path.read_text())
+    del text["search_space"]
+    path.write_text(yaml.safe_dump(text))
+    with pytest.raises(ConfigError) as refused:
+        load_sweep(path)
+    assert str(refused.value) == f"{path}: 'search_space': missing (a required key)"
+
+
 @pytest.mark.parametrize(("dimension", "message"), [
     ({"grid": []}, "grid needs at least one value"),
     ({"choice": []}, "choice needs at least one value"),
