@@ -131,11 +131,21 @@ def copies_that_fit(nodes: list[dict[str, float]], needs: dict[str, float]) -> i
                    default=10**6) for node in nodes)
 
 
+def total_resources(nodes: list[dict[str, float]]) -> dict[str, float]:
+    """The sum of ``nodes``' resources (:func:`node_resources`), name by name."""
+    total: dict[str, float] = {}
+    for node in nodes:
+        for name, amount in node.items():
+            total[name] = total.get(name, 0.0) + amount
+    return total
+
+
 def cluster_text(nodes: list[dict[str, float]], names: Iterable[str]) -> str:
     """The ``names`` resources of ``nodes`` for a message: ``2 CPUs``, or on several nodes ``6 CPUs on 3 nodes, at
     most 2 CPUs on one``."""
     names = list(names)
-    total = resources_text({name: sum(node.get(name, 0.0) for node in nodes) for name in names})
+    everything = total_resources(nodes)
+    total = resources_text({name: everything.get(name, 0.0) for name in names})
     if len(nodes) < 2:
         return total
     largest = resources_text({name: max(node.get(name, 0.0) for node in nodes) for name in names})

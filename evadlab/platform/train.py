@@ -735,9 +735,12 @@ def require_room_for_workers(cfg: ExperimentConfig) -> None:
 
 def worker_remedy(train_cfg: TrainConfig) -> str:
     """What to change when workers do not fit: the keys that set what each one holds, or the cluster."""
-    keys = ", ".join(["set train.use_gpu=false"] * train_cfg.use_gpu
-                     + ["change train.resources_per_worker"] * bool(train_cfg.resources_per_worker))
-    return f"lower train.num_workers or train.cpus_per_worker{', ' + keys if keys else ''}, or add nodes"
+    remedies = ["lower train.num_workers or train.cpus_per_worker"]
+    if train_cfg.use_gpu:
+        remedies.append("set train.use_gpu=false")
+    if train_cfg.resources_per_worker:
+        remedies.append("change train.resources_per_worker")
+    return ", ".join([*remedies, "or add nodes"])
 
 
 def warn_if_no_cpu_left_for_data(cfg: ExperimentConfig, plan: IngestPlan) -> None:

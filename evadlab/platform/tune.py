@@ -54,7 +54,7 @@ from evadlab.platform.tracking import (
     start_run,
 )
 from evadlab.platform.train import INFERENCE_RATE_METRIC, LATENCY_METRIC, should_evaluate, train, worker_remedy
-from evadlab.ray_session import cluster_text, copies_that_fit, node_resources, resources_text
+from evadlab.ray_session import cluster_text, copies_that_fit, node_resources, resources_text, total_resources
 from evadlab.storage import (
     absolute,
     exists,
@@ -273,9 +273,9 @@ def concurrent_trials(spec: SweepSpec, cfg: ExperimentConfig, path: str | Path) 
     once."""
     import ray
 
-    variants = [(f"{path}", cfg), *search_space_configs(spec, cfg, path)]
+    variants = [(str(path), cfg), *search_space_configs(spec, cfg, path)]
     nodes = node_resources()
-    total = {name: sum(node.get(name, 0.0) for node in nodes) for node in nodes for name in node}
+    total = total_resources(nodes)
     for label, variant in variants:
         train_cfg = variant.train
         smallest = trial_resources(spec, variant, train_cfg.min_workers)
