@@ -163,36 +163,41 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    cfg = _load(args)  # before the heavy imports below (~5 s here), so that a bad config is answered at once
     from evadlab.pipelines.prepare import prepare
 
-    prepare(_load(args))
+    prepare(cfg)
 
 
 def _train(args: argparse.Namespace) -> None:
+    cfg = _load(args)
     from evadlab.platform.train import summary_lines, train
 
-    cfg = _load(args)
     print("\n".join(summary_lines(train(cfg), cfg.train.epochs)))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    cfg = _load(args)
     from evadlab.platform.evaluate import evaluate, summary_lines
 
-    cfg = _load(args)
     for line in summary_lines(evaluate(cfg, checkpoint=args.checkpoint), cfg):
         print(line)
 
 
 def _tune(args: argparse.Namespace) -> None:
+    from evadlab.sweep_config import load_sweep
+
+    spec, base = load_sweep(args.config, args.overrides)  # before the heavy imports below (~6 s here)
     from evadlab.platform.tune import run_sweep
 
-    run_sweep(args.config, args.overrides)
+    run_sweep(spec, base, args.config)
 
 
 def _run(args: argparse.Namespace) -> None:
+    cfg = _load(args)
     from evadlab.platform.run import run_main_job
 
-    run_main_job(_load(args))
+    run_main_job(cfg)
 
 
 def _flops(args: argparse.Namespace) -> None:

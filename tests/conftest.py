@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
-from tracking_server import free_port, start_mlflow_server, stop_server
+from tracking_server import free_port, launch_mlflow_server, stop_server, wait_until_answering
+
+# The session's MLflow server, launched once collection shows a test needs it: (process, uri, folder).
+SESSION_SERVER = pytest.StashKey[tuple]()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselected what will not run
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Launches the session's MLflow server as soon as the tests are collected, when one of them needs it, so that its
+    start-up (~10 s of one core) runs beside the tests before the first that uses it."""
+    if any("mlflow_server" in item.fixturenames for item in items):
+        folder = Path(tempfile.mkdtemp(prefix="evadlab_mlflow_server_"))
+        config.stash[SESSION_SERVER] = (*launch_mlflow_server(folder, free_port()), folder)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Stops and removes the session's MLflow server, whether or not a test got to use it."""
+    if SESSION_SERVER in config.stash:
+        server, _uri, folder = config.stash[SESSION_SERVER]
+        stop_server(server)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +57,9 @@ def test_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, local artifact store), stopped at the end."""
-    server, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), free_port())
-    yield uri
-    stop_server(server)
+def mlflow_server(pytestconfig: pytest.Config) -> str:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, local artifact store), launched after collection and
+    stopped at the end of the session (``pytest_unconfigure``)."""
+    server, uri, folder = pytestconfig.stash[SESSION_SERVER]
+    wait_until_answering(server, uri, folder)
+    return uri

@@ -245,6 +245,29 @@ def test_a_real_process_prints_one_line_and_the_traceback_only_when_asked(files)
     assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
 
 
+def test_a_bad_config_or_sweep_file_is_refused_before_torch_ray_or_mlflow_are_imported(tmp_path):
+    """A typo in a config is answered at once (~0.3 s), not after the ~6 s of imports the command itself needs."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ntrain:\n  epocs: 3\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"name: s\nbase: {QUICKSTART}\nsearch_space: {{model.keep_rat: {{grid: [0.5]}}}}\n")
+    code = (
+        "import sys\n"
+        "from evadlab.cli import main\n"
+        f"codes = [main([command, {str(bad)!r}]) for command in ('train', 'prepare', 'evaluate', 'run')]\n"
+        f"codes.append(main(['tune', {str(sweep)!r}]))\n"
+        "heavy = sorted({name.split('.')[0] for name in sys.modules} & {'torch', 'ray', 'mlflow'})\n"
+        "print(codes, heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.stdout.strip() == "[2, 2, 2, 2, 2] []", done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"evadlab {command}" for command in
+                                                       ("train", "prepare", "evaluate", "run", "tune")], lines
+    assert all("'train.epocs' (did you mean 'train.epochs'?)" in line for line in lines[:4]), lines
+    assert "search_space: unknown key 'model.keep_rat' (did you mean 'model.keep_rate'?)" in lines[4], lines
+
+
 def test_errors_in_ray_tasks_and_data_actors_read_as_raised(ray_local, capsys):
     import ray
     import ray.data

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from evadlab.config import ConfigError
 from evadlab.platform.compare import compare_runs, pareto_front
 from evadlab.platform.tune import run_sweep
+from evadlab.sweep_config import load_sweep
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 pytestmark = pytest.mark.slow
@@ -41,6 +42,11 @@ def write_sweep(folder: Path, name: str, search_space: dict, **overrides) -> Pat
     return path
 
 
+def run_sweep_file(path: Path, overrides: list[str]) -> list[dict]:
+    """``evadlab tune path overrides``, in this process."""
+    return run_sweep(*load_sweep(path, overrides), path)
+
+
 def parent_and_trials(client: MlflowClient, sweep: str):
     experiment = client.get_experiment_by_name("sweeps_test")
     parent = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{sweep}'")[0]
@@ -55,7 +61,7 @@ def artifact_json(client: MlflowClient, run_id: str, name: str, folder: Path):
 def test_a_trial_that_does_not_fit_stops_before_anything_is_written(tmp_path, ray_local, mlflow_server):
     path = write_sweep(tmp_path, "too_big", {"model.keep_rate": {"grid": [0.5]}})
     with pytest.raises(ConfigError, match=r"one trial needs 3\.01 CPUs .* train.num_workers"):
-        run_sweep(path, [f"tracking.uri={mlflow_server}", "train.num_workers=3", "train.cpus_per_worker=0.5",
+        run_sweep_file(path, [f"tracking.uri={mlflow_server}", "train.num_workers=3", "train.cpus_per_worker=0.5",
                          "tune.data_cpus=1.5"])
     assert not (tmp_path / "mini_ava").exists() and not (tmp_path / "ray").exists()
 
@@ -64,7 +70,7 @@ def test_warm_started_sweep_resumes_and_a_multi_objective_sweep_reuses_its_base(
                                                                                  capsys, monkeypatch):
     client = MlflowClient(mlflow_server)
     warm = write_sweep(tmp_path, "warm", {"model.keep_rate": {"grid": [1.0, 0.5]}})
-    rows = run_sweep(warm, [f"tracking.uri={mlflow_server}"])
+    rows = run_sweep_file(warm, [f"tracking.uri={mlflow_server}"])
     printed = capsys.readouterr().out
     assert "[1/4] synth" in printed and "[2/4] prepare" in printed and "training the base model once" in printed
     assert (tmp_path / "base_model.pt").is_file()
@@ -116,7 +122,7 @@ def test_warm_started_sweep_resumes_and_a_multi_objective_sweep_reuses_its_base(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    resumed_rows = run_sweep(warm, [f"tracking.uri={mlflow_server}", "tune.resume=true"])
+    resumed_rows = run_sweep_file(warm, [f"tracking.uri={mlflow_server}", "tune.resume=true"])
     assert (sweep_dir / "mlflow_parent_run_id").read_text() == parent.info.run_id
     assert list(elsewhere.iterdir()) == [] and not list(Path(__file__).parents[1].glob("file:*"))
     assert {trial_id: runs_by_trial[trial_id].stat().st_mtime_ns for trial_id in untouched} == untouched
@@ -131,7 +137,7 @@ def test_warm_started_sweep_resumes_and_a_multi_objective_sweep_reuses_its_base(
                                             "model.enhanced_weight": {"uniform": [1.0, 4.0]}},
                         **{"tune.search": "optuna", "tune.sampler": "tpe", "tune.cost": "latency",
                            "tune.num_samples": 2, "tune.scheduler": "asha", "train.num_workers": [1, 2]})
-    rows = run_sweep(multi, [f"tracking.uri={mlflow_server}"])
+    rows = run_sweep_file(multi, [f"tracking.uri={mlflow_server}"])
     printed = capsys.readouterr().out
     assert "training the base model once" not in printed and "shards with this clip spec exist" in printed
     # Elastic trials are counted at their max: 2 x 0.5 CPUs, tune.data_cpus 1 and the driver's 0.01 exceed 2 CPUs.

@@ -236,22 +236,28 @@ def test_two_workers_equal_one_worker_with_twice_the_batch(prepared, mini_ava, t
         assert moved > 100, "the step must change the parameters"
 
 
-def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared, mini_ava, tmp_path, mlflow_server):
+def test_worker_failure_resumes_from_last_checkpoint_and_resume_continues_the_same_mlflow_run(
+        prepared, mini_ava, tmp_path, mlflow_server):
     """A worker dies during epoch 2 of 3: Ray replaces it, training resumes from the epoch-1 checkpoint,
-    every epoch still sees each sample exactly once, and one MLflow run holds the whole history."""
+    every epoch still sees each sample exactly once, and one MLflow run holds the whole history. Then
+    ``train.resume=true`` with ``train.epochs=4`` continues that run at epoch 4, in the same MLflow run. (One test:
+    each Ray Train start costs ~25 s here.)"""
     folder, shards = prepared
-    cfg = tiny_config(folder, mini_ava, f"data.shards={shards}", f"train.storage_path={tmp_path / 'ray'}",
-                      "train.num_workers=2", "train.epochs=3", "train.max_failures=1",
-                      "train.log_every=1", "eval.every_epochs=3", f"tracking.uri={mlflow_server}")
-    result = train(cfg, hooks=[FailOnceAtEpoch(1, tmp_path / "failure"), RecordSeenSamples(tmp_path / "seen")])
+    common = [f"data.shards={shards}", f"train.storage_path={tmp_path / 'ray'}", "train.num_workers=2",
+              "train.log_every=1", "eval.every_epochs=3", f"tracking.uri={mlflow_server}"]
+    names = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+    seen = tmp_path / "seen"
+    cfg = tiny_config(folder, mini_ava, *common, "train.epochs=3", "train.max_failures=1",
+                      "train.health_check_interval_s=0.25", "train.worker_group_start_timeout_s=15")
+    result = train(cfg, hooks=[FailOnceAtEpoch(1, tmp_path / "failure"), RecordSeenSamples(seen),
+                               RecordEnvironment(tmp_path / "variables_first.txt", *names)])
     assert (tmp_path / "failure" / "failure_injected_epoch_1").exists()
     expected = sorted(all_train_keys(shards))
     for epoch in range(3):
-        assert sorted(seen_keys(tmp_path / "seen", epoch)) == expected, f"epoch {epoch}"
+        assert sorted(seen_keys(seen, epoch)) == expected, f"epoch {epoch}"
     # The restarted workers train epoch 1 in its own order (that of an uninterrupted run), not in epoch 0's.
-    assert [(tmp_path / "seen" / f"epoch_001_rank_{rank}.txt").read_text().split() for rank in range(2)] == \
+    assert [(seen / f"epoch_001_rank_{rank}.txt").read_text().split() for rank in range(2)] == \
         epoch_orders(cfg, epoch=1, world=2)
-
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
@@ -274,6 +280,19 @@ def test_worker_failure_resumes_from_last_checkpoint_with_full_history(prepared,
     assert "config.yaml" in artifacts and "checkpoints" in artifacts
     assert any(a.path.endswith("per_class_ap.csv") for a in client.list_artifacts(run.info.run_id))
 
+    # Resume: train.health_check_interval_s and train.worker_group_start_timeout_s reach Ray Train's controller
+    # (which passes them on to the workers, where they are read back here) and may change on resume.
+    resumed = tiny_config(folder, mini_ava, *common, "train.epochs=4", "train.resume=true")
+    second = train(resumed, hooks=[RecordSeenSamples(seen), RecordEnvironment(tmp_path / "variables.txt", *names)])
+    assert set((tmp_path / "variables_first.txt").read_text().split()) == {f"{names[0]}=0.25", f"{names[1]}=15.0"}
+    assert set((tmp_path / "variables.txt").read_text().split()) == {f"{names[0]}=0.5", f"{names[1]}=60.0"}
+    assert second.run_name == result.run_name and second.mlflow_run_id == result.mlflow_run_id
+    assert load_training_checkpoint(second.checkpoint_path)["extra"]["progress"]["epoch"] == 4
+    assert sorted(m.value for m in client.get_metric_history(run.info.run_id, "epoch")) == [0, 1, 2, 3]
+    assert seen.joinpath("epoch_002_rank_0.txt").stat().st_mtime < seen.joinpath("epoch_003_rank_0.txt").stat().st_mtime
+    assert [(seen / f"epoch_003_rank_{rank}.txt").read_text().split() for rank in range(2)] == \
+        epoch_orders(resumed, epoch=3, world=2), "the resumed run trains epoch 3 in an uninterrupted run's order"
+
 
 def test_a_checkpoint_that_cannot_be_written_fails_the_run(prepared, mini_ava, tmp_path, mlflow_server):
     """Checkpoints are written while the next epoch trains (Ray Train's asynchronous upload); one that cannot be
@@ -294,31 +313,6 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_run(prepared, mini_ava, t
     (run,) = client.search_runs([experiment])
     assert run.info.status == "FAILED"
     assert [model.name for model in client.search_logged_models([experiment])] == []
-
-
-def test_resume_continues_at_the_next_epoch_in_the_same_mlflow_run(prepared, mini_ava, tmp_path, mlflow_server):
-    folder, shards = prepared
-    common = [f"data.shards={shards}", f"train.storage_path={tmp_path / 'ray'}", f"tracking.uri={mlflow_server}",
-              "tracking.experiment=resume_test"]
-    seen, variables = tmp_path / "seen", tmp_path / "variables.txt"
-    names = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
-    first = train(tiny_config(folder, mini_ava, *common, "train.epochs=1", "train.health_check_interval_s=0.25",
-                              "train.worker_group_start_timeout_s=15"),
-                  hooks=[RecordSeenSamples(seen), RecordEnvironment(variables, *names)])
-    resumed = tiny_config(folder, mini_ava, *common, "train.epochs=2", "train.resume=true")
-    second = train(resumed,
-                   hooks=[RecordSeenSamples(seen), RecordEnvironment(variables, *names)])
-    # train.health_check_interval_s and train.worker_group_start_timeout_s reach Ray Train's controller (which passes
-    # them on to the workers, where they are read back here) and may change on resume.
-    assert variables.read_text().split() == [f"{names[0]}=0.25", f"{names[1]}=15.0",
-                                             f"{names[0]}=0.5", f"{names[1]}=60.0"]
-    assert second.run_name == first.run_name and second.mlflow_run_id == first.mlflow_run_id
-    assert load_training_checkpoint(second.checkpoint_path)["epoch"] == 1
-    client = MlflowClient(mlflow_server)
-    assert sorted(m.value for m in client.get_metric_history(first.mlflow_run_id, "epoch")) == [0, 1]
-    assert seen.joinpath("epoch_000_rank_0.txt").stat().st_mtime < seen.joinpath("epoch_001_rank_0.txt").stat().st_mtime
-    assert seen_keys(seen, 1) == epoch_orders(resumed, epoch=1, world=1)[0], \
-        "the resumed run trains epoch 1 in another order than an uninterrupted run"
 
 
 def test_ctrl_c_ends_training_in_one_line_and_the_mlflow_run_as_killed(prepared, mini_ava, tmp_path, mlflow_server):

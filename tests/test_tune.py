@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from evadlab.config import ConfigError
-from evadlab.platform.tune import load_sweep
+from evadlab.sweep_config import load_sweep
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

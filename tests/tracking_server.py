@@ -26,18 +26,30 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_mlflow_server(folder: Path, port: int) -> tuple[subprocess.Popen, str]:
-    """A real ``mlflow server`` in its own process group (stop it with ``stop_process_group``), once it answers."""
+def launch_mlflow_server(folder: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """A real ``mlflow server`` started in its own process group (stop it with ``stop_process_group``), not yet
+    waited for (see :func:`wait_until_answering`): its ~10 s of start-up can overlap other work."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "server.log", "a") as log:
         server = subprocess.Popen(mlflow_server_command(folder, port), stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    return server, f"http://127.0.0.1:{port}"
+
+
+def wait_until_answering(server: subprocess.Popen, uri: str, folder: Path) -> None:
+    """Returns once the server launched by :func:`launch_mlflow_server` answers; stops it and raises RuntimeError with
+    its log when it does not start."""
     try:
         wait_for_tracking_server(uri, up=True)
     except TimeoutError:
         stop_process_group(server.pid)
         raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}") from None
+
+
+def start_mlflow_server(folder: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """A real ``mlflow server`` in its own process group (stop it with ``stop_process_group``), once it answers."""
+    server, uri = launch_mlflow_server(folder, port)
+    wait_until_answering(server, uri, folder)
     return server, uri
 
 
