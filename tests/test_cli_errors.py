@@ -245,6 +245,15 @@ def test_a_real_process_prints_one_line_and_the_traceback_only_when_asked(files)
     assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
 
 
+def test_a_command_refused_after_the_tracking_check_leaves_no_new_mlflow_database(files, tmp_path, capsys):
+    store = tmp_path / "mlflow.db"
+    arguments = ["train", str(QUICKSTART), *quickstart_settings(files["folder"], files["root"]), "tracking.enabled=true",
+                 f"tracking.uri=sqlite:///{store}", "train.num_workers=[64, 128]", "train.cpus_per_worker=2"]
+    assert main(arguments) == 2
+    assert "64 worker(s) (train.num_workers) need 128 CPUs" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "no empty database, no probe file"
+
+
 def test_a_bad_config_or_sweep_file_is_refused_before_torch_ray_or_mlflow_are_imported(tmp_path):
     """A typo in a config is answered at once (~0.3 s), not after the ~6 s of imports the command itself needs."""
     bad = tmp_path / "bad.yaml"

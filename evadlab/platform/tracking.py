@@ -58,9 +58,10 @@ MODEL_TYPE = "evad-checkpoint"
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 5.0, *, read_only: bool = False) -> None:
-    """Fail at start, not hours later: an HTTP server must answer its health check; a SQLite database must open (its
-    folder is created, unless ``read_only``: then the file must exist, as a reader finds nothing in a new one); other
-    schemes must be a store MLflow 3 writes to (:data:`TRACKING_SCHEMES`). Raises TrackingError naming the URI."""
+    """Fail at start, not hours later: an HTTP server must answer its health check; a SQLite database must open, or
+    its folder be writable for a new one (unless ``read_only``: then the file must exist, as a reader finds nothing
+    in a new one); other schemes must be a store MLflow 3 writes to (:data:`TRACKING_SCHEMES`). Raises TrackingError
+    naming the URI."""
     scheme = urllib.parse.urlsplit(uri).scheme.split("+", 1)[0]
     if scheme not in TRACKING_SCHEMES:
         raise TrackingError(
@@ -83,13 +84,18 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0, *, read_only: bool = Fa
 
 
 def check_sqlite_database(path: Path, uri: str, read_only: bool) -> None:
-    """Opens the SQLite database at ``path`` (of ``uri``) once; see :func:`check_tracking_uri`."""
+    """Opens the SQLite database at ``path`` (of ``uri``) once when it exists. A new one is not created here: its
+    folder is created and checked to be writable, and MLflow creates the database with the first run, so that a
+    command refused by a later check leaves no empty database behind. See :func:`check_tracking_uri`."""
     if read_only and not path.is_file():
         raise TrackingError(f"no MLflow database at {path} (tracking.uri {uri}): check the path")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.closing(sqlite3.connect(path)) as database:
-            database.execute("PRAGMA schema_version")
+        if path.exists():
+            with contextlib.closing(sqlite3.connect(path)) as database:
+                database.execute("PRAGMA schema_version")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            storage.require_writable_folder(path.parent, "its folder")
     except (OSError, sqlite3.Error) as error:
         raise TrackingError(f"cannot open the MLflow database {path} (tracking.uri {uri}): {error}") from None
 
