@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin, get_type_hints
 
@@ -460,13 +461,16 @@ VALID_KEYS = _valid_keys(ExperimentConfig)
 SECTION_KEYS = frozenset(key for key in VALID_KEYS if any(other.startswith(f"{key}.") for other in VALID_KEYS))
 
 
-def unknown_key_message(key: str) -> str:
-    """``unknown key 'trian.epochs' (did you mean 'train.epochs'?)``, the hint when a config key is close."""
-    close = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
+def unknown_key_message(key: str, valid_keys: Sequence[str] = VALID_KEYS) -> str:
+    """``unknown key 'trian.epochs' (did you mean 'train.epochs'?)``, the hint when a key of ``valid_keys`` (a
+    config's, by default) is close."""
+    close = difflib.get_close_matches(key, valid_keys, n=1, cutoff=0.5)
     return f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
 
 
-def describe_validation_error(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError, valid_keys: Sequence[str] = VALID_KEYS) -> str:
+    """One line for pydantic's ``error``, each problem named by its dotted key; an unknown key gets the closest of
+    ``valid_keys`` (the file's own keys: a config's by default) as a hint."""
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"])
@@ -474,7 +478,7 @@ def describe_validation_error(error: ValidationError) -> str:
             # A misspelt section holds whole keys; name those, as the user wrote them.
             value = item.get("input")
             typed = list(flatten(value, f"{key}.")) if isinstance(value, dict) and value else [key]
-            lines += [unknown_key_message(unknown) for unknown in typed]
+            lines += [unknown_key_message(unknown, valid_keys) for unknown in typed]
         elif isinstance(item.get("ctx", {}).get("error"), EVADConfigError):
             # EVADConfig validates the whole section at once; its error names the key within it.
             error = item["ctx"]["error"]

@@ -94,6 +94,10 @@ class SweepSpec(BaseModel):
     _folder_name = field_validator("name")(folder_name)
 
 
+# A sweep file's own keys, dotted as its errors name them (the hints for a misspelt one).
+SWEEP_KEYS = (*(name for name in SweepSpec.model_fields if name != "warm_start"),
+              *(f"warm_start.{key}" for key in WarmStart.model_fields))
+
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepSpec, ExperimentConfig]:
     """The sweep file and its base experiment with the sweep's and the command line's overrides applied (those of
     ``warm_start.*`` change the sweep file's own section). Every value the search space can take (each grid or choice
@@ -104,7 +108,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     try:
         spec = SweepSpec.model_validate(apply_overrides(read_yaml(path), own))
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
+        raise ConfigError(f"{path}: {describe_validation_error(exc, SWEEP_KEYS)}") from None
     for section, keys in (("search_space", spec.search_space), ("overrides", spec.overrides)):
         unknown = [key for key in keys if key not in VALID_KEYS]
         if unknown:

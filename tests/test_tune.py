@@ -33,6 +33,10 @@ def write_sweep(folder: Path) -> Path:
     ({"search_space": {"model.keep_rat": {"grid": [0.5]}}},
      r"search_space: unknown key 'model.keep_rat' \(did you mean 'model.keep_rate'\?\)"),
     ({"overrides": {"train.epoch": 2}}, r"overrides: unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)"),
+    # A misspelt key of the sweep file itself is hinted from the sweep file's keys, not a config's.
+    ({"warm_start": {"chekpoint": "base.pt"}},
+     r"unknown key 'warm_start.chekpoint' \(did you mean 'warm_start.checkpoint'\?\)"),
+    ({"trial_cpu": 0.1}, r"unknown key 'trial_cpu' \(did you mean 'trial_cpus'\?\)"),
     ({"search_space": {"model.keep_rate": {"grid": [0.5], "uniform": [0.1, 0.2]}}}, "exactly one of"),
     ({"search_space": {}}, r"'search_space': Dictionary should have at least 1 item"),
     # The name becomes the sweep's folder under train.storage_path.
