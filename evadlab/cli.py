@@ -37,7 +37,7 @@ CONTINUE_HINTS = {
     "prepare": "run it again to continue: the finished shard parts are kept",
     "train": "add train.resume=true to continue the run from its last checkpoint",
     "run": "run it again with train.resume=true: the shards are kept and the run continues from its last checkpoint",
-    "tune": "add tune.resume=true to continue the sweep: the finished trials are kept",
+    "tune": "add tune.resume=true to continue the sweep: the prepared shards and any finished trials are kept",
 }
 # What keeps a training going when one of its workers or nodes is lost.
 RETRY_HINT = "train.max_failures=N has Ray replace lost workers and resume from the last checkpoint"

@@ -246,12 +246,12 @@ def test_a_real_process_prints_one_line_and_the_traceback_only_when_asked(files)
 
 
 def test_a_command_refused_after_the_tracking_check_leaves_no_new_mlflow_database(files, tmp_path, capsys):
-    store = tmp_path / "mlflow.db"
+    store = tmp_path / "tracking" / "mlflow.db"
     arguments = ["train", str(QUICKSTART), *quickstart_settings(files["folder"], files["root"]), "tracking.enabled=true",
                  f"tracking.uri=sqlite:///{store}", "train.num_workers=[64, 128]", "train.cpus_per_worker=2"]
     assert main(arguments) == 2
     assert "64 worker(s) (train.num_workers) need 128 CPUs" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == [], "no empty database, no probe file"
+    assert list(tmp_path.iterdir()) == [], "no empty database, no folder for it, no probe file"
 
 
 def test_a_bad_config_or_sweep_file_is_refused_before_torch_ray_or_mlflow_are_imported(tmp_path):

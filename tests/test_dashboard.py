@@ -22,6 +22,7 @@ from evadlab.platform.tracking import (
     HTTP_SETTINGS,
     VIEW_TAG,
     RunLogger,
+    check_tracking_uri,
     dashboard_lines,
     read_backlog,
     replay_backlog,
@@ -146,6 +147,17 @@ def test_every_experiment_gets_the_saved_view_of_the_trade_off(mlflow_server, tm
     assert {chart["metricSectionId"] for chart in state["compareRunCharts"]} <= sections
     start_run(cfg, run_name="again")
     assert client.get_experiment(experiment.experiment_id).tags[VIEW_TAG] == experiment.tags[VIEW_TAG]
+
+
+def test_the_first_run_creates_a_new_sqlite_store_and_its_folder(tmp_path):
+    """The default store (SQLite): the tracking check creates nothing, the first run creates the folder and the
+    database."""
+    uri = f"sqlite:///{tmp_path / 'tracking' / 'mlflow.db'}"
+    cfg = load_config(QUICKSTART, [f"tracking.uri={uri}", "tracking.experiment=local"])
+    check_tracking_uri(uri)
+    assert list(tmp_path.iterdir()) == []
+    run_id = start_run(cfg, run_name="first")
+    assert MlflowClient(uri).get_run(run_id).info.run_name == "first"
 
 
 def test_the_dashboard_links_open_the_training_view():

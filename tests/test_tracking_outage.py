@@ -1,17 +1,19 @@
 """A job does not depend on its MLflow server staying up: records it cannot send wait in a backlog in the run folder,
 go out when the server answers again, and `evadlab tracking replay` sends what a finished job left. Real
-`mlflow server` processes, stopped and started again on the same port and backend store."""
+`mlflow server` processes: the session's, cut off the network and connected again by a TCP forwarder, and, in the
+training test, one of its own, stopped and started again on the same port and backend store."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from tracking_server import free_port, mlflow_server_command, start_mlflow_server, stop_process_group
+from tracking_server import NetworkCut, free_port, mlflow_server_command, start_mlflow_server, stop_process_group
 
 from evadlab.cli import main
 from evadlab.config import load_config
@@ -33,20 +35,28 @@ def own_server(tmp_path):
         stop_process_group(pid)
 
 
+@pytest.fixture
+def cuttable_server(mlflow_server):
+    """The session's server behind a :class:`NetworkCut` of this test alone."""
+    network = NetworkCut(urlsplit(mlflow_server).port)
+    yield network
+    network.cut()
+
+
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_records_wait_while_the_server_is_away_and_go_out_when_it_answers(own_server, tmp_path, capsys):
-    folder, port, uri, started = own_server
+def test_records_wait_while_the_server_is_away_and_go_out_when_it_answers(cuttable_server, tmp_path, capsys):
+    uri = cuttable_server.uri
     client = MlflowClient(uri)
-    experiment = client.create_experiment("outage")
+    experiment = client.create_experiment(f"outage_{tmp_path.name}")
     first, second = (client.create_run(experiment).info.run_id for _ in range(2))
     logger = RunLogger(uri, first, backlog=str(tmp_path / "run_a"), retry_s=1.0)
     other = RunLogger(uri, second, backlog=str(tmp_path / "run_b"), retry_s=1.0)
     logger.log_metrics({"loss": 1.0}, step=0)
 
-    stop_process_group(started.pop())
+    cuttable_server.cut()
     wait_for_tracking_server(uri, up=False)
     began = time.monotonic()
     logger.log_metrics({"loss": 0.5}, step=1)
@@ -63,8 +73,7 @@ def test_records_wait_while_the_server_is_away_and_go_out_when_it_answers(own_se
     assert [json.loads(line)["kind"] for line in (tmp_path / "run_a" / BACKLOG_FILE).read_text().splitlines()] == [
         "metrics", "params", "artifact"]
 
-    server, _ = start_mlflow_server(folder, port)
-    started.append(server.pid)
+    cuttable_server.reconnect()
     time.sleep(1.0)  # the retry is due
     logger.log_metrics({"loss": 0.25}, step=2)
     assert "answers: 3 kept records sent" in capsys.readouterr().err
@@ -102,8 +111,8 @@ def test_a_file_that_is_no_backlog_is_refused_and_kept(tmp_path, capsys, content
     assert file.read_text() == content
 
 
-def test_a_replay_to_a_store_without_the_run_is_refused_and_the_backlog_kept(tmp_path, capsys):
-    """An empty file, a SQLite store that does not exist (it is not created) and a store that holds no such run are
+def test_a_replay_to_a_store_without_the_run_is_refused_and_the_backlog_kept(tmp_path, capsys, mlflow_server):
+    """An empty file, a SQLite store that does not exist (it is not created) and a server that holds no such run are
     answers, not outages: one line naming the file or the store, exit 2, the file as it was."""
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -120,12 +129,10 @@ def test_a_replay_to_a_store_without_the_run_is_refused_and_the_backlog_kept(tmp
     assert f"no MLflow database at {missing_store}" in capsys.readouterr().err
     assert not missing_store.parent.exists()
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(store).search_experiments()  # a store with its tables and no runs
-    capsys.readouterr()
-    assert main(["tracking", "replay", str(file), "--tracking-uri", store]) == 2
+    assert main(["tracking", "replay", str(file), "--tracking-uri", mlflow_server]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"evadlab tracking replay: error: {file}: its run {A_RECORD['run_id']} does not exist at {store}: replay it "
+        f"evadlab tracking replay: error: {file}: its run {A_RECORD['run_id']} does not exist at {mlflow_server}: "
+        f"replay it "
         f"to the tracking server of that run (--tracking-uri)")
     assert file.read_text() == content
 

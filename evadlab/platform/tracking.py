@@ -79,14 +79,21 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0, *, read_only: bool = Fa
                 f"'mlflow server --host 127.0.0.1 --port 5000' (for a cluster, on a host every node reaches, behind an "
                 f"authenticating proxy: the server has no login of its own) or set tracking.uri to a reachable server."
             ) from None
-    elif uri.startswith("sqlite:///"):
-        check_sqlite_database(Path(uri.removeprefix("sqlite:///")), uri, read_only)
+    elif (database := sqlite_database_path(uri)) is not None:
+        check_sqlite_database(database, uri, read_only)
+
+
+def sqlite_database_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` tracking URI (relative to the working folder unless absolute), else
+    None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def check_sqlite_database(path: Path, uri: str, read_only: bool) -> None:
-    """Opens the SQLite database at ``path`` (of ``uri``) once when it exists. A new one is not created here: its
-    folder is created and checked to be writable, and MLflow creates the database with the first run, so that a
-    command refused by a later check leaves no empty database behind. See :func:`check_tracking_uri`."""
+    """Opens the SQLite database at ``path`` (of ``uri``) once when it exists. A new one is not created here, nor its
+    folder: the folder is checked to be writable (:func:`start_run` creates it, and MLflow the database with the first
+    run), so that a command refused by a later check leaves no empty database or folder behind. See
+    :func:`check_tracking_uri`."""
     if read_only and not path.is_file():
         raise TrackingError(f"no MLflow database at {path} (tracking.uri {uri}): check the path")
     try:
@@ -94,7 +101,6 @@ def check_sqlite_database(path: Path, uri: str, read_only: bool) -> None:
             with contextlib.closing(sqlite3.connect(path)) as database:
                 database.execute("PRAGMA schema_version")
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
             storage.require_writable_folder(path.parent, "its folder")
     except (OSError, sqlite3.Error) as error:
         raise TrackingError(f"cannot open the MLflow database {path} (tracking.uri {uri}): {error}") from None
@@ -118,6 +124,8 @@ def start_run(cfg: ExperimentConfig, *, run_name: str, parent_run_id: str | None
     Raises TrackingError when the server does not answer."""
     uri = cfg.tracking.resolved_uri()
     check_tracking_uri(uri)
+    if (database := sqlite_database_path(uri)) is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)  # MLflow creates a new database but not its folder
     client = MlflowClient(uri)
     all_tags = {"mlflow.runName": run_name, "evadlab.config_name": cfg.name, **trade_off_tags(cfg), **(tags or {})}
     if parent_run_id:
