@@ -116,11 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     _ava_map_command(commands)
 
     demo = commands.add_parser("demo", help="detect actions in any video and write an annotated mp4")
-    demo.add_argument("video")
-    demo.add_argument("--checkpoint", required=True)
+    demo.add_argument("video", help="any video file FFmpeg reads")
+    demo.add_argument("--checkpoint", required=True, help="a path, a storage URI, or runs:/ or models:/ in MLflow")
     demo.add_argument("--config", help="experiment YAML of the checkpoint (default: the one stored in it)")
-    demo.add_argument("--out", default="annotated.mp4")
-    demo.add_argument("--fps", type=float, default=1.0, help="keyframes per second")
+    demo.add_argument("--out", default="annotated.mp4", help="the annotated .mp4 (default: %(default)s); its "
+                                                            "detections go beside it as the same name .csv")
+    demo.add_argument("--fps", type=float, default=1.0, help="keyframes per second (default: %(default)s)")
     demo.add_argument("--video-id", help="video id of the detections CSV (default: the file name, ',' -> '_')")
     demo.add_argument("--tracking-uri", help="MLflow server of a runs:/ or models:/ checkpoint (default: sqlite "
                                              "mlflow.db in the working directory)")
@@ -201,7 +202,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _flops(args: argparse.Namespace) -> None:
-    from evadlab.models.flops import flops_report
+    from evadlab.models.flops import REFERENCE_INPUT_SIZE, flops_report
 
     cfg = _load(args)
     input_size = (cfg.model.num_frames, cfg.data.short_side, cfg.data.short_side)
@@ -210,7 +211,8 @@ def _flops(args: argparse.Namespace) -> None:
         print(json.dumps(report))
     else:
         frames, side, _ = input_size
-        print(f"GFLOPs at {frames}x{side}x{side}: {report['gflops']:.1f}")
+        if input_size != REFERENCE_INPUT_SIZE:
+            print(f"GFLOPs at {frames}x{side}x{side}: {report['gflops']:.1f}")
         print(f"GFLOPs at 16x288x288: {report['gflops_16x288x288']:.1f}")
         print(f"parameters: {report['params'] / 1e6:.2f} M")
 
@@ -275,13 +277,14 @@ def main(argv: list[str] | None = None) -> int:
 def configure_console(verbose: bool) -> None:
     """``--verbose``: Ray and MLflow print what they print by themselves (see evadlab.ray_session). Otherwise MLflow
     prints its warnings and errors only (its INFO lines, such as creating a SQLite store's tables, ask nothing of a
-    user) and no link per finished run (the commands' summaries give the dashboard's page), through MLflow's own
-    settings, unless they are set."""
+    user), no link per finished run (the commands' summaries give the dashboard's page) and no progress bar per
+    artifact it downloads (a checkpoint read as ``models:/``), through MLflow's own settings, unless they are set."""
     if verbose:
         os.environ[VERBOSE_VARIABLE] = "1"
     else:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

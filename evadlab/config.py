@@ -355,6 +355,15 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """``sqlite:///relative/path`` made absolute (it means the directory the command runs in, and the URI travels to
+    Ray workers and into MLflow backlogs that are replayed from elsewhere); every other URI unchanged."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri.startswith(prefix + "/"):
+        return uri
+    return prefix + str(Path(uri.removeprefix(prefix)).expanduser().resolve())
+
+
 class TrackingConfig(Section):
     enabled: bool = True
     uri: str = ""
@@ -366,8 +375,9 @@ class TrackingConfig(Section):
     system_metrics_interval_s: float = Field(10.0, gt=0)
 
     def resolved_uri(self) -> str:
-        """An ``mlflow server`` URI when given, else a SQLite file under the working directory."""
-        return self.uri or default_tracking_uri()
+        """An ``mlflow server`` URI when given (a relative SQLite path made absolute), else a SQLite file under the
+        working directory."""
+        return absolute_tracking_uri(self.uri) if self.uri else default_tracking_uri()
 
 
 # An experiment's name: one folder name.
@@ -463,8 +473,8 @@ SECTION_KEYS = frozenset(key for key in VALID_KEYS if any(other.startswith(f"{ke
 
 def unknown_key_message(key: str, valid_keys: Sequence[str] = VALID_KEYS) -> str:
     """``unknown key 'trian.epochs' (did you mean 'train.epochs'?)``, the hint when a key of ``valid_keys`` (a
-    config's, by default) is close."""
-    close = difflib.get_close_matches(key, valid_keys, n=1, cutoff=0.5)
+    config's, by default) is close; a section (``train``) is no hint for a key, so only values' keys are offered."""
+    close = difflib.get_close_matches(key, [name for name in valid_keys if name not in SECTION_KEYS], n=1, cutoff=0.5)
     return f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
 
 
@@ -569,10 +579,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping of a config or sweep file. Raises ConfigError, naming the file (and the line of a YAML error), for
     a missing file, a folder, a file that is not UTF-8 text, invalid YAML, an empty file and a top level that is no
     mapping."""
+    if not str(path):
+        raise ConfigError("config file '': an empty path names no file")
     path = Path(path).expanduser()
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder")
-    if not path.is_file():
+    if not path.exists():  # a pipe (bash's <(...)) or a device is read like a file
         raise ConfigError(f"config file {path} does not exist")
     try:
         tree = safe_load_yaml(path.read_text(encoding="utf-8-sig"))

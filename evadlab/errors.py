@@ -30,6 +30,8 @@ LOST_PROCESS_KINDS = frozenset({"RayActorError", "ActorDiedError", "ActorUnavail
                                 "OwnerDiedError", "WorkerHealthCheckFailedError"})
 # What Ctrl-C raises in the driver: KeyboardInterrupt, or, under Ray Train's own SIGINT handler, Ray's SystemExit.
 INTERRUPTIONS = (KeyboardInterrupt, SystemExit)
+# ANSI colour codes (ESC [ ... m), as Ray writes process names in its errors.
+_TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
 # "pid: 11906" and "ip: 10.0.0.7" in the text of Ray's ActorDiedError.
 _PROCESS_FIELDS = re.compile(r"\b(?P<key>pid|ip): (?P<value>\S+)")
 
@@ -62,6 +64,8 @@ def _wrapped(error: BaseException) -> BaseException | None:
         return error.health_check_failure  # Ray Train: the worker's process is gone (ActorDiedError)
     if isinstance(getattr(error, "controller_failure", None), BaseException):
         return error.controller_failure
+    if getattr(error, "actor_init_failed", False):
+        return _last_error_line(str(error))  # an actor's constructor raised: Ray keeps only its traceback's text
     ray_exceptions = sys.modules.get("ray.exceptions")
     if ray_exceptions is None:
         return None
@@ -78,14 +82,20 @@ def _error_in_text(text: str) -> RemoteError | None:
     """The original error named in the text of a chained traceback: the last line before Python's "direct cause"
     separator."""
     before, separator, _ = text.partition(_CAUSE_SEPARATOR)
-    lines = [line.strip() for line in before.splitlines() if line.strip()]
-    match = _ERROR_LINE.match(lines[-1]) if separator and lines else None
+    return _last_error_line(before) if separator else None
+
+
+def _last_error_line(traceback_text: str) -> RemoteError | None:
+    """The error a formatted traceback ends with ("module.Class: message"), None when its last line is none."""
+    lines = [line.strip() for line in traceback_text.splitlines() if line.strip()]
+    match = _ERROR_LINE.match(lines[-1]) if lines else None
     return RemoteError(match["kind"], match["message"]) if match else None
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message on one line (whitespace runs collapsed); the class name when the message is empty."""
-    text = " ".join(str(error).split())
+    """The error's message on one line (whitespace runs and terminal colour codes, which Ray puts in its errors'
+    texts, removed); the class name when the message is empty."""
+    text = " ".join(_TERMINAL_COLOURS.sub("", str(error)).split())
     return text or type(error).__name__
 
 

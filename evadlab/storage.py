@@ -52,9 +52,14 @@ def absolute(location: str | os.PathLike) -> str:
 
 
 def filesystem_of(location: str | os.PathLike) -> tuple[pyarrow.fs.FileSystem, str]:
-    """The pyarrow file system that holds ``location`` and the path inside it."""
+    """The pyarrow file system that holds ``location`` and the path inside it. Raises ValueError for a remote URI
+    that names no bucket (``s3://``): pyarrow would hand back an empty path, which reads as the local folder
+    ``s3:``."""
     if is_uri(location):
-        return pyarrow.fs.FileSystem.from_uri(str(location))
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(str(location))
+        if not path.strip("/") and not is_local(location):
+            raise ValueError(f"{location} names no bucket: give scheme://bucket/folder")
+        return filesystem, path
     return pyarrow.fs.LocalFileSystem(), str(Path(location).expanduser().resolve())
 
 
@@ -68,8 +73,13 @@ def uri_of(filesystem: pyarrow.fs.FileSystem, path: str) -> str:
 
 
 def join(location: str | os.PathLike, *parts: str) -> str:
-    """``location/part/...`` for paths and URIs alike."""
-    return "/".join([str(location).rstrip("/"), *parts]) if is_uri(location) else str(Path(location, *parts))
+    """``location/part/...`` for paths and URIs alike (the ``//`` of ``scheme://`` kept)."""
+    if not is_uri(location):
+        return str(Path(location, *parts))
+    scheme, _, rest = str(location).partition("://")
+    stripped = rest.rstrip("/")
+    # rest[:1] keeps the root of file:/// and nothing of s3://
+    return f"{scheme}://{stripped}/{'/'.join(parts)}" if stripped else f"{scheme}://{rest[:1]}{'/'.join(parts)}"
 
 
 def exists(location: str | os.PathLike) -> bool:

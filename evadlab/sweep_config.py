@@ -43,6 +43,10 @@ class SearchDimension(BaseModel):
         values = getattr(self, kind)
         if kind in ("grid", "choice") and not values:
             raise ValueError(f"{kind} needs at least one value")
+        repeated = [value for position, value in enumerate(values) if kind == "grid" and value in values[:position]]
+        if repeated:
+            raise ValueError(f"grid repeats {repeated[0]!r}: each grid value is one trial, so a repeat trains the same "
+                             f"trial twice (choice samples with weights, if that was meant)")
         if kind in ("uniform", "loguniform") and not values[0] < values[1]:
             raise ValueError(f"{kind} needs [low, high] with low < high, got {list(values)}")
         if kind == "loguniform" and values[0] <= 0:
@@ -98,6 +102,14 @@ class SweepSpec(BaseModel):
 SWEEP_KEYS = (*(name for name in SweepSpec.model_fields if name != "warm_start"),
               *(f"warm_start.{key}" for key in WarmStart.model_fields))
 
+def sweep_hint_keys(tree: dict) -> list[str]:
+    """The keys a sweep file may have, for the hints of its unknown keys: :data:`SWEEP_KEYS` and, under each key
+    of its search space, the kinds of a search dimension (``grid`` for ``gird``)."""
+    space = tree.get("search_space")
+    searched = list(space) if isinstance(space, dict) else []
+    return [*SWEEP_KEYS, *(f"search_space.{key}.{kind}" for key in searched for kind in SearchDimension.model_fields)]
+
+
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepSpec, ExperimentConfig]:
     """The sweep file and its base experiment with the sweep's and the command line's overrides applied (those of
     ``warm_start.*`` change the sweep file's own section). Every value the search space can take (each grid or choice
@@ -105,16 +117,24 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     ConfigError naming the file and key."""
     path = Path(path).expanduser()
     own = [text for text in overrides if text.partition("=")[0].split(".")[0] == "warm_start"]
+    tree = apply_overrides(read_yaml(path), own)
+    if "search_space" not in tree and {"data", "model", "train"} & set(tree):
+        raise ConfigError(f"{path}: an experiment config, not a sweep file (one with base: <config> and "
+                          f"search_space:); run it with evadlab run or train, or name it as a sweep file's base")
     try:
-        spec = SweepSpec.model_validate(apply_overrides(read_yaml(path), own))
+        spec = SweepSpec.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {describe_validation_error(exc, SWEEP_KEYS)}") from None
+        raise ConfigError(f"{path}: {describe_validation_error(exc, sweep_hint_keys(tree))}") from None
     for section, keys in (("search_space", spec.search_space), ("overrides", spec.overrides)):
         unknown = [key for key in keys if key not in VALID_KEYS]
         if unknown:
             raise ConfigError(f"{path}: {section}: {'; '.join(unknown_key_message(key) for key in unknown)}")
     base_path = (path.parent / spec.base).resolve()
-    tree = apply_overrides(read_yaml(base_path), [f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()])
+    try:
+        base_tree = read_yaml(base_path)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: base: {error}") from None
+    tree = apply_overrides(base_tree, [f"{k}={json.dumps(v)}" for k, v in spec.overrides.items()])
     tree = apply_overrides(tree, [text for text in overrides if text not in own])
     base = build_config(tree, f"{path} (its base {base_path} with the sweep's and the command line's overrides)")
     check_search_space(spec, base, path)

@@ -441,7 +441,8 @@ def test_inverted_detections_are_left_out_as_the_official_evaluator_does(tmp_pat
 
 def test_detections_of_ids_outside_the_label_map_are_announced(tmp_path, capsys):
     """Ids the label map does not list are left out, as officially; those outside its range (1..14 here) are a
-    mistake worth a line, and a file of no detections too. An unlisted id inside the range (13) is routine."""
+    mistake worth a line, and a file of no detections too, or of no ground truth. An unlisted id inside the range (13)
+    is routine."""
     labels = write(tmp_path / "labels.pbtxt", ISSUE_LABEL_MAP)
     gt = write(tmp_path / "gt.csv", ISSUE_GROUNDTRUTH)
     det = write(tmp_path / "det.csv", "vidA,0902,0.1,0.1,0.5,0.5,13,0.5\nvidA,0902,0.1,0.1,0.5,0.5,999,0.5\n"
@@ -454,6 +455,10 @@ def test_detections_of_ids_outside_the_label_map_are_announced(tmp_path, capsys)
     assert ava_map_command(labels, gt, empty).mAP == 0.0
     assert capsys.readouterr().err.splitlines() == [
         f"evadlab ava-map: warning: {empty}: no detections: every class scores AP 0"]
+    assert math.isnan(ava_map_command(labels, empty, det).mAP)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"evadlab ava-map: warning: {empty}: no ground-truth box of a class of the label map outside the exclusions: "
+        f"no class can be scored, the mAP is NaN")
 
 
 def test_ground_truth_without_extent_is_kept_as_the_official_evaluator_keeps_it(tmp_path, capsys):

@@ -26,6 +26,14 @@ def test_flops_json_is_one_object_with_the_promised_fields():
     assert report["gflops"] == report["gflops_16x288x288"] and report["params"] == 185_359_636
 
 
+def test_flops_prints_the_reference_size_once(capsys):
+    assert main(["flops", str(EXPERIMENTS / "quickstart.yaml")]) == 0
+    at_64, at_288, params = capsys.readouterr().out.splitlines()
+    assert at_64.startswith("GFLOPs at 16x64x64: ") and at_288.startswith("GFLOPs at 16x288x288: ")
+    assert main(["flops", str(EXPERIMENTS / "quickstart.yaml"), "data.short_side=288", "data.max_long_side=512"]) == 0
+    assert capsys.readouterr().out.splitlines() == [at_288, params]
+
+
 def test_config_errors_exit_2_and_name_the_key(capsys):
     assert main(["flops", str(EXPERIMENTS / "quickstart.yaml"), "model.keep_rate=1.5"]) == 2
     assert "'model.keep_rate'" in capsys.readouterr().err

@@ -5,9 +5,11 @@ weights_only=False. Errors raised inside Ray tasks and actors read the same."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -56,6 +58,9 @@ def files(tmp_path_factory, mini_ava, ray_local) -> dict[str, Path]:
     notes = folder / "notes.txt"
     notes.write_text("not a checkpoint\n")
     (folder / "taken.csv").mkdir()  # where a demo's detections CSV would go
+    with contextlib.closing(sqlite3.connect(folder / "other_app.db")) as other_app:
+        other_app.execute("CREATE TABLE t (x)")
+    (folder / "empty.db").touch()
     video = folder / "clip.mp4"
     video.write_bytes((mini_ava / "videos" / min(p.name for p in (mini_ava / "videos").iterdir())).read_bytes())
     return {"folder": folder, "root": mini_ava, "checkpoint": checkpoint, "released": released,
@@ -120,6 +125,9 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
         ([*demo, "--checkpoint", pt, "--out", f"{notes}/annotated.mp4"], (rf"--out {e(notes)} cannot be written "
          rf"\({e(notes)} is a file\)")),
         (["flops", f"{folder}/absent.yaml"], rf"config file {e(folder)}/absent\.yaml does not exist"),
+        (["flops", "/dev/null"], r"/dev/null: the file is empty \(a config needs at least its name\)"),
+        (["flops", ""], r"config file '': an empty path names no file"),
+        (["demo", folder, "--checkpoint", pt], rf"video {e(folder)} is a folder, not a video file"),
         (["flops", str(QUICKSTART), "model.keep_rate=1.5"], r".*'model.keep_rate'.*"),
         (["prepare", str(QUICKSTART), f"data.root={folder}/no_ava"],
          rf"the train annotations {e(folder)}/no_ava/annotations/ava_train_v2\.2\.csv do not exist"),
@@ -164,6 +172,8 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
          rf"warm_start.checkpoint: {absent}"),
         (["tune", str(SWEEP), *q, f"warm_start.checkpoint={truncated}"], rf"warm_start.checkpoint: {cut_short}"),
         ([*train, *q, f"model.checkpoint={folder}"], rf"checkpoint {e(folder)} is a folder, not a checkpoint file"),
+        ([*train, *q, "train.storage_path=s3://"],
+         r"train.storage_path 's3://' is no storage Ray can open: s3:// names no bucket: give scheme://bucket/folder"),
         ([*train, *q, "train.storage_path=foo://bucket/ray"], (r"train.storage_path 'foo://bucket/ray' is no storage Ray "
          r"can open: Unrecognized filesystem type in URI: foo://bucket/ray")),
         # The demo's outputs: never the input video, never a CSV over the video, never a folder.
@@ -187,6 +197,13 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
         (["compare", "--tracking-uri", f"sqlite:///{folder}/mlflwo.db"],
          (rf"no MLflow database at {e(folder)}/mlflwo\.db \(tracking.uri sqlite:///{e(folder)}/mlflwo\.db\): "
          r"check the path")),
+        # Another program's database is never written to, and a reader finds nothing in an empty one.
+        (["compare", "--tracking-uri", f"sqlite:///{folder}/other_app.db"],
+         rf"{e(folder)}/other_app\.db is no MLflow database \(tables t; tracking.uri sqlite:///.*\): check the path"),
+        (["compare", "--tracking-uri", f"sqlite:///{folder}/empty.db"],
+         rf"{e(folder)}/empty\.db is no MLflow database \(no tables; .*"),
+        ([*train, *q, "tracking.enabled=true", f"tracking.uri=sqlite:///{folder}/other_app.db"],
+         rf"{e(folder)}/other_app\.db is no MLflow database \(tables t; .*"),
         (["synth", "--out", f"{notes}/ava"], rf"--out {e(notes)}/ava cannot be written \({e(notes)} is a file\)"),
         (["synth", "--out", notes], rf"--out {e(notes)} cannot be written \({e(notes)} is a file\)"),
         (["synth", "--out", "s3://bucket/ava"], r"--out 's3://bucket/ava': synth writes to a local folder .*"),
@@ -208,6 +225,9 @@ def test_each_bad_input_ends_in_one_line_with_exit_code_2(files, capsys):
         assert lines[0].startswith(prefix) and re.fullmatch(message, lines[0].removeprefix(prefix)), (argv, lines[0])
         assert "Traceback" not in err and "weights_only=False" not in err
     assert not (files["folder"] / "never_written").exists(), "run checks the tracking server before it synthesises"
+    assert (files["folder"] / "empty.db").stat().st_size == 0
+    with contextlib.closing(sqlite3.connect(files["folder"] / "other_app.db")) as other_app:
+        assert other_app.execute("SELECT name FROM sqlite_master").fetchall() == [("t",)]
     assert not (files["folder"] / "ray").exists() and not (files["folder"] / "runs").exists(), "nothing may start"
     refused = MlflowClient(f"sqlite:///{files['folder']}/evaluate_refused.db")
     assert refused.search_runs([e.experiment_id for e in refused.search_experiments()]) == [], \
@@ -301,10 +321,23 @@ def test_errors_in_ray_tasks_and_data_actors_read_as_raised(ray_local, capsys):
     cause = original_error(actor_error.value)
     assert isinstance(cause, RemoteError) and cause.kind == "ValueError" and is_user_error(cause)
 
+    @ray.remote(num_cpus=0)
+    class Controller:  # as Ray Train's controller fails when its storage cannot be created
+        def __init__(self):
+            raise OSError("When creating bucket 'runs': AWS Error NETWORK_CONNECTION")
+
+        def ready(self) -> bool:
+            return True
+
+    with pytest.raises(Exception) as init_error:
+        ray.get(Controller.remote().ready.remote())
+    assert "\x1b[" in str(init_error.value), "Ray colours the actor's name"
+
     args = type("Args", (), {"command": "evaluate", "debug": False})()
     for error, line in [(task_error.value, ("/data/model.pt does not fit the configured model: 1 missing keys: "
                                            "norm.weight")),
-                        (actor_error.value, "keyframe vid,902: cannot decode its frames")]:
+                        (actor_error.value, "keyframe vid,902: cannot decode its frames"),
+                        (init_error.value, "When creating bucket 'runs': AWS Error NETWORK_CONNECTION")]:
         capsys.readouterr()
         assert report_error(args, error) == 2
         assert capsys.readouterr().err == f"evadlab evaluate: error: {line}\n"

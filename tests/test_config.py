@@ -23,6 +23,8 @@ def test_overrides_are_yaml_scalars_and_reach_nested_keys():
     [
         ("model.keep_rat=0.5", "unknown key 'model.keep_rat' (did you mean 'model.keep_rate'?)"),
         ("modle.depth=2", "unknown key 'modle.depth' (did you mean 'model.depth'?)"),
+        # A section is no hint for a key.
+        ("train.lr=0.1", "unknown key 'train.lr' (did you mean 'train.base_lr'?)"),
         ("model.keep_rate=1.5", "'model.keep_rate'"),
         ("model.keep_rate=0", "'model.keep_rate'"),
         ("train.batch_size=-2", "'train.batch_size'"),
@@ -166,3 +168,17 @@ def test_a_label_map_id_above_num_actions_is_refused_at_load(tmp_path):
     (annotations / "labels.pbtxt").write_text("1: stand\nwalk\n")
     with pytest.raises(ConfigError, match="'data.label_map': .*labels.pbtxt:2: expected 'id: name'"):
         load_config(QUICKSTART, overrides)
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("sqlite:///tracking/mlflow.db", "sqlite:///{cwd}/tracking/mlflow.db"),
+    ("sqlite:////data/mlflow.db", "sqlite:////data/mlflow.db"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("", "sqlite:///{cwd}/mlflow.db"),
+])
+def test_a_relative_sqlite_tracking_uri_means_the_working_folder_wherever_it_is_used(tmp_path, monkeypatch, uri,
+                                                                                     expected):
+    """The URI goes to Ray workers and into MLflow backlogs that may be replayed from another folder."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(QUICKSTART, [f"tracking.uri={uri}"])
+    assert cfg.tracking.uri == cfg.tracking.resolved_uri() == expected.format(cwd=tmp_path.resolve())

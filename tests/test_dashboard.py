@@ -158,6 +158,7 @@ def test_the_first_run_creates_a_new_sqlite_store_and_its_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
     run_id = start_run(cfg, run_name="first")
     assert MlflowClient(uri).get_run(run_id).info.run_name == "first"
+    check_tracking_uri(uri, read_only=True)  # now an MLflow database, as a reader requires
 
 
 def test_the_dashboard_links_open_the_training_view():

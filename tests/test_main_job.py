@@ -47,7 +47,7 @@ def run_command(tmp_path: Path, overrides: list[str]) -> list[str]:
     return completed.stdout.splitlines()
 
 
-def test_quickstart_trains_a_detector_that_beats_random_scores(tmp_path, mlflow_server):
+def test_quickstart_trains_a_detector_that_beats_random_scores(tmp_path, mlflow_server, capfd):
     overrides = [f"data.root={tmp_path / 'mini_ava'}", f"output_dir={tmp_path / 'runs'}",
                  f"train.storage_path={tmp_path / 'ray'}", f"tracking.uri={mlflow_server}",
                  "tracking.experiment=main_job_test"]
@@ -84,9 +84,11 @@ def test_quickstart_trains_a_detector_that_beats_random_scores(tmp_path, mlflow_
 
     video = min((tmp_path / "mini_ava" / "videos").iterdir())
     out = tmp_path / "demo" / "annotated.mp4"
+    capfd.readouterr()
     assert main(["demo", str(video), "--checkpoint", summary["models"]["final"], "--tracking-uri", mlflow_server,
                  "--out", str(out)]) == 0, "a logged model's models:/ URI is a checkpoint"
     assert out.with_suffix(".csv").stat().st_size > 0
+    assert "Downloading artifacts" not in capfd.readouterr().err, "no download progress bar"
 
 
 def check_metric_histories(client: MlflowClient, run, cfg) -> int:

@@ -1,5 +1,6 @@
 """Atomic writes on the real file system: a write that fails for want of space names its file, and what a killed
-write left under a temporary name goes with the next complete write of that file."""
+write left under a temporary name goes with the next complete write of that file. Paths and URIs joined and opened
+alike."""
 
 from __future__ import annotations
 
@@ -78,3 +79,20 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
         file.write(b"half")
         raise RuntimeError("stopped")
     assert target.read_text() == "previous" and os.listdir(tmp_path) == ["manifest.json"]
+
+
+@pytest.mark.parametrize(("location", "expected"), [
+    ("s3://bucket", "s3://bucket/run/a.pt"),
+    ("s3://bucket/", "s3://bucket/run/a.pt"),
+    ("file:///tmp/runs", "file:///tmp/runs/run/a.pt"),
+    ("file:///", "file:///run/a.pt"),
+    ("/tmp/runs", "/tmp/runs/run/a.pt"),
+])
+def test_join_keeps_the_scheme_of_a_uri(location, expected):
+    assert storage.join(location, "run", "a.pt") == expected
+
+
+@pytest.mark.parametrize("location", ["s3://", "gs://"])
+def test_a_uri_without_a_bucket_is_refused_not_read_as_a_local_folder(location):
+    with pytest.raises(ValueError, match=f"^{location} names no bucket"):
+        storage.filesystem_of(location)

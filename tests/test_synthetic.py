@@ -196,8 +196,10 @@ def test_stand_and_walk_differ_only_across_frames(dataset, keyframes):
 def test_a_seed_gives_the_same_dataset(tmp_path):
     first = generate_mini_ava(tmp_path / "first", videos=3, seconds=4, seed=11)
     second = generate_mini_ava(tmp_path / "second", videos=3, seconds=4, seed=11)
-    generate_mini_ava(tmp_path / "other", videos=2, seconds=4, seed=12)
+    other = generate_mini_ava(tmp_path / "other", videos=2, seconds=4, seed=12)
     assert {k: v for k, v in first.items() if k != "root"} == {k: v for k, v in second.items() if k != "root"}
+    assert other["keyframes"]["val"] == 1 and other["excluded"] == [], "the val split's only keyframe is scored"
+    assert read_exclusions(tmp_path / "other" / "annotations" / "ava_val_excluded_timestamps_v2.2.csv") == set()
     texts = [Path("annotations") / name for name in ANNOTATION_FILES]
     texts += [Path("frame_lists") / "train.csv", Path("frame_lists") / "val.csv"]
     for path in texts:

@@ -101,6 +101,7 @@ A_RECORD = {"uri": "http://127.0.0.1:9", "run_id": "0123456789abcdef", "kind": "
     (json.dumps({**A_RECORD, "kind": "nope"}) + "\n", 1),
     (json.dumps(A_RECORD) + "\n" + json.dumps({"kind": "metrics"}) + "\n", 2),
     (json.dumps(A_RECORD) + "\nnot a record\n" + json.dumps(A_RECORD) + "\n", 2),
+    (json.dumps(A_RECORD)[:25], 1),  # the only line cut short: nothing to send, and the file is not removed
 ])
 def test_a_file_that_is_no_backlog_is_refused_and_kept(tmp_path, capsys, content, line):
     file = tmp_path / "some_file"

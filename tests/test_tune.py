@@ -37,6 +37,9 @@ def write_sweep(folder: Path) -> Path:
     ({"warm_start": {"chekpoint": "base.pt"}},
      r"unknown key 'warm_start.chekpoint' \(did you mean 'warm_start.checkpoint'\?\)"),
     ({"trial_cpu": 0.1}, r"unknown key 'trial_cpu' \(did you mean 'trial_cpus'\?\)"),
+    ({"search_space": {"model.keep_rate": {"gird": [0.5]}}},
+     r"unknown key 'search_space.model.keep_rate.gird' \(did you mean 'search_space.model.keep_rate.grid'\?\)"),
+    ({"base": "nope.yaml"}, r"sweep\.yaml: base: config file .*/nope\.yaml does not exist"),
     ({"search_space": {"model.keep_rate": {"grid": [0.5], "uniform": [0.1, 0.2]}}}, "exactly one of"),
     ({"search_space": {}}, r"'search_space': Dictionary should have at least 1 item"),
     # The name becomes the sweep's folder under train.storage_path.
@@ -54,6 +57,11 @@ def test_sweep_file_errors_name_the_key(tmp_path, change, message):
         load_sweep(path)
 
 
+def test_an_experiment_config_given_as_a_sweep_file_is_named_so():
+    with pytest.raises(ConfigError, match=r"quickstart\.yaml: an experiment config, not a sweep file"):
+        load_sweep(EXPERIMENTS / "quickstart.yaml")
+
+
 def test_a_sweep_file_without_its_search_space_names_the_key_alone(tmp_path):
     path = write_sweep(tmp_path)
     text = yaml.safe_load(path.read_text())
@@ -69,8 +77,10 @@ def test_a_sweep_file_without_its_search_space_names_the_key_alone(tmp_path):
     ({"choice": []}, "choice needs at least one value"),
     ({"uniform": [0.9, 0.1]}, r"uniform needs \[low, high\] with low < high, got \[0.9, 0.1\]"),
     ({"loguniform": [0.5, 0.5]}, r"loguniform needs \[low, high\] with low < high"),
+    ({"grid": [0.5, 0.7, 0.5]}, r"grid repeats 0.5: each grid value is one trial"),
+    ({"grid": [[1.0, 0.7], [1.0, 0.7]]}, r"grid repeats \[1.0, 0.7\]"),
 ])
-def test_an_empty_or_reversed_search_dimension_is_refused(tmp_path, dimension, message):
+def test_an_empty_reversed_or_repeating_search_dimension_is_refused(tmp_path, dimension, message):
     path = write_sweep(tmp_path)
     text = yaml.safe_load(path.read_text())
     text["search_space"] = {"model.keep_rate": dimension}

@@ -74,10 +74,13 @@ def test_variable_frame_rate_times_are_read_as_written(tmp_path):
     assert levels(np.stack([frame.pixels for frame in presented])) == list(range(len(times_ms)))
 
 
-def test_a_file_no_decoder_reads_is_one_error_naming_both(tmp_path):
+def test_a_file_no_decoder_reads_is_one_error_naming_both(tmp_path, capfd):
+    """The error is all: decord's own C++ log line of the failed open does not reach the process's stderr."""
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00" * 4096)
+    capfd.readouterr()
     with pytest.raises(ValueError, match=r"^cannot decode the video \(decord: \w+Error: .*; PyAV: \w+Error: "):
         VideoFileFrames(str(broken), DataConfig())
+    assert capfd.readouterr().err == ""
     with pytest.raises(ValueError, match=f"cannot decode {broken}"):
         list(presented_frames(str(broken)))

@@ -304,11 +304,16 @@ def _mean_over_label_range(evaluated: np.ndarray, average_precisions: np.ndarray
 
 def evaluate_files(labelmap, groundtruth, detections, exclusions=None,
                    iou_thresholds: Iterable[float] = DEFAULT_IOU_THRESHOLDS) -> FrameMapResult:
-    """Frame-mAP from the official files: label map, ground-truth CSV, detections CSV, optional exclusions CSV."""
+    """Frame-mAP from the official files: label map, ground-truth CSV, detections CSV, optional exclusions CSV. Warns
+    (``ava.DroppedRowsWarning``) when no ground-truth box is left to score: the mAP is then NaN, as the official
+    evaluator's."""
     class_ids = list(ava.read_label_map(labelmap))
     excluded = ava.read_exclusions(exclusions) if exclusions else set()
     truth = ava.read_boxes_csv(groundtruth, is_detection=False, class_ids=class_ids, excluded=excluded)
     found = ava.read_boxes_csv(detections, is_detection=True, class_ids=class_ids, excluded=excluded)
+    if truth.num_rows == 0:
+        warnings.warn(f"{groundtruth}: no ground-truth box of a class of the label map outside the exclusions: no "
+                      f"class can be scored, the mAP is NaN", ava.DroppedRowsWarning, stacklevel=2)
     return frame_map(truth, found, class_ids, iou_thresholds)
 
 

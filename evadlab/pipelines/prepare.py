@@ -418,9 +418,10 @@ def run_part_tasks(parts: list[PartTask], data: DataConfig, out: Path) -> Iterat
 
 def run_parts_here(parts: list[PartTask], data: DataConfig, out: Path) -> Iterator[dict[str, Any]]:
     """Writes the parts in this process's threads, as many at once as its cores allow at ``data.prepare_cpus`` each
-    (the decoder and the encoders release the GIL), and yields each part's result row (see ``write_part``) as it
-    finishes. Closing the generator early cancels the parts not yet started and waits for those being written."""
-    threads = max(1, math.floor(data.prepare_cpus))
+    (the decoder and the encoders release the GIL; more than the cores there are, which Ray would refuse, is cut to
+    them), and yields each part's result row (see ``write_part``) as it finishes. Closing the generator early cancels
+    the parts not yet started and waits for those being written."""
+    threads = max(1, min(math.floor(data.prepare_cpus), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) // threads)) as pool:
         futures = [pool.submit(write_part, task_item(part), data, str(out), threads) for part in parts]
         try:

@@ -421,7 +421,8 @@ def generate_mini_ava(out_dir: str | Path, *, videos: int = 6, seconds: int = 12
     ``videos/<id>.mp4`` (30 fps H.264, file time 0 = AVA second 900), optionally ``frames/<id>/``
     JPEGs of every frame, ``annotations/`` (train and val CSVs, excluded timestamps, label map) and
     ``frame_lists/{train,val}.csv``. The last third of the videos (at least one) is the val split.
-    Keyframes are the seconds 902 .. 900 + seconds - 2; one val keyframe is listed as excluded.
+    Keyframes are the seconds 902 .. 900 + seconds - 2; one val keyframe is listed as excluded, unless it is the
+    split's only one (which would leave nothing to score).
     ``label_map`` (id -> name) makes a custom vocabulary (see ``vocabulary_of``); by default the actions are AVA's
     and the label map is the 60 evaluated AVA classes. Raises ValueError for impossible arguments.
     """
@@ -453,7 +454,7 @@ def generate_mini_ava(out_dir: str | Path, *, videos: int = 6, seconds: int = 12
         boxes[split] += len(scene.actors) * len(keyframes)
         actions.update(vocabulary.ids[action] for actor in scene.actors for action in actor.actions)
 
-    excluded = (splits["val"][0], keyframes[len(keyframes) // 2])
+    excluded = [(splits["val"][0], keyframes[len(keyframes) // 2])] if len(splits["val"]) * len(keyframes) > 1 else []
     _write_annotations(out_dir, rows, excluded, vocabulary.labels)
     for split, ids in splits.items():
         write_text(out_dir / "frame_lists" / f"{split}.csv", "\n".join(_frame_list_lines(ids, seconds)) + "\n")
@@ -470,16 +471,16 @@ def generate_mini_ava(out_dir: str | Path, *, videos: int = 6, seconds: int = 12
         "boxes": boxes,
         "rows": {split: len(split_rows) for split, split_rows in rows.items()},
         "action_ids": sorted(actions),
-        "excluded": [list(excluded)],
+        "excluded": [list(keyframe) for keyframe in excluded],
     }
 
 
-def _write_annotations(out_dir: Path, rows: dict[str, list[str]], excluded: tuple[str, int],
+def _write_annotations(out_dir: Path, rows: dict[str, list[str]], excluded: list[tuple[str, int]],
                        labels: Mapping[int, str]) -> None:
     """The annotation files. ``evadlab run`` takes their presence for a complete dataset, so they are written after
     the videos and frames."""
     annotations = out_dir / "annotations"
     write_text(annotations / AVA_ANNOTATIONS["train_annotations"], "\n".join(rows["train"]) + "\n")
     write_text(annotations / AVA_ANNOTATIONS["val_annotations"], "\n".join(rows["val"]) + "\n")
-    write_text(annotations / AVA_ANNOTATIONS["exclusions"], f"{excluded[0]},{excluded[1]:04d}\n")
+    write_text(annotations / AVA_ANNOTATIONS["exclusions"], "".join(f"{video},{second:04d}\n" for video, second in excluded))
     write_text(annotations / AVA_ANNOTATIONS["label_map"], label_map_text(labels))

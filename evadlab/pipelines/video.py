@@ -20,6 +20,10 @@ is inside but whose window reaches past an end takes the first or last frame the
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -52,6 +56,28 @@ def error_reason(error: BaseException) -> str:
     """One line for the manifest: decord's errors carry a C++ stack trace after their first line."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+@contextlib.contextmanager
+def decord_log_held() -> Iterator[None]:
+    """decord's C++ code writes "ERROR opening: <file>, <reason>" to the process's stderr (file descriptor 2) before
+    it raises on a file it cannot open; the error this module raises, or PyAV taking over, says it in one line. So
+    descriptor 2 goes to a temporary file for the open, and what it caught is written back only when the open
+    succeeds (output of other threads in that moment included)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    opened = False
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+            opened = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if opened:
+                caught.seek(0)
+                os.write(2, caught.read())
 
 
 @dataclass(frozen=True)
@@ -91,7 +117,8 @@ class DecordDecoder:
     name = "decord"
 
     def __init__(self, path: str, threads: int = 1):
-        self.reader = decord.VideoReader(path, num_threads=threads)
+        with decord_log_held():
+            self.reader = decord.VideoReader(path, num_threads=threads)
         if len(self.reader) == 0:
             raise ValueError("decord finds no frames")
         stamps = self.reader.get_frame_timestamp(np.arange(len(self.reader)))

@@ -184,6 +184,8 @@ def run_demo(video: str, *, checkpoint: str, config: str | None, out: str, fps: 
     OSError (``out`` not a writable ``.mp4`` path, see :func:`demo_outputs`) with one line for the command to print."""
     if fps <= 0:
         raise ValueError(f"--fps must be positive, got {fps}")
+    if Path(video).is_dir():
+        raise IsADirectoryError(f"video {video} is a folder, not a video file")
     if not Path(video).is_file():
         raise FileNotFoundError(f"video {video} does not exist")
     out_path, csv_path = demo_outputs(video, out)

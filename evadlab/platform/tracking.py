@@ -55,6 +55,8 @@ VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 # A logged model carries the id of the backlog record that created it, so that sending the record twice creates it once.
 MODEL_RECORD_TAG = "evadlab.record_id"
 MODEL_TYPE = "evad-checkpoint"
+# A table every MLflow tracking database has.
+MLFLOW_TABLE = "experiments"
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 5.0, *, read_only: bool = False) -> None:
@@ -90,20 +92,25 @@ def sqlite_database_path(uri: str) -> Path | None:
 
 
 def check_sqlite_database(path: Path, uri: str, read_only: bool) -> None:
-    """Opens the SQLite database at ``path`` (of ``uri``) once when it exists. A new one is not created here, nor its
-    folder: the folder is checked to be writable (:func:`start_run` creates it, and MLflow the database with the first
-    run), so that a command refused by a later check leaves no empty database or folder behind. See
-    :func:`check_tracking_uri`."""
+    """Opens the SQLite database at ``path`` (of ``uri``) read-only when it exists: it must hold MLflow's tables, or
+    none at all for a writer (an empty file MLflow may fill), never another program's. A new one is not created
+    here, nor its folder: the folder is checked to be writable (:func:`start_run` creates it, and MLflow the database
+    with the first run), so that a command refused by a later check leaves no empty database or folder behind.
+    Raises TrackingError naming the file. See :func:`check_tracking_uri`."""
     if read_only and not path.is_file():
         raise TrackingError(f"no MLflow database at {path} (tracking.uri {uri}): check the path")
     try:
-        if path.exists():
-            with contextlib.closing(sqlite3.connect(path)) as database:
-                database.execute("PRAGMA schema_version")
-        else:
+        if not path.exists():
             storage.require_writable_folder(path.parent, "its folder")
+            return
+        # Read-only: MLflow would write its whole schema into any database it opens, another program's included.
+        with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)) as database:
+            tables = {row[0] for row in database.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except (OSError, sqlite3.Error) as error:
         raise TrackingError(f"cannot open the MLflow database {path} (tracking.uri {uri}): {error}") from None
+    if MLFLOW_TABLE not in tables and (read_only or tables):
+        held = f"tables {', '.join(sorted(tables))}" if tables else "no tables"
+        raise TrackingError(f"{path} is no MLflow database ({held}; tracking.uri {uri}): check the path")
 
 
 def trade_off_tags(cfg: ExperimentConfig, gflops: float | None = None) -> dict[str, str]:
@@ -350,8 +357,9 @@ def record_groups(records: list[dict[str, Any]]) -> Iterator[tuple[int, list[dic
 
 def read_backlog(file: Path) -> list[dict[str, Any]]:
     """The records of a backlog file; a last line cut short by a crash (the start of a JSON object) is left out.
-    Raises ValueError naming the file (and line) for an empty file and anything else that is not a record
-    :class:`RunLogger` writes, so that a file that is no backlog is never taken for an empty one (and removed)."""
+    Raises ValueError naming the file (and line) for an empty file, one whose only line is cut short, and anything
+    else that is not a record :class:`RunLogger` writes, so that a file that is no backlog is never taken for an
+    empty one (and removed)."""
     try:
         lines = [line for line in file.read_text().splitlines() if line.strip()]
     except UnicodeDecodeError:
@@ -371,6 +379,8 @@ def read_backlog(file: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{file}: line {number} is not an MLflow backlog record (one with a uri, a run_id and a "
                              f"kind of {', '.join(BACKLOG_RECORD_KINDS)})")
         records.append(record)
+    if not records:
+        raise ValueError(f"{file}: line 1 is not an MLflow backlog record (it is cut short, and no record is whole)")
     return records
 
 
