@@ -3,6 +3,8 @@ PyAV, each frame a flat grey that tells its own index."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import av  # noqa: F401 - PyAV first: decord's own FFmpeg libraries, loaded first, break PyAV's libvpx encoder
@@ -84,3 +86,26 @@ def test_a_file_no_decoder_reads_is_one_error_naming_both(tmp_path, capfd):
     assert capfd.readouterr().err == ""
     with pytest.raises(ValueError, match=f"cannot decode {broken}"):
         list(presented_frames(str(broken)))
+
+
+def test_threads_opening_videos_at_once_leave_stderr_where_it_was(tmp_path):
+    """decord's log is held back on the process's stderr descriptor, which the threads of an in-process prepare
+    share: after many opens at once, good and broken, it is the same file as before."""
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 4096)
+    good = tmp_path / "good.mp4"
+    write_numbered_video(good, count=90)
+
+    def open_one(index: int) -> bool:
+        try:
+            VideoFileFrames(str(broken if index % 2 else good), DataConfig())
+        except ValueError:
+            return False
+        return True
+
+    before = os.fstat(2)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        opened = list(pool.map(open_one, range(24)))
+    after = os.fstat(2)
+    assert opened == [index % 2 == 0 for index in range(24)]
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)

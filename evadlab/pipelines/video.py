@@ -24,6 +24,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -50,6 +51,8 @@ FORWARD_SEEK_FRAMES = 300
 # covers FFmpeg's codes, and a file with no video stream has no streams.video[0].
 _DECORD_ERRORS = (decord.DECORDError, RuntimeError, OSError, ValueError)
 _PYAV_ERRORS = (av.FFmpegError, OSError, ValueError, IndexError)
+# Serialises decord_log_held: the threads of an in-process prepare open videos at once.
+_STDERR_HOLD = threading.Lock()
 
 
 def error_reason(error: BaseException) -> str:
@@ -63,11 +66,12 @@ def decord_log_held() -> Iterator[None]:
     """decord's C++ code writes "ERROR opening: <file>, <reason>" to the process's stderr (file descriptor 2) before
     it raises on a file it cannot open; the error this module raises, or PyAV taking over, says it in one line. So
     descriptor 2 goes to a temporary file for the open, and what it caught is written back only when the open
-    succeeds (output of other threads in that moment included)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    opened = False
-    with tempfile.TemporaryFile() as caught:
+    succeeds (output of other threads in that moment included). One thread at a time: descriptor 2 is the
+    process's, and a second hold begun inside the first would restore the first one's file for good."""
+    with _STDERR_HOLD, tempfile.TemporaryFile() as caught:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        opened = False
         os.dup2(caught.fileno(), 2)
         try:
             yield
