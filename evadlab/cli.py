@@ -10,11 +10,14 @@ to continue). Errors raised inside Ray workers and actors are reported as the wo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import sys
 import traceback
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from evadlab.config import load_config
@@ -260,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(build_parser(), argv)
     configure_console(args.verbose)
     try:
-        COMMANDS[args.command](args)
+        with warnings_as_lines(command_name(args)):
+            COMMANDS[args.command](args)
     except Exception as error:  # noqa: BLE001 - every error ends in the command's one line
         return report_error(args, error)
     except INTERRUPTIONS:
@@ -272,6 +276,27 @@ def main(argv: list[str] | None = None) -> int:
         if session is not None:
             session.release_ray()
     return 0
+
+
+@contextlib.contextmanager
+def warnings_as_lines(command: str) -> Iterator[None]:
+    """While a command runs, a warning that evadlab's own code raises (rows left out of a file, suspect rows) is one
+    line, ``evadlab <command>: warning: <message>``, as errors are, instead of Python's two lines of source file and
+    code; other libraries' warnings keep Python's form."""
+    package = Path(__file__).resolve().parent
+    python_form = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if Path(filename).resolve().is_relative_to(package):
+            print(f"evadlab {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            python_form(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = python_form
 
 
 def configure_console(verbose: bool) -> None:

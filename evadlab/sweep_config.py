@@ -43,8 +43,7 @@ class SearchDimension(BaseModel):
         values = getattr(self, kind)
         if kind in ("grid", "choice") and not values:
             raise ValueError(f"{kind} needs at least one value")
-        repeated = [value for position, value in enumerate(values) if kind == "grid" and value in values[:position]]
-        if repeated:
+        if kind == "grid" and (repeated := [value for at, value in enumerate(values) if value in values[:at]]):
             raise ValueError(f"grid repeats {repeated[0]!r}: each grid value is one trial, so a repeat trains the same "
                              f"trial twice (choice samples with weights, if that was meant)")
         if kind in ("uniform", "loguniform") and not values[0] < values[1]:
@@ -101,6 +100,7 @@ class SweepSpec(BaseModel):
 # A sweep file's own keys, dotted as its errors name them (the hints for a misspelt one).
 SWEEP_KEYS = (*(name for name in SweepSpec.model_fields if name != "warm_start"),
               *(f"warm_start.{key}" for key in WarmStart.model_fields))
+
 
 def sweep_hint_keys(tree: dict) -> list[str]:
     """The keys a sweep file may have, for the hints of its unknown keys: :data:`SWEEP_KEYS` and, under each key

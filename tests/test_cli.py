@@ -3,11 +3,13 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
-from evadlab.cli import main
+from evadlab.cli import main, warnings_as_lines
+from evadlab.pipelines.ava import read_boxes_csv
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -45,3 +47,17 @@ def test_synth_writes_the_official_layout(tmp_path):
     assert main(["synth", "--out", str(tmp_path / "ava"), "--videos", "2", "--seconds", "4"]) == 0
     assert (tmp_path / "ava" / "annotations" / "ava_train_v2.2.csv").stat().st_size > 0
     assert len(list((tmp_path / "ava" / "videos").glob("*.mp4"))) == 2
+
+
+def test_evadlabs_warnings_are_one_line_of_the_command(tmp_path, capsys):
+    """As ``evaluate`` reads its detections: rows left out are one line; another library's warning keeps its form."""
+    detections = tmp_path / "detections.csv"
+    detections.write_text("vid,0902,0.0,0.1,0.0,0.5,12,0.9\nvid,0902,0.1,0.1,0.5,0.5,12,0.8\n")
+    with warnings.catch_warnings(record=True) as passed_on, warnings_as_lines("evaluate"):
+        warnings.simplefilter("always")
+        read_boxes_csv(detections, is_detection=True)
+        warnings.warn("a library's own", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err.splitlines() == [
+        (f"evadlab evaluate: warning: {detections}: 1 row(s) left out, as the official evaluator leaves them out; the "
+         f"first, line 1: x2 0.0 <= x1 0.0: the box has no width")]
+    assert [str(warning.message) for warning in passed_on] == ["a library's own"]

@@ -61,6 +61,7 @@ def files(tmp_path_factory, mini_ava, ray_local) -> dict[str, Path]:
     with contextlib.closing(sqlite3.connect(folder / "other_app.db")) as other_app:
         other_app.execute("CREATE TABLE t (x)")
     (folder / "empty.db").touch()
+    (folder / "bad_val.csv").write_text("synth_002,0902,0.1,0.1,0.5,0.5,12,0\nsynth_002,-5,0.1,0.1,0.5,0.5,12,0\n")
     video = folder / "clip.mp4"
     video.write_bytes((mini_ava / "videos" / min(p.name for p in (mini_ava / "videos").iterdir())).read_bytes())
     return {"folder": folder, "root": mini_ava, "checkpoint": checkpoint, "released": released,
@@ -147,6 +148,9 @@ def cases(f: dict[str, Path]) -> list[tuple[list[str], str]]:
          r"[\d.]+ CPUs: lower train.num_workers or train.cpus_per_worker, or add nodes")),
         ([*evaluate, "--checkpoint", pt, *q, "data.label_map=nope.pbtxt"],
          rf"the label map {e(str(f['root']))}/annotations/nope\.pbtxt \('data\.label_map'\) does not exist"),
+        # The official reader's refusal comes before the inference, not after it.
+        ([*evaluate, "--checkpoint", pt, *q, f"data.val_annotations={folder}/bad_val.csv"],
+         rf"{e(folder)}/bad_val\.csv:2: timestamp -5 outside .*"),
         ([*train, *q, "data.val_annotations=val.csv", "eval.every_epochs=1"],
          rf"the val annotations {e(str(f['root']))}/annotations/val\.csv \('data\.val_annotations'\) does not exist"),
         ([*evaluate, "--checkpoint", pt, *q, f"output_dir={notes}/out"],

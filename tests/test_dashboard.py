@@ -126,6 +126,8 @@ def test_the_prepared_shards_are_the_runs_datasets(run, mlflow_server, tmp_path)
     assert json.loads(train.source)["uri"] == str(cfg.data.shards_path / "train")
     again = shard_datasets(cfg, json.loads(json.dumps(manifest)), {"train": "training"})
     assert again[0]["digest"] == train.digest, "the same shards have the same digest"
+    manifest["sources"]["videos"]["train/a"]["modified_ns"] = 123
+    assert shard_datasets(cfg, manifest, {"train": "training"})[0]["digest"] == train.digest, "copied, not changed"
     manifest["videos"]["train"]["b"] = 19
     assert shard_datasets(cfg, manifest, {"train": "training"})[0]["digest"] != train.digest
 

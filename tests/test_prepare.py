@@ -217,6 +217,37 @@ def test_a_rerun_writes_only_the_missing_parts_even_within_a_video(mini_ava, tmp
         video: ["0000", "0001", "0002"] for video in manifest["videos"]["train"]}
 
 
+def test_a_source_changed_since_it_was_prepared_is_prepared_again(mini_ava, tmp_path, capsys):
+    """A video replaced by a shorter one, then put back: each rerun writes that video's parts again from the file as
+    it is, so that its clips, its keyframes outside the media and the manifest agree with it; the others are kept."""
+    root = tmp_path / "ava"
+    shutil.copytree(mini_ava, root, ignore=shutil.ignore_patterns("frames"))
+    cfg = config(root, tmp_path / "shards")
+    prepare(cfg)
+    manifest_path = cfg.data.shards_path / "manifest.json"
+    full = json.loads(manifest_path.read_text())
+    video = min((root / "videos").glob("*.mp4"))
+    original = video.read_bytes()
+    kept = {path: path.stat().st_mtime_ns for path in cfg.data.shards_path.glob("*/part-*.parquet")
+            if not path.name.startswith(f"part-{video.stem}-")}
+    write_numbered_video(video, count=4 * 30)  # 4 s: the keyframes from second 904 on are outside
+    capsys.readouterr()
+
+    shorter = prepare(cfg)
+    assert f"1 source(s) changed since they were prepared (train/{video.stem})" in capsys.readouterr().out
+    assert shorter.skipped_videos == len(full["sources"]["videos"]) - 1
+    outside = {r.timestamp for r in shorter.outside_media if r.video_id == video.stem}
+    assert outside and min(outside) >= 904
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["sources"]["videos"][f"train/{video.stem}"]["bytes"] == video.stat().st_size
+    assert all(path.stat().st_mtime_ns == written_at for path, written_at in kept.items())
+
+    video.write_bytes(original)
+    prepare(cfg)
+    again = json.loads(manifest_path.read_text())
+    assert again["counts"] == full["counts"] and again["rejected"] == full["rejected"]
+
+
 def test_bad_inputs_are_named_and_the_good_ones_finish(mini_ava, tmp_path, ray_local):
     root = tmp_path / "ava"
     shutil.copytree(mini_ava, root, ignore=shutil.ignore_patterns("frames"))

@@ -7,7 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
-import av  # noqa: F401 - PyAV first: decord's own FFmpeg libraries, loaded first, break PyAV's libvpx encoder
+import av  # PyAV first: decord's own FFmpeg libraries, loaded first, break PyAV's libvpx encoder
 import decord
 import numpy as np
 import pytest
@@ -109,3 +109,18 @@ def test_threads_opening_videos_at_once_leave_stderr_where_it_was(tmp_path):
     after = os.fstat(2)
     assert opened == [index % 2 == 0 for index in range(24)]
     assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+
+
+def test_a_file_without_a_video_stream_says_so(tmp_path):
+    audio = tmp_path / "audio_only.mp4"
+    with av.open(str(audio), "w") as container:
+        stream = container.add_stream("aac", rate=44100)
+        for _ in range(20):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 44100
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with pytest.raises(ValueError, match=r"PyAV: ValueError: no video stream \(the file has 1 stream\(s\), none"):
+        VideoFileFrames(str(audio), DataConfig())

@@ -208,6 +208,7 @@ def prepare(cfg: ExperimentConfig, *, splits: tuple[str, ...] = ("train", "val")
     check_clip_spec(out, data.clip_spec)
     tasks, rejected = plan_tasks(data, splits, cfg.model.num_actions)
     parts = [part for task in tasks for part in video_parts(task, data.keyframes_per_part)]
+    remove_parts_of_changed_sources(out, tasks, parts)
     pending, rows = find_finished_parts(parts, out, data.clip_spec, rejected)
     remove_stale_shards(out, splits, {shard_path(out, *part.key) for part in parts})
     write_manifest(out, data, splits, tasks, rows=rows, rejected=rejected, complete=False)
@@ -255,6 +256,24 @@ def write_parts(pending: list[PartTask], cfg: ExperimentConfig, splits: tuple[st
             if hooks:
                 hooks.after_part(finished, len(pending))
     return written, peak_memory
+
+
+def remove_parts_of_changed_sources(out: Path, tasks: list[VideoTask], parts: list[PartTask]) -> None:
+    """Removes the parts an earlier run wrote from a video file or frame folder that has changed since (its
+    :func:`source_record` differs from the manifest's in a field both have), so that this run writes them again from
+    the source as it is now, with its keyframes outside the media found again; prints which."""
+    recorded = (read_manifest(out) or {}).get("sources", {}).get("videos", {})
+    changed = set()
+    for task in tasks:
+        before, now = recorded.get(f"{task.split}/{task.video_id}"), source_record(task)
+        if before is not None and any(before[field] != now[field] for field in before.keys() & now.keys()):
+            changed.add((task.split, task.video_id))
+    for part in parts:
+        if (part.video.split, part.video.video_id) in changed:
+            shard_path(out, *part.key).unlink(missing_ok=True)
+    if changed:
+        names = ", ".join(f"{split}/{video}" for split, video in sorted(changed))
+        print(f"evadlab prepare: {len(changed)} source(s) changed since they were prepared ({names}): prepared again")
 
 
 def find_finished_parts(parts: list[PartTask], out: Path, clip_spec: dict[str, Any],
@@ -554,9 +573,12 @@ def why_empty(cfg: ExperimentConfig, split: str) -> str:
 
 
 def source_record(task: VideoTask) -> dict[str, Any]:
+    """What identifies a source as it was prepared: a video file's size and modification time, a frame folder's
+    frame count and modification time (files added or removed)."""
+    modified = task.source.stat().st_mtime_ns
     if task.frame_paths is None:
-        return {"path": str(task.source), "bytes": task.source.stat().st_size}
-    return {"path": str(task.source), "frames": len(task.frame_paths)}
+        return {"path": str(task.source), "bytes": task.source.stat().st_size, "modified_ns": modified}
+    return {"path": str(task.source), "frames": len(task.frame_paths), "modified_ns": modified}
 
 
 # --------------------------------------------------------------------------------------------- worker

@@ -48,7 +48,7 @@ END_TOLERANCE_S = 1e-3
 # part, see prepare.py) jumps there instead of decoding everything before it.
 FORWARD_SEEK_FRAMES = 300
 # What each decoder raises on a file it cannot read: decord's DECORDError is no RuntimeError, PyAV's FFmpegError
-# covers FFmpeg's codes, and a file with no video stream has no streams.video[0].
+# covers FFmpeg's codes (first_video_stream raises ValueError for a file without a video stream).
 _DECORD_ERRORS = (decord.DECORDError, RuntimeError, OSError, ValueError)
 _PYAV_ERRORS = (av.FFmpegError, OSError, ValueError, IndexError)
 # Serialises decord_log_held: the threads of an in-process prepare open videos at once.
@@ -59,6 +59,13 @@ def error_reason(error: BaseException) -> str:
     """One line for the manifest: decord's errors carry a C++ stack trace after their first line."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def first_video_stream(container: av.container.InputContainer) -> av.VideoStream:
+    """The container's first video stream. Raises ValueError for a file without one (audio only, subtitles)."""
+    if not container.streams.video:
+        raise ValueError(f"no video stream (the file has {len(container.streams)} stream(s), none of them video)")
+    return container.streams.video[0]
 
 
 @contextlib.contextmanager
@@ -160,7 +167,7 @@ class PyAVDecoder:
 
     def _open(self):
         container = av.open(self.path)
-        stream = container.streams.video[0]
+        stream = first_video_stream(container)
         stream.thread_type, stream.thread_count = "AUTO", self.threads
         return container, stream
 
@@ -257,7 +264,7 @@ def presented_frames(path: str) -> Iterator[PresentedFrame]:
     previous, size = None, {}
     try:
         with av.open(path) as container:
-            stream = container.streams.video[0]
+            stream = first_video_stream(container)
             stream.thread_type = "AUTO"
             origin = stream.start_time
             for frame in container.decode(stream):

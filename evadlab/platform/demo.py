@@ -10,6 +10,7 @@ with the video's length beyond one entry per keyframe: frames are decoded, drawn
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from itertools import chain, pairwise
 from pathlib import Path
@@ -184,6 +185,9 @@ def run_demo(video: str, *, checkpoint: str, config: str | None, out: str, fps: 
     OSError (``out`` not a writable ``.mp4`` path, see :func:`demo_outputs`) with one line for the command to print."""
     if fps <= 0:
         raise ValueError(f"--fps must be positive, got {fps}")
+    if fps > 1:
+        warnings.warn(f"--fps {fps:g}: the detections CSV gives whole seconds, as AVA's do, so the keyframes of one "
+                      f"second share its timestamp there (the annotated video shows each)", stacklevel=2)
     if Path(video).is_dir():
         raise IsADirectoryError(f"video {video} is a folder, not a video file")
     if not Path(video).is_file():

@@ -28,6 +28,8 @@ from evadlab.memory import reuse_freed_memory
 from evadlab.pipelines.ava import (
     detection_rows,
     distinct_class_names,
+    read_boxes_csv,
+    read_exclusions,
     read_label_map,
     stack_detection_rows,
     write_detections_csv,
@@ -117,13 +119,22 @@ def score_detections(table: pa.Table, cfg: ExperimentConfig, out_dir: Path) -> E
 
 
 def require_evaluation_files(cfg: ExperimentConfig) -> None:
-    """The files scoring on val reads, checked before any work (else an evaluation would stop inside a Ray worker):
-    the label map and the val annotations (the excluded timestamps are optional). Raises FileNotFoundError naming the
-    config key and the path."""
+    """The files scoring on val reads, checked before any work (else an evaluation would stop after its inference, or
+    inside a Ray worker): the label map and the val annotations exist, and they and the excluded timestamps (which
+    are optional) read as the official evaluator reads them. Raises FileNotFoundError naming the config key and the
+    path, and ValueError naming the file and line the official reader cannot read."""
+    annotations = cfg.data.annotation_dir
     for key, what in (("label_map", "label map"), ("val_annotations", "val annotations")):
-        path = cfg.data.annotation_dir / getattr(cfg.data, key)
+        path = annotations / getattr(cfg.data, key)
         if not path.is_file():
             raise FileNotFoundError(f"the {what} {path} ('data.{key}') does not exist")
+    exclusions = annotations / cfg.data.exclusions
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the scoring says them, once
+        class_ids = list(read_label_map(annotations / cfg.data.label_map))
+        read_boxes_csv(annotations / cfg.data.val_annotations, is_detection=False, class_ids=class_ids)
+        if exclusions.exists():
+            read_exclusions(exclusions)
 
 
 def score_file(detections_path: Path, cfg: ExperimentConfig) -> EvalResult:

@@ -272,7 +272,9 @@ def shard_datasets(cfg: ExperimentConfig, manifest: dict[str, Any], contexts: di
     records = []
     for split, context in contexts.items():
         described = {"clip_spec": manifest["clip_spec"], "split": split, "videos": manifest["videos"][split],
-                     "sources": {key: value for key, value in manifest["sources"]["videos"].items()
+                     # A file's modification time says when it was copied, not what it holds.
+                     "sources": {key: {field: value for field, value in record.items() if field != "modified_ns"}
+                                 for key, record in manifest["sources"]["videos"].items()
                                  if key.startswith(f"{split}/")}}
         digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]
         profile = {"keyframes": manifest["counts"][split], "videos": len(manifest["videos"][split]),
