@@ -350,18 +350,28 @@ class TuneConfig(Section):
     resume: bool = False
 
 
+# A SQLite tracking store's URI: this, then the database file's path (a fourth slash for an absolute one).
+SQLITE_PREFIX = "sqlite:///"
+
+
 def default_tracking_uri() -> str:
     """Where runs are tracked when no ``mlflow server`` is named: ``mlflow.db`` in the working directory."""
-    return f"sqlite:///{Path('mlflow.db').resolve()}"
+    return f"{SQLITE_PREFIX}{Path('mlflow.db').resolve()}"
+
+
+def sqlite_database_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` tracking URI (relative to the working folder unless absolute), else
+    None."""
+    return Path(uri.removeprefix(SQLITE_PREFIX)) if uri.startswith(SQLITE_PREFIX) else None
 
 
 def absolute_tracking_uri(uri: str) -> str:
     """``sqlite:///relative/path`` made absolute (it means the directory the command runs in, and the URI travels to
     Ray workers and into MLflow backlogs that are replayed from elsewhere); every other URI unchanged."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or uri.startswith(prefix + "/"):
+    database = sqlite_database_path(uri)
+    if database is None or database.is_absolute():
         return uri
-    return prefix + str(Path(uri.removeprefix(prefix)).expanduser().resolve())
+    return SQLITE_PREFIX + str(database.expanduser().resolve())
 
 
 class TrackingConfig(Section):

@@ -575,10 +575,10 @@ def why_empty(cfg: ExperimentConfig, split: str) -> str:
 def source_record(task: VideoTask) -> dict[str, Any]:
     """What identifies a source as it was prepared: a video file's size and modification time, a frame folder's
     frame count and modification time (files added or removed)."""
-    modified = task.source.stat().st_mtime_ns
+    status = task.source.stat()
     if task.frame_paths is None:
-        return {"path": str(task.source), "bytes": task.source.stat().st_size, "modified_ns": modified}
-    return {"path": str(task.source), "frames": len(task.frame_paths), "modified_ns": modified}
+        return {"path": str(task.source), "bytes": status.st_size, "modified_ns": status.st_mtime_ns}
+    return {"path": str(task.source), "frames": len(task.frame_paths), "modified_ns": status.st_mtime_ns}
 
 
 # --------------------------------------------------------------------------------------------- worker

@@ -33,7 +33,7 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from evadlab import storage
-from evadlab.config import ExperimentConfig, TrackingError
+from evadlab.config import ExperimentConfig, TrackingError, sqlite_database_path
 
 # Tags that make the MLflow compare view show the EVAD trade-off without any configuration.
 TRADE_OFF_TAGS = ("evadlab.keep_rate", "evadlab.enhanced_weight", "evadlab.gflops")
@@ -83,12 +83,6 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0, *, read_only: bool = Fa
             ) from None
     elif (database := sqlite_database_path(uri)) is not None:
         check_sqlite_database(database, uri, read_only)
-
-
-def sqlite_database_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///path`` tracking URI (relative to the working folder unless absolute), else
-    None."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def check_sqlite_database(path: Path, uri: str, read_only: bool) -> None:
